@@ -1,0 +1,1 @@
+"""fastformers: config-driven FastFormers recipes (distil, prune, quantize) with measured speed and accuracy."""

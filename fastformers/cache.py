@@ -1,0 +1,93 @@
+"""Stage outputs cached by the config that produced them.
+
+An entry is a folder `<root>/<stage>/<key>/`; the key hashes the stage's own config, the data's
+fingerprint and the keys of the stages it read from, so a changed upstream setting invalidates it.
+A stage builds into a temporary folder that is renamed into place only after `manifest.json` (sizes and
+sha256 of every file) is written: a half-written or corrupted entry is detected and rebuilt, never loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+def cache_key(payload: dict) -> str:
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_table(folder: Path) -> dict[str, dict]:
+    return {
+        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+class StageCache:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def entry(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def lookup(self, stage: str, key: str) -> dict | None:
+        """The manifest of a complete, intact entry; a damaged one is removed so it gets rebuilt."""
+        folder = self.entry(stage, key)
+        if not folder.exists():
+            return None
+        problem = self._problem(folder)
+        if problem is None:
+            return json.loads((folder / MANIFEST).read_text())
+        log.warning("cache entry %s is damaged (%s): rebuilding it", folder, problem)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+
+    @staticmethod
+    def _problem(folder: Path) -> str | None:
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError):
+            return "no readable manifest"
+        if _file_table(folder) != manifest.get("files"):
+            return "files differ from the manifest"
+        return None
+
+    @contextmanager
+    def build(self, stage: str, key: str, info: dict) -> Iterator[Path]:
+        """Yields a scratch folder; on success it becomes the entry, on failure it is deleted."""
+        final = self.entry(stage, key)
+        scratch = final.with_name(f".{key}.{uuid.uuid4().hex[:8]}.tmp")
+        scratch.mkdir(parents=True)
+        try:
+            yield scratch
+            manifest = {**info, "stage": stage, "key": key, "files": _file_table(scratch)}
+            (scratch / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+            try:
+                os.rename(scratch, final)
+            except OSError:  # a parallel job finished the same entry first: keep theirs
+                if self._problem(final) is not None:
+                    raise
+                shutil.rmtree(scratch, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise

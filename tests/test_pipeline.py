@@ -1,0 +1,125 @@
+"""End to end on fixture data with a tiny model: fine-tune, evaluate, MLflow, cache, failures, CLI."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from fastformers import pipeline, tracking
+from fastformers.errors import FastformersError
+
+
+def mlflow_runs(cfg):
+    client = MlflowClient(tracking.tracking_uri(cfg))
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment_name)
+    return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_finetune_lowers_the_loss_and_logs_everything_to_mlflow(make_cfg):
+    cfg = make_cfg("finetune.epochs=10", "finetune.learning_rate=5e-3", "evaluate.splits=[val,test]")
+    results = pipeline.run(cfg)
+
+    client, runs = mlflow_runs(cfg)
+    (run,) = runs
+    assert run.info.status == "FINISHED"
+    assert run.data.params["task.name"] == "cb" and run.data.params["finetune.epochs"] == "10"
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "finetune/train_loss_epoch")]
+    assert len(losses) == 10 and losses[-1] < 0.7 * losses[0]
+    assert run.data.metrics["evaluate/val/score"] == pytest.approx(results["evaluate/val/score"])
+    assert {"evaluate/val/accuracy", "evaluate/val/f1", "finetune/parameters"} <= set(run.data.metrics)
+    assert results["evaluate/val/accuracy"] > 0.5  # 3 balanced classes: chance is 1/3
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
+    assert "evaluate/predictions_val.jsonl" in artifacts
+    submission = [a.path for a in client.list_artifacts(run.info.run_id, "evaluate/submission")]
+    assert submission == ["evaluate/submission/CB.jsonl"]
+    assert not client.list_artifacts(run.info.run_id, "finetune/model")  # weights stay in the cache
+
+
+def test_test_split_gets_a_leaderboard_file(make_cfg):
+    cfg = make_cfg("task=rte", "finetune.epochs=1", "evaluate.splits=[test]")
+    pipeline.run(cfg)
+    _, (run,) = mlflow_runs(cfg)
+    folder = run.data.tags["cache.evaluate.path"]
+    lines = [json.loads(line) for line in open(f"{folder}/submission/RTE.jsonl")]
+    assert len(lines) == 9 and set(lines[0]) == {"idx", "label"}
+    assert {line["label"] for line in lines} <= {"entailment", "not_entailment"}
+
+
+def test_stage_cache_is_reused_and_invalidated_by_upstream_settings(make_cfg):
+    pipeline.run(make_cfg("finetune.epochs=1"))
+    pipeline.run(make_cfg("finetune.epochs=1", "evaluate.batch_size=7"))  # only evaluate changed
+    pipeline.run(make_cfg("finetune.epochs=1", "finetune.learning_rate=1e-3"))  # upstream changed
+    _, runs = mlflow_runs(make_cfg())
+    tags = [(r.data.tags["cache.finetune"], r.data.tags["cache.evaluate"]) for r in runs]
+    assert tags == [("miss", "miss"), ("hit", "miss"), ("miss", "miss")]
+    assert runs[1].data.metrics["finetune/best_val_score"] == runs[0].data.metrics["finetune/best_val_score"]
+
+
+@pytest.mark.parametrize("task, teacher", [("copa", "tiny_roberta"), ("record", "tiny_bert"), ("multirc", "tiny_roberta")])
+def test_candidate_and_grouped_tasks_run_end_to_end(make_cfg, task, teacher):
+    results = pipeline.run(make_cfg(f"task={task}", f"teacher={teacher}", "finetune.epochs=1"))
+    assert 0.0 <= results["evaluate/val/score"] <= 1.0
+    metric = {"copa": "accuracy", "record": "f1", "multirc": "f1a"}[task]
+    assert f"evaluate/val/{metric}" in results
+
+
+def test_a_failing_stage_marks_the_run_failed_and_keeps_finished_stages(make_cfg, superglue_root, tmp_path):
+    data = shutil.copytree(superglue_root, tmp_path / "data")
+    (data / "CB" / "test.jsonl").write_text('{"premise": "x", "hypothesis": "y", "idx": 0}\n{"premise": \n')
+    cfg = make_cfg("finetune.epochs=1", "evaluate.splits=[val,test]", data_root=data)
+    with pytest.raises(FastformersError, match=r"CB/test.jsonl:2: not valid JSON"):
+        pipeline.run(cfg)
+    _, (run,) = mlflow_runs(cfg)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["cache.finetune"] == "miss"
+    assert os.path.isfile(f"{run.data.tags['cache.finetune.path']}/model/model.safetensors")
+    assert "cache.evaluate" not in run.data.tags
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["stages=[evaluate]"], "'evaluate' needs a model from an earlier stage"),
+        (["stages=[finetune,distil]"], "unknown stage 'distil'"),
+        (["finetune.learning_rate=0"], "finetune.learning_rate=0 must be positive"),
+        (["task.name=glue"], "task.name='glue' is not a SuperGLUE task"),
+        (["student.family=roberta"], "distillation stays within one family"),
+        (["evaluate.splits=[dev]"], "split 'dev' is not train, val, test"),
+    ],
+)
+def test_bad_configs_fail_before_any_work(make_cfg, overrides, message):
+    cfg = make_cfg(*overrides)
+    with pytest.raises(FastformersError, match=message):
+        pipeline.run(cfg)
+    assert not os.path.exists(cfg.paths.cache_dir)
+
+
+def _cli(*args, cwd):
+    env = {**os.environ, "MLFLOW_RUN_ID": "stray-run-id"}
+    return subprocess.run([sys.executable, "-m", "fastformers.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_runs_a_job_and_reports_bad_input_in_one_line(superglue_root, tmp_path):
+    ok = _cli("teacher=tiny_bert", f"data.root={superglue_root}", "finetune.epochs=1", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert (tmp_path / "outputs" / "mlflow.db").is_file()
+    assert list((tmp_path / "outputs" / "runs").glob("*/*/.hydra/config.yaml"))
+
+    missing = _cli("teacher=tiny_bert", f"data.root={tmp_path / 'nowhere'}", cwd=tmp_path)
+    assert missing.returncode == 2
+    error_lines = [line for line in missing.stderr.splitlines() if line.startswith("fastformers: error:")]
+    assert error_lines == [f"fastformers: error: missing data file {tmp_path}/nowhere/CB/val.jsonl "
+                           "(set data.download=true to fetch the official archive, or data.root / $SUPERGLUE_DIR)"]
+
+    unknown = _cli("task=glue", cwd=tmp_path)
+    assert unknown.returncode != 0 and "task" in unknown.stderr and "glue" in unknown.stderr
+
+
+def test_cli_prints_the_composed_config(tmp_path):
+    shown = _cli("--cfg", "job", "task=rte", "teacher=roberta_base", cwd=tmp_path)
+    assert shown.returncode == 0
+    assert "name: rte" in shown.stdout and "pretrained: roberta-base" in shown.stdout
