@@ -164,6 +164,11 @@ class Collator:
             batch["gold_mask"] = gold_mask
         else:
             batch["labels"] = torch.tensor([-100 if e.label is None else e.label for e in examples])
+        if examples[0].teacher_scores is not None:
+            width = max(len(e.teacher_scores) for e in examples)
+            batch["teacher_scores"] = torch.tensor(
+                [e.teacher_scores + [float("-inf")] * (width - len(e.teacher_scores)) for e in examples]
+            )
         return batch
 
 

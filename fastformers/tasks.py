@@ -26,6 +26,7 @@ class Example:
     label: int | None = None  # class index, or index of the gold candidate (None when unlabelled)
     golds: tuple[int, ...] = ()  # candidate tasks: every candidate that matches a gold answer
     meta: dict[str, Any] = field(default_factory=dict)  # official ids, for grouping and submission
+    teacher_scores: list[float] | None = None  # distillation: the teacher's scores, computed once
 
 
 class RecordError(ValueError):

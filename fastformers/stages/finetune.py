@@ -62,12 +62,16 @@ class FineTuneModule(L.LightningModule):
         self._val_preds = []
         self.log_dict({f"finetune/val_{k}": v for k, v in metrics.items()})
 
+    def trained_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """What the optimizer updates; subclasses add their own heads (e.g. a distillation projection)."""
+        return list(self.model.named_parameters())
+
     def configure_optimizers(self):
         no_decay = ("bias", "LayerNorm.weight", "layernorm.weight", "layer_norm.weight")
+        named = self.trained_parameters()
         params = [
-            {"params": [p for n, p in self.model.named_parameters() if not n.endswith(no_decay)],
-             "weight_decay": self.opts.weight_decay},
-            {"params": [p for n, p in self.model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
+            {"params": [p for n, p in named if not n.endswith(no_decay)], "weight_decay": self.opts.weight_decay},
+            {"params": [p for n, p in named if n.endswith(no_decay)], "weight_decay": 0.0},
         ]
         optimizer = torch.optim.AdamW(params, lr=self.opts.learning_rate)
         total = self.trainer.estimated_stepping_batches
