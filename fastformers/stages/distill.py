@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import copy
 import re
-import shutil
-import time
 from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from fastformers import tracking
 from fastformers.data import TaskDataModule, load_examples, make_loader
 from fastformers.errors import FastformersError
 from fastformers.models import (
@@ -35,7 +31,7 @@ from fastformers.models import (
     resolve_pretrained,
     task_loss,
 )
-from fastformers.stages.finetune import FineTuneModule
+from fastformers.stages.finetune import FineTuneModule, fit_best
 from fastformers.tasks import Task, get_task
 
 VERSION = 1  # bump when a code change alters what this stage writes
@@ -251,26 +247,12 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         student.config.num_hidden_layers, teacher.config.num_hidden_layers)
     module = DistillModule(student, teacher, task, val, opts, layer_map)
     data = TaskDataModule(task, tokenizer, train, val, max_length, opts.batch_size, opts.eval_batch_size, cfg.seed)
-    best = ModelCheckpoint(dirpath=out / "checkpoints", monitor=MONITOR, mode="max", save_top_k=1,
-                           save_weights_only=True)
-    callbacks = [best] + ([EarlyStopping(monitor=MONITOR, mode="max", patience=opts.patience)] if opts.patience else [])
-    trainer = L.Trainer(
-        max_epochs=opts.epochs, accelerator="cpu", devices=1, logger=tracking.lightning_logger(cfg),
-        callbacks=callbacks, gradient_clip_val=opts.max_grad_norm, num_sanity_val_steps=0,
-        log_every_n_steps=opts.log_every_n_steps, enable_progress_bar=opts.progress_bar,
-        enable_model_summary=False, default_root_dir=str(out),
-    )
-    started = time.perf_counter()
-    trainer.fit(module, datamodule=data)
-    seconds = time.perf_counter() - started
-    module.load_state_dict(torch.load(best.best_model_path, weights_only=True)["state_dict"])
-    shutil.rmtree(out / "checkpoints")  # the student is kept in save_pretrained form only
+    student_score, epochs, seconds = fit_best(module, data, opts, cfg, out, MONITOR)
     student.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
 
     student_preds = predictions(student, tokenizer, task, val, max_length, opts.eval_batch_size)
     teacher_score = task.score(val, teacher_preds)["score"] if any(e.label is not None for e in val) else float("nan")
-    student_score = float(best.best_model_score)
     return {
         "best_val_score": student_score,
         "teacher_val_score": teacher_score,
@@ -283,6 +265,6 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         "student_hidden_size": student.config.hidden_size,
         "teacher_layers": teacher.config.num_hidden_layers,
         "teacher_hidden_size": teacher.config.hidden_size,
-        "epochs_run": trainer.current_epoch,
+        "epochs_run": epochs,
         "train_seconds": seconds,
     }

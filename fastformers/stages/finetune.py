@@ -79,6 +79,30 @@ class FineTuneModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
+def fit_best(module: L.LightningModule, data: L.LightningDataModule, opts: DictConfig, cfg: DictConfig, out: Path,
+             monitor: str) -> tuple[float, int, float]:
+    """Trains with Lightning, then restores the best epoch's weights into `module`.
+
+    Returns (best monitored score, epochs run, seconds). Checkpoints live in `out/checkpoints` only while
+    training: the caller saves the model in save_pretrained form.
+    """
+    best = ModelCheckpoint(dirpath=out / "checkpoints", monitor=monitor, mode="max", save_top_k=1,
+                           save_weights_only=True)
+    callbacks = [best] + ([EarlyStopping(monitor=monitor, mode="max", patience=opts.patience)] if opts.patience else [])
+    trainer = L.Trainer(
+        max_epochs=opts.epochs, accelerator="cpu", devices=1, logger=tracking.lightning_logger(cfg),
+        callbacks=callbacks, gradient_clip_val=opts.max_grad_norm, num_sanity_val_steps=0,
+        log_every_n_steps=opts.log_every_n_steps, enable_progress_bar=opts.progress_bar,
+        enable_model_summary=False, default_root_dir=str(out),
+    )
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    seconds = time.perf_counter() - started
+    module.load_state_dict(torch.load(best.best_model_path, weights_only=True)["state_dict"])
+    shutil.rmtree(out / "checkpoints")
+    return float(best.best_model_score), trainer.current_epoch, seconds
+
+
 def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]:
     task = get_task(cfg.task.name)
     read = dict(root=cfg.data.root, split_seed=cfg.data.split_seed, download=cfg.data.download)
@@ -90,27 +114,12 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
     module = FineTuneModule(model, task, val, opts)
     data = TaskDataModule(task, tokenizer, train, val, cfg.task.max_seq_length, opts.batch_size,
                           opts.eval_batch_size, cfg.seed)
-    best = ModelCheckpoint(dirpath=out / "checkpoints", monitor=MONITOR, mode="max", save_top_k=1,
-                           save_weights_only=True)
-    callbacks = [best]
-    if opts.patience:
-        callbacks.append(EarlyStopping(monitor=MONITOR, mode="max", patience=opts.patience))
-    trainer = L.Trainer(
-        max_epochs=opts.epochs, accelerator="cpu", devices=1, logger=tracking.lightning_logger(cfg),
-        callbacks=callbacks, gradient_clip_val=opts.max_grad_norm, num_sanity_val_steps=0,
-        log_every_n_steps=opts.log_every_n_steps, enable_progress_bar=opts.progress_bar,
-        enable_model_summary=False, default_root_dir=str(out),
-    )
-    started = time.perf_counter()
-    trainer.fit(module, datamodule=data)
-    seconds = time.perf_counter() - started
-    module.load_state_dict(torch.load(best.best_model_path, weights_only=True)["state_dict"])
-    shutil.rmtree(out / "checkpoints")  # the model is kept in save_pretrained form only
+    best_score, epochs, seconds = fit_best(module, data, opts, cfg, out, MONITOR)
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     return {
-        "best_val_score": float(best.best_model_score),
-        "epochs_run": trainer.current_epoch,
+        "best_val_score": best_score,
+        "epochs_run": epochs,
         "train_seconds": seconds,
         "train_examples": len(train),
         "parameters": count_parameters(model),
