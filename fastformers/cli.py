@@ -6,7 +6,6 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from fastformers import pipeline
 from fastformers.errors import FastformersError
 
 log = logging.getLogger("fastformers")
@@ -17,6 +16,8 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # the repo's to
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Returns the run's main metric, so Hydra sweepers can optimise it."""
+    from fastformers import pipeline  # here, not at the top: spawned benchmark instances re-import this module
+
     try:
         results = pipeline.run(cfg)
     except FastformersError as err:

@@ -71,9 +71,11 @@ def load_pretrained(spec: DictConfig, task: Task):
     return model, tokenizer
 
 
-def load_finetuned(folder: str | Path):
-    """A model a stage saved with save_pretrained (its head is already sized for the task)."""
-    model = AutoModelForSequenceClassification.from_pretrained(str(folder), attn_implementation="eager")
+def load_finetuned(folder: str | Path, attn_implementation: str | None = "eager"):
+    """A model a stage saved with save_pretrained (its head is already sized for the task). Eager attention
+    by default: its ONNX export fuses into Attention ops; None = transformers' default (SDPA), the
+    out-of-the-box choice a PyTorch baseline should be timed with."""
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder), attn_implementation=attn_implementation)
     return model, AutoTokenizer.from_pretrained(str(folder))
 
 

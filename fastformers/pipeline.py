@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fastformers import tracking
 from fastformers.cache import StageCache, cache_key
-from fastformers.data import fingerprint, task_file
+from fastformers.data import fingerprint, parse_split, task_file
 from fastformers.errors import FastformersError
 from fastformers.stages import get_stage
 from fastformers.stages.evaluate import split_label
@@ -33,10 +33,10 @@ def validate(cfg: DictConfig) -> list:
     stages, provided = [], set()
     for name in cfg.stages:
         stage = get_stage(name)
-        missing = [need for need in stage.USES if need not in provided]
+        missing = [need for need in stage_uses(stage, cfg) if need not in provided]
         if missing:
-            raise FastformersError(f"stages: {name!r} needs a {missing[0]} from an earlier stage; "
-                                   f"e.g. stages=[finetune,{name}]")
+            raise FastformersError(f"stages: {name!r} needs the {missing[0]!r} output of an earlier stage "
+                                   f"(e.g. stages=[finetune,{name}]); these run before it: {sorted(provided)}")
         stage.validate(cfg)
         stages.append(stage)
         if stage.PROVIDES:
@@ -48,14 +48,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Runs the stages; returns every metric logged, keyed `<stage>/<metric>`."""
     stages = validate(cfg)
     task = get_task(cfg.task.name)
-    task_file(cfg.data.root, task, "val", cfg.data.download)  # fail on a missing data root before MLflow
+    for spec in dict.fromkeys([cfg.task.train_split, cfg.task.eval_split]):  # fail before any MLflow run
+        task_file(cfg.data.root, task, parse_split(spec)[0], cfg.data.download)
     data_print = fingerprint(cfg.data.root, task)
     cache = StageCache(Path(cfg.paths.cache_dir).resolve())
     provided: dict[str, tuple[Path, str]] = {}
     results: dict[str, float] = {}
     with tracking.start_run(cfg) as active:
         for name, stage in zip(cfg.stages, stages):
-            inputs = {need: provided[need] for need in stage.USES}
+            inputs = {need: provided[need] for need in stage_uses(stage, cfg)}
             payload = {
                 "stage": name,
                 "version": stage.VERSION,
@@ -63,6 +64,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
                 "data": data_print,
                 "inputs": {need: key for need, (_, key) in inputs.items()},
             }
+            if not getattr(stage, "CACHED", True):  # a measurement (timings): taken afresh in every run
+                payload["run"] = active.info.run_id
             key = cache_key(payload)
             folder, hit = run_cached(cache, name, key, stage, cfg, inputs, payload, active.info.run_id)
             metrics = json.loads((folder / METRICS_FILE).read_text())
@@ -74,6 +77,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
             if stage.PROVIDES:
                 provided[stage.PROVIDES] = (folder, key)
     return results
+
+
+def stage_uses(stage, cfg: DictConfig) -> tuple[str, ...]:
+    """What a stage reads: its `USES`, or `uses(cfg)` where that depends on the config (evaluate on ONNX)."""
+    return tuple(stage.uses(cfg)) if hasattr(stage, "uses") else stage.USES
 
 
 def plain(node):

@@ -51,7 +51,7 @@ def test_test_split_gets_a_leaderboard_file(make_cfg):
 def test_stage_cache_is_reused_and_invalidated_by_upstream_settings(make_cfg):
     pipeline.run(make_cfg("finetune.epochs=1"))
     pipeline.run(make_cfg("finetune.epochs=1", "evaluate.batch_size=7"))  # only evaluate changed
-    pipeline.run(make_cfg("finetune.epochs=1", "finetune.learning_rate=1e-3"))  # upstream changed
+    pipeline.run(make_cfg("finetune.epochs=1", "finetune.learning_rate=2e-3"))  # upstream changed
     _, runs = mlflow_runs(make_cfg())
     tags = [(r.data.tags["cache.finetune"], r.data.tags["cache.evaluate"]) for r in runs]
     assert tags == [("miss", "miss"), ("hit", "miss"), ("miss", "miss")]
@@ -82,7 +82,7 @@ def test_a_failing_stage_marks_the_run_failed_and_keeps_finished_stages(make_cfg
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["stages=[evaluate]"], "'evaluate' needs a model from an earlier stage"),
+        (["stages=[evaluate]"], "'evaluate' needs the 'model' output of an earlier stage"),
         (["stages=[finetune,distil]"], "unknown stage 'distil'"),
         (["finetune.learning_rate=0"], "finetune.learning_rate=0 must be positive"),
         (["task.name=glue"], "task.name='glue' is not a SuperGLUE task"),
@@ -112,7 +112,7 @@ def test_cli_runs_a_job_and_reports_bad_input_in_one_line(superglue_root, tmp_pa
     missing = _cli("teacher=tiny_bert", f"data.root={tmp_path / 'nowhere'}", cwd=tmp_path)
     assert missing.returncode == 2
     error_lines = [line for line in missing.stderr.splitlines() if line.startswith("fastformers: error:")]
-    assert error_lines == [f"fastformers: error: missing data file {tmp_path}/nowhere/CB/val.jsonl "
+    assert error_lines == [f"fastformers: error: missing data file {tmp_path}/nowhere/CB/train.jsonl "
                            "(set data.download=true to fetch the official archive, or data.root / $SUPERGLUE_DIR)"]
 
     unknown = _cli("task=glue", cwd=tmp_path)

@@ -1,0 +1,315 @@
+"""Stage `benchmark`: runs the task's examples through each configured setting (PyTorch out of the box,
+PyTorch with dynamic length, the ONNX graphs, multi-instance layouts) one after another in this run, scores
+every setting's own predictions with the task's official metrics, and reports speed-ups over the first
+setting. Never cached: a timing means something only beside the others measured with it."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import onnxruntime as ort
+import torch
+from omegaconf import DictConfig
+from transformers import AutoTokenizer
+
+from fastformers.data import EncodedDataset, load_examples, parse_split
+from fastformers.energy import EnergyMeter, choose_meter
+from fastformers.errors import FastformersError
+from fastformers.instances import Backend, Batch, Layout, Served, Work, layouts_filling, plan_layout, serve, usable_cores
+from fastformers.runtime import CUDA, graph_path, providers_for, require_provider
+from fastformers.tasks import Task, get_task
+
+log = logging.getLogger(__name__)
+
+VERSION = 1  # bump when a code change alters what this stage writes
+PROVIDES = None
+USES = ("model",)  # plus "onnx" when a setting runs an exported graph, see uses()
+CONFIG_KEYS = ("task", "benchmark", "hardware", "precision", "data.split_seed")
+CACHED = False  # the pipeline re-measures in every run instead of replaying remembered timings
+
+BACKENDS = {"torch": None, "onnx_fp32": "fp32", "onnx_int8": "int8", "onnx_fp16": "fp16"}  # -> exported graph
+PADDINGS = ("fixed", "dynamic")
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+LAYOUT = re.compile(r"^(\d+)x(\d+)$")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the table: what runs, how batches are padded, and on which instance layout."""
+
+    name: str
+    backend: str
+    padding: str
+    layout: Layout
+
+
+def uses(cfg: DictConfig) -> tuple[str, ...]:
+    onnx = any(setting.backend != "torch" for setting in cfg.benchmark.settings)
+    return ("model", "onnx") if onnx else USES
+
+
+def validate(cfg: DictConfig) -> None:
+    opts, hardware = cfg.benchmark, cfg.hardware
+    for key in ("batch_size", "repeats"):
+        if not isinstance(opts[key], int) or opts[key] < 1:
+            raise FastformersError(f"benchmark.{key}={opts[key]!r} must be a positive integer")
+    for key in ("latency_examples", "warmup_batches"):
+        if not isinstance(opts[key], int) or opts[key] < 0:
+            raise FastformersError(f"benchmark.{key}={opts[key]!r} must be a non-negative integer")
+    if opts.max_examples is not None and opts.max_examples < 1:
+        raise FastformersError(f"benchmark.max_examples={opts.max_examples!r} must be positive (or null = all)")
+    for key in ("usd_per_hour", "tdp_watts"):
+        if hardware[key] is not None and hardware[key] <= 0:
+            raise FastformersError(f"hardware.{key}={hardware[key]!r} must be positive (or null = not reported)")
+    parse_split(opts.split)
+    plan_settings(cfg)
+
+
+def plan_settings(cfg: DictConfig) -> list[Setting]:
+    """The rows in measuring order: each configured setting (a repeat of an identical one is measured
+    once), then the last setting again at every extra layout of `benchmark.layouts`."""
+    if not cfg.benchmark.settings:
+        raise FastformersError("benchmark.settings is empty: name at least one, e.g. {name: baseline, "
+                               "backend: torch, padding: fixed}")
+    rows: list[Setting] = []
+    for i, spec in enumerate(cfg.benchmark.settings):
+        setting = _setting(cfg, spec, f"benchmark.settings[{i}]")
+        same_name = [row for row in rows if row.name == setting.name]
+        if same_name and same_name[0] != setting:
+            raise FastformersError(f"benchmark.settings[{i}]: name {setting.name!r} is already used by another setting")
+        if not same_name:
+            rows.append(setting)
+    last = rows[-1]
+    for instances, threads in _extra_layouts(cfg):
+        layout = plan_layout(instances, threads, cfg.hardware.cores)
+        if all(row.layout != layout for row in rows if row.backend == last.backend and row.padding == last.padding):
+            rows.append(dataclasses.replace(last, name=f"{last.name}_{layout.label}", layout=layout))
+    return rows
+
+
+def _setting(cfg: DictConfig, spec: DictConfig, field: str) -> Setting:
+    for key in ("name", "backend", "padding"):
+        if key not in spec:
+            raise FastformersError(f"{field}: missing {key!r}")
+    if spec.backend not in BACKENDS:
+        raise FastformersError(f"{field}.backend={spec.backend!r} must be one of {list(BACKENDS)}")
+    if spec.padding not in PADDINGS:
+        raise FastformersError(f"{field}.padding={spec.padding!r} must be one of {list(PADDINGS)}")
+    variant = BACKENDS[spec.backend]
+    if variant not in (None, "fp32", cfg.precision.name):
+        raise FastformersError(f"{field}.backend={spec.backend}: the export stage builds the fp32 graph and "
+                               f"precision={cfg.precision.name}'s; run with precision={variant}")
+    if variant == "fp16":
+        require_provider(CUDA, f"{field}.backend=onnx_fp16")
+    hardware = cfg.hardware
+    instances = spec.instances if "instances" in spec else hardware.instances
+    threads = spec.threads_per_instance if "threads_per_instance" in spec else hardware.threads_per_instance
+    return Setting(spec.name, spec.backend, spec.padding, plan_layout(instances, threads, hardware.cores))
+
+
+def _extra_layouts(cfg: DictConfig) -> list[tuple[int, int]]:
+    layouts = cfg.benchmark.layouts
+    if layouts == "auto":
+        return layouts_filling(cfg.hardware.cores or len(usable_cores()))
+    parsed = []
+    for text in layouts or []:
+        match = LAYOUT.match(str(text))
+        if not match:
+            raise FastformersError(f"benchmark.layouts: {text!r} is not <instances>x<threads>, e.g. 2x1 (or auto)")
+        parsed.append((int(match[1]), int(match[2])))
+    return parsed
+
+
+def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]:
+    task, opts = get_task(cfg.task.name), cfg.benchmark
+    examples = load_examples(task, cfg.data.root, opts.split, cfg.data.split_seed, cfg.data.download)
+    examples = examples[: opts.max_examples]
+    tokenizer = AutoTokenizer.from_pretrained(str(inputs["model"] / "model"))
+    dataset = EncodedDataset(examples, tokenizer, cfg.task.max_seq_length)
+    meter = choose_meter(cfg.hardware.tdp_watts)
+    rows = []
+    for setting in plan_settings(cfg):
+        log.info("benchmark %s: %s, %s padding, %s", setting.name, setting.backend, setting.padding,
+                 setting.layout.label)
+        work = instance_work(cfg, setting, dataset, tokenizer)
+        served = serve(backend_of(setting, inputs), setting.layout, work, meter_for(meter, setting.layout))
+        rows.append(summarize(setting, served, examples, task, cfg, meter))
+    compare_with_baseline(rows)
+    best = best_layout(rows)
+    report = {"task": task.name, "split": opts.split, "examples": len(examples), "energy_method": meter.method,
+              "energy_estimated": meter.estimated, "best_layout": best["name"] if best else None,
+              "machine": machine(), "rows": rows}
+    (out / "benchmark.json").write_text(json.dumps(report, indent=2))
+    table = format_table(report, cfg)
+    (out / "table.txt").write_text(table + "\n")
+    log.info("\n%s", table)
+    if mlflow.active_run():
+        mlflow.set_tags({"benchmark.energy_method": meter.method, "benchmark.best_layout": report["best_layout"] or "",
+                         "benchmark.cpu": report["machine"]["cpu"]})
+    metrics = {f"{row['name']}/{k}": float(v) for row in rows for k, v in row["metrics"].items()}
+    if best:
+        metrics |= {f"best_layout/{k}": best["metrics"][k] for k in ("instances", "threads_per_instance", "speedup")}
+    return metrics
+
+
+def instance_work(cfg: DictConfig, setting: Setting, dataset: EncodedDataset, tokenizer) -> list[Work]:
+    """The sample batched and padded as the setting says, then dealt out to the instances; the first
+    `latency_examples` are dealt out the same way as batch-size-1 calls. Tokenizing and padding happen here,
+    before any timing."""
+    opts, instances = cfg.benchmark, setting.layout.instances
+    length = cfg.task.max_seq_length if setting.padding == "fixed" else None
+    batches = make_batches(dataset, range(len(dataset)), opts.batch_size, tokenizer, length, opts.sort_by_length)
+    singles = make_batches(dataset, range(min(opts.latency_examples, len(dataset))), 1, tokenizer, length, False)
+    return [Work(share, latency_share, opts.warmup_batches, opts.repeats)
+            for share, latency_share in zip(deal(batches, instances), deal(singles, instances))]
+
+
+def deal(batches: list[Batch], instances: int) -> list[list[Batch]]:
+    """Whole batches, round-robin: every example sits in the same batch whatever the layout (dynamic int8
+    scales its activations per batch, so a layout must not change predictions), and length-sorted batches
+    spread evenly over the instances."""
+    return [batches[i::instances] for i in range(instances)]
+
+
+def make_batches(dataset: EncodedDataset, positions, batch_size: int, tokenizer, fixed_length: int | None,
+                 sort_by_length: bool) -> list[Batch]:
+    """The examples at `positions` as padded batches: to `fixed_length` (what an out-of-the-box pipeline
+    does), or each to its own longest row; sorted by length first, a batch wastes little on padding."""
+    positions = [int(p) for p in positions]
+    if sort_by_length and fixed_length is None:
+        positions.sort(key=lambda i: max(len(row["input_ids"]) for row in dataset.rows[i]))
+    padding = {"padding": "max_length", "max_length": fixed_length} if fixed_length else {"padding": "longest"}
+    batches = []
+    for start in range(0, len(positions), batch_size):
+        chunk = positions[start : start + batch_size]
+        rows = [row for i in chunk for row in dataset.rows[i]]
+        padded = tokenizer.pad(rows, return_tensors="np", **padding)
+        inputs = {k: np.asarray(v, dtype=np.int64) for k, v in padded.items() if k in MODEL_INPUTS}
+        batches.append(Batch(chunk, inputs, [len(dataset.rows[i]) for i in chunk]))
+    return batches
+
+
+def backend_of(setting: Setting, inputs: dict[str, Path]) -> Backend:
+    variant = BACKENDS[setting.backend]
+    if variant is None:
+        return Backend("torch", str(inputs["model"] / "model"))
+    return Backend("onnx", str(graph_path(inputs["onnx"], variant)), tuple(providers_for(variant)))
+
+
+def meter_for(meter: EnergyMeter, layout: Layout) -> EnergyMeter:
+    """A TDP estimate counts only the share of the machine's cores the layout keeps busy."""
+    used = layout.instances * layout.threads
+    return dataclasses.replace(meter, share=min(1.0, used / (os.cpu_count() or used)))
+
+
+def predictions(served: Served, count: int, candidate_scoring: bool) -> list[int]:
+    """Best class per example, or best candidate (first column of each candidate's row)."""
+    return [int(np.argmax(served.rows[i][:, 0] if candidate_scoring else served.rows[i][0])) for i in range(count)]
+
+
+def summarize(setting: Setting, served: Served, examples, task: Task, cfg: DictConfig, meter: EnergyMeter) -> dict:
+    """One flat numeric record of a setting: speed, latency, memory, energy, cost, and task metrics."""
+    seconds = served.pass_seconds
+    median = int(np.argsort(seconds)[len(seconds) // 2])
+    wall, count = seconds[median], len(examples)
+    metrics = {
+        "examples": count,
+        "wall_seconds": wall,
+        "wall_seconds_min": min(seconds),
+        "wall_seconds_max": max(seconds),
+        "throughput": count / wall,
+        "peak_rss_mb": served.peak_rss_mb,
+        "instances": setting.layout.instances,
+        "threads_per_instance": setting.layout.threads,
+        "fixed_padding": float(setting.padding == "fixed"),
+    }
+    if served.latencies:
+        p50, p90, p99 = np.percentile(served.latencies, [50, 90, 99]) * 1000
+        metrics |= {"latency_p50_ms": p50, "latency_p90_ms": p90, "latency_p99_ms": p99}
+    energy = served.energy_joules[median]
+    if energy is not None:
+        metrics |= {"energy_joules": energy, "joules_per_example": energy / count,
+                    "energy_estimated": float(meter.estimated)}
+    if cfg.hardware.usd_per_hour:
+        metrics["usd_per_100m_queries"] = cfg.hardware.usd_per_hour / 3600 * wall / count * 1e8
+    preds = predictions(served, count, task.labels is None)
+    scores = task.score(examples, preds) if all(e.label is not None for e in examples) else {}
+    return {"name": setting.name, "backend": setting.backend, "padding": setting.padding,
+            "layout": setting.layout.label, "cores": [list(c) for c in setting.layout.cores],
+            "instance_cpus": [r.cpus for r in served.results], "task_metrics": list(scores),
+            "predictions": preds, "metrics": metrics | scores}
+
+
+def compare_with_baseline(rows: list[dict]) -> None:
+    """Speed-up over the first row, and the share of predictions it agrees with."""
+    base = rows[0]
+    for row in rows:
+        row["metrics"]["speedup"] = base["metrics"]["wall_seconds"] / row["metrics"]["wall_seconds"]
+        same = np.equal(row["predictions"], base["predictions"])
+        row["metrics"]["agreement_with_baseline"] = float(same.mean())
+
+
+def best_layout(rows: list[dict]) -> dict | None:
+    """The fastest layout of the last setting, when more than one layout of it was measured."""
+    last = rows[-1]
+    candidates = [r for r in rows if r["backend"] == last["backend"] and r["padding"] == last["padding"]]
+    layouts = {r["layout"] for r in candidates}
+    return max(candidates, key=lambda r: r["metrics"]["throughput"]) if len(layouts) > 1 else None
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "usable_physical_cores": len(usable_cores()),
+            "torch": torch.__version__, "onnxruntime": ort.__version__, "python": platform.python_version()}
+
+
+def format_table(report: dict, cfg: DictConfig) -> str:
+    """The ratio table: every row's speed beside its task metrics, all measured in this run."""
+    rows, opts = report["rows"], cfg.benchmark
+    scored = rows[0]["task_metrics"]  # `score` is the mean of the others: shown only when there are several
+    task_keys = [k for k in scored if k != "score"] + (["score"] if len(scored) > 2 else [])
+    estimate = " (ESTIMATE: hardware.tdp_watts x time)" if report["energy_estimated"] else ""
+    lines = [
+        f"{report['task']} {report['split']}: {report['examples']} examples, batch {opts.batch_size}, median of "
+        f"{opts.repeats} timed passes; latency at batch 1 over {min(opts.latency_examples, report['examples'])} "
+        f"examples; max_seq_length {cfg.task.max_seq_length}",
+        f"machine: {report['machine']['cpu']}, {report['machine']['usable_physical_cores']} usable cores; "
+        f"energy: {report['energy_method']}{estimate}",
+    ]
+    header = (f"{'setting':<20} {'backend':<10} {'padding':<8} {'layout':<6} {'ex/s':>8} {'speed-up':>8} "
+              f"{'spread':>7} {'p50 ms':>7} {'p99 ms':>7} {'peak MB':>8} {'J/ex':>7} {'$/100M':>8} "
+              + " ".join(f"{k:>9}" for k in task_keys) + f" {'agree':>6}")
+    lines += [header, "-" * len(header)]
+    best = report["best_layout"]
+    for row in rows:
+        m = row["metrics"]
+        spread = (m["wall_seconds_max"] - m["wall_seconds_min"]) / m["wall_seconds"]
+        lines.append(
+            f"{row['name']:<20} {row['backend']:<10} {row['padding']:<8} {row['layout']:<6} {m['throughput']:>8.2f} "
+            f"{m['speedup']:>7.2f}x {spread:>6.0%} {_fmt(m.get('latency_p50_ms'), 7, 1)} "
+            f"{_fmt(m.get('latency_p99_ms'), 7, 1)} {m['peak_rss_mb']:>8.0f} {_fmt(m.get('joules_per_example'), 7, 2)} "
+            f"{_fmt(m.get('usd_per_100m_queries'), 8, 2)} "
+            + " ".join(f"{m[k]:>9.4f}" for k in task_keys)
+            + f" {m['agreement_with_baseline']:>6.1%}" + ("  <- best layout" if row["name"] == best else ""))
+    lines.append("speed-up: median wall time of the first row / this row's; spread: (slowest - fastest pass) / "
+                 "median; agree: predictions equal to the first row's")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None, width: int, digits: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"

@@ -1,0 +1,213 @@
+"""Export, fusion, int8 quantization and fp16 conversion of tiny random models, checked against PyTorch;
+the export stage and evaluate-on-ONNX through the pipeline."""
+import json
+import os
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from fastformers import pipeline
+from fastformers.data import load_examples, make_loader, texts_of
+from fastformers.errors import FastformersError
+from fastformers.models import build_random, load_finetuned
+from fastformers.runtime import CUDA, OnnxClassifier
+from fastformers.stages.export import (
+    attention_shape,
+    batch_logits,
+    compare,
+    convert_fp16,
+    export_onnx,
+    optimize,
+    quantize_int8,
+)
+from fastformers.tasks import TASKS
+
+LAYERS = 2
+
+
+def tiny_spec(family: str):
+    return OmegaConf.create({"name": "tiny", "pretrained": None, "family": family, "attn_implementation": "eager",
+                             "arch": {"num_hidden_layers": LAYERS, "hidden_size": 64, "num_attention_heads": 4,
+                                      "intermediate_size": 128},
+                             "tokenizer_vocab_size": 500, "max_position_embeddings": 128})
+
+
+def saved_tiny(family, superglue_root, folder):
+    """A random tiny model saved like the finetune stage saves one, reloaded the way the export stage does."""
+    texts = texts_of(load_examples(TASKS["cb"], superglue_root, "train"))
+    model, tokenizer = build_random(tiny_spec(family), TASKS["cb"], texts)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return load_finetuned(folder)
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory, superglue_root):
+    """A tiny BERT with its raw and fused graphs."""
+    folder = tmp_path_factory.mktemp("bert")
+    model, tokenizer = saved_tiny("bert", superglue_root, folder / "model")
+    exported = export_onnx(model, tokenizer, folder / "onnx" / "model.onnx", opset=17)
+    fused, fusions = optimize(exported, *attention_shape(model))
+    return {"model": model, "tokenizer": tokenizer, "exported": exported, "fused": fused, "fusions": fusions,
+            "loader": make_loader(load_examples(TASKS["cb"], superglue_root, "val"), tokenizer, TASKS["cb"], 128, 5)}
+
+
+def test_optimizer_fuses_attention_per_layer_and_the_embeddings_once(bert):
+    fusions = bert["fusions"]
+    assert fusions["Attention"] == LAYERS
+    assert fusions["EmbedLayerNormalization"] == 1
+    assert fusions["SkipLayerNormalization"] == 2 * LAYERS
+    assert fusions["BiasGelu"] == LAYERS
+    fused_ops = {node.op_type for node in onnx.load(str(bert["fused"])).graph.node}
+    assert "Softmax" not in fused_ops  # attention no longer runs as separate MatMul/Softmax nodes
+    settings = json.loads(bert["fused"].with_suffix(".json").read_text())
+    assert settings["num_heads"] == 4 and settings["hidden_size"] == 64 and settings["fused_operators"] == fusions
+    assert json.loads(bert["exported"].with_suffix(".json").read_text())["opset"] == 17
+
+
+def test_roberta_graph_takes_only_the_inputs_its_tokenizer_gives(tmp_path, superglue_root):
+    model, tokenizer = saved_tiny("roberta", superglue_root, tmp_path / "model")
+    exported = export_onnx(model, tokenizer, tmp_path / "model.onnx", opset=17)
+    fused, fusions = optimize(exported, *attention_shape(model))
+    inputs = [i.name for i in ort.InferenceSession(str(fused), providers=["CPUExecutionProvider"]).get_inputs()]
+    assert inputs == ["input_ids", "attention_mask"]
+    assert fusions["Attention"] == LAYERS
+
+
+@pytest.mark.parametrize("graph", ["exported", "fused"])
+def test_graphs_match_pytorch_on_new_batch_sizes_and_lengths(bert, graph):
+    session = OnnxClassifier(bert[graph])
+    tokenizer, model = bert["tokenizer"], bert["model"]
+    for batch_size, words in [(1, 3), (3, 40), (7, 11)]:
+        texts = [" ".join(["the cat sat by the river"] * words)[: 6 * words + i] for i in range(batch_size)]
+        inputs = dict(tokenizer(texts, padding=True, return_tensors="pt"))
+        got = session(**inputs).logits
+        with torch.no_grad():
+            expected = model(**inputs).logits
+        assert got.shape == (batch_size, 3)
+        assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+
+
+def test_parity_on_eval_batches_is_tight_for_the_fused_graph(bert):
+    reference = batch_logits(bert["model"], bert["loader"])
+    result = compare(reference, batch_logits(OnnxClassifier(bert["fused"]), bert["loader"]), bert["loader"])
+    assert result["max_abs_diff"] < 1e-4 and result["agreement"] == 1.0 and result["examples"] == 18
+
+
+def weight_inputs(graph: onnx.ModelProto, op_type: str) -> list[bool]:
+    """For every node of `op_type`: whether its second input (the weight side) is a stored initializer."""
+    stored = {t.name for t in graph.graph.initializer}
+    return [node.input[1] in stored for node in graph.graph.node if node.op_type == op_type]
+
+
+@pytest.mark.parametrize("weight_type, per_channel, dtype", [("QInt8", False, onnx.TensorProto.INT8),
+                                                              ("QUInt8", True, onnx.TensorProto.UINT8)])
+def test_int8_quantizes_dense_weights_and_keeps_predictions(bert, tmp_path, weight_type, per_channel, dtype):
+    source = tmp_path / "model.onnx"
+    source.write_bytes(bert["fused"].read_bytes())
+    quantized = quantize_int8(source, weight_type, per_channel, reduce_range=False)
+    assert quantized.name == "model_quantized.onnx"
+    graph = onnx.load(str(quantized))
+    ops = [node.op_type for node in graph.graph.node]
+    assert ops.count("QAttention") == LAYERS and "Attention" not in ops
+    assert weight_inputs(graph, "MatMulInteger") and all(weight_inputs(graph, "MatMulInteger"))  # Q·Kᵀ stays float
+    assert any(t.data_type == dtype for t in graph.graph.initializer)
+    settings = json.loads(quantized.with_suffix(".json").read_text())
+    assert settings["weight_type"] == weight_type and settings["per_channel"] is per_channel
+    assert quantized.stat().st_size < 0.75 * bert["fused"].stat().st_size
+
+    reference = batch_logits(bert["model"], bert["loader"])
+    result = compare(reference, batch_logits(OnnxClassifier(quantized), bert["loader"]), bert["loader"])
+    assert result["agreement"] >= 0.8
+    assert 0 < result["max_abs_diff"] < 0.05
+
+
+def test_fp16_conversion_leaves_no_float32_weights_and_keeps_io_types(bert, tmp_path):
+    source = tmp_path / "model.onnx"
+    source.write_bytes(bert["fused"].read_bytes())
+    graph = onnx.load(str(convert_fp16(source)))
+    types = {t.data_type for t in graph.graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in types and onnx.TensorProto.FLOAT not in types
+    assert [i.type.tensor_type.elem_type for i in graph.graph.input] == [onnx.TensorProto.INT64] * 2
+    assert graph.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+@pytest.mark.skipif(CUDA not in ort.get_available_providers(), reason="fp16 runs on onnxruntime's CUDA provider")
+def test_fp16_graph_predicts_like_pytorch_on_the_gpu(bert, tmp_path):
+    source = tmp_path / "model.onnx"
+    source.write_bytes(bert["fused"].read_bytes())
+    session = OnnxClassifier(convert_fp16(source), providers=[CUDA])
+    reference = batch_logits(bert["model"], bert["loader"])
+    assert compare(reference, batch_logits(session, bert["loader"]), bert["loader"])["agreement"] >= 0.9
+
+
+def predictions(folder):
+    return [json.loads(line)["prediction"] for line in open(f"{folder}/predictions_val.jsonl")]
+
+
+def test_export_stage_then_evaluate_on_onnx_matches_pytorch(make_cfg):
+    stages = ["stages=[finetune,export,evaluate]", "finetune.learning_rate=5e-3"]
+    on_onnx = pipeline.run(make_cfg(*stages, "evaluate.backend=onnx"))
+    assert on_onnx["export/fused/Attention"] == LAYERS and on_onnx["export/fused/EmbedLayerNormalization"] == 1
+    assert on_onnx["export/parity/fp32/max_abs_diff"] < 1e-4 and on_onnx["export/parity/fp32/agreement"] == 1.0
+    on_torch = pipeline.run(make_cfg(*stages, "evaluate.backend=torch"))
+    assert on_torch["evaluate/val/score"] == on_onnx["evaluate/val/score"]
+    int8 = pipeline.run(make_cfg(*stages, "evaluate.backend=onnx", "precision=int8"))
+    assert int8["export/parity/int8/agreement"] >= 0.9 and int8["export/graph_mb/int8"] < int8["export/graph_mb/fp32"]
+    assert abs(int8["evaluate/val/accuracy"] - on_torch["evaluate/val/accuracy"]) <= 2 / 18
+
+    from mlflow.tracking import MlflowClient
+
+    from fastformers import tracking
+
+    cfg = make_cfg()
+    client = MlflowClient(tracking.tracking_uri(cfg))
+    runs = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment_name).experiment_id],
+                              order_by=["attributes.start_time ASC"])
+    tags = [(r.data.tags["cache.finetune"], r.data.tags["cache.export"]) for r in runs]
+    assert tags == [("miss", "miss"), ("hit", "hit"), ("hit", "miss")]  # int8 is a new export, same model
+    assert predictions(runs[0].data.tags["cache.evaluate.path"]) == predictions(runs[1].data.tags["cache.evaluate.path"])
+    index = json.loads(open(f"{runs[2].data.tags['cache.export.path']}/export.json").read())
+    assert index["precision"] == "int8" and index["graphs"]["int8"] == "model/model_optimized_quantized.onnx"
+
+
+def test_a_graph_that_disagrees_with_pytorch_fails_the_stage_loudly(make_cfg):
+    cfg = make_cfg("stages=[finetune,export]", "finetune.epochs=1", "export.fp32_max_abs_diff=1e-12")
+    with pytest.raises(FastformersError, match=r"parity: the exported graph's logits differ from PyTorch's by "
+                                               r"\S+ > export.fp32_max_abs_diff=1e-12 on 18 examples"):
+        pipeline.run(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["stages=[finetune,evaluate]", "evaluate.backend=onnx"], "'evaluate' needs the 'onnx' output of an earlier stage"),
+        (["stages=[finetune,export]", "precision=int8", "precision.weight_type=QInt4"],
+         "precision.weight_type='QInt4' must be one of"),
+        (["stages=[finetune,export]", "export.opset=11"], "export.opset=11"),
+        (["stages=[finetune,export]", "precision=int8", "precision.min_agreement=1.5"], "precision.min_agreement=1.5"),
+        (["stages=[finetune,export,evaluate]", "evaluate.backend=tf"], "evaluate.backend='tf' must be one of"),
+    ],
+)
+def test_bad_export_configs_fail_before_any_work(make_cfg, overrides, message):
+    cfg = make_cfg(*overrides)
+    with pytest.raises(FastformersError, match=message):
+        pipeline.run(cfg)
+    assert not os.path.exists(cfg.paths.cache_dir)
+
+
+@pytest.mark.skipif(CUDA in ort.get_available_providers(), reason="this machine can run fp16")
+def test_fp16_without_a_gpu_is_refused_with_the_reason(make_cfg):
+    with pytest.raises(FastformersError, match="precision=fp16: needs onnxruntime's CUDAExecutionProvider"):
+        pipeline.run(make_cfg("stages=[finetune,export]", "precision=fp16"))
+
+
+def test_attention_shape_lets_the_optimizer_detect_pruned_widths(bert):
+    assert attention_shape(bert["model"]) == (4, 64)
+    pruned = bert["model"].__class__(bert["model"].config)
+    layer = pruned.bert.encoder.layer[0].attention.self
+    layer.query = torch.nn.Linear(64, 32)  # two of four heads kept
+    assert attention_shape(pruned) == (0, 0)
