@@ -123,3 +123,19 @@ def test_cli_prints_the_composed_config(tmp_path):
     shown = _cli("--cfg", "job", "task=rte", "teacher=roberta_base", cwd=tmp_path)
     assert shown.returncode == 0
     assert "name: rte" in shown.stdout and "pretrained: roberta-base" in shown.stdout
+
+
+def test_learning_rate_is_the_models_unless_the_task_pins_one():
+    from hydra import compose, initialize_config_dir
+
+    from fastformers.cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        def rates(*overrides):
+            cfg = compose("config", overrides=list(overrides))
+            return cfg.finetune.learning_rate, cfg.distill.learning_rate
+
+        assert rates("task=cb") == (1e-4, 1e-4)  # minilm_l6's own rate
+        assert rates("task=cb", "teacher=bert_base") == (2e-5, 2e-5)
+        assert rates("task=rte") == (3e-5, 3e-5)  # pinned by conf/task/rte.yaml
+        assert rates("task=rte", "finetune.learning_rate=5e-5") == (5e-5, 5e-5)
