@@ -167,15 +167,22 @@ def task_loss(scores: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Ten
 
 
 @torch.no_grad()
-def predict(model, loader) -> list[int]:
-    """Index of the best class or candidate for every example, in loader order."""
+def score_examples(model, loader) -> list[list[float]]:
+    """Every example's raw scores (classes or candidates), in loader order."""
     model.eval()
     candidate_scoring = loader.collate_fn.candidate_scoring
-    preds: list[int] = []
+    rows: list[list[float]] = []
     for batch in loader:
         logits = model(**model_inputs(batch)).logits
-        preds.extend(example_scores(logits, batch["group_sizes"], candidate_scoring).argmax(dim=1).tolist())
-    return preds
+        scores = example_scores(logits, batch["group_sizes"], candidate_scoring)
+        for size, row in zip(batch["group_sizes"].tolist(), scores.tolist()):
+            rows.append(row[:size] if candidate_scoring else row)
+    return rows
+
+
+def predict(model, loader) -> list[int]:
+    """Index of the best class or candidate for every example, in loader order (the first on ties)."""
+    return [max(range(len(row)), key=row.__getitem__) for row in score_examples(model, loader)]
 
 
 def count_parameters(model: torch.nn.Module) -> int:

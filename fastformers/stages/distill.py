@@ -29,6 +29,7 @@ from fastformers.models import (
     model_inputs,
     predict,
     resolve_pretrained,
+    score_examples,
     task_loss,
 )
 from fastformers.stages.finetune import FineTuneModule, fit_best
@@ -104,20 +105,6 @@ def build_student(spec: DictConfig, teacher, teacher_tokenizer, task: Task):
         setattr(config, key, value)
     config.hidden_act = spec.activation
     return AutoModelForSequenceClassification.from_config(config), teacher_tokenizer
-
-
-@torch.no_grad()
-def score_examples(model, loader) -> list[list[float]]:
-    """Every example's raw scores (classes or candidates), in loader order."""
-    model.eval()
-    candidate_scoring = loader.collate_fn.candidate_scoring
-    rows: list[list[float]] = []
-    for batch in loader:
-        logits = model(**model_inputs(batch)).logits
-        scores = example_scores(logits, batch["group_sizes"], candidate_scoring)
-        for size, row in zip(batch["group_sizes"].tolist(), scores.tolist()):
-            rows.append(row[:size] if candidate_scoring else row)
-    return rows
 
 
 def soft_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
