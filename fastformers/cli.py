@@ -1,4 +1,5 @@
-"""`fastformers`: the Hydra entry point. It only composes the config and hands it to the pipeline."""
+"""`fastformers`: the Hydra entry point. It only composes the config and hands it to the pipeline;
+`fastformers report ...` reads an MLflow experiment back instead (fastformers/report.py)."""
 import logging
 import sys
 from pathlib import Path
@@ -14,18 +15,26 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # the repo's to
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> float | None:
-    """Returns the run's main metric, so Hydra sweepers can optimise it."""
+def main(cfg: DictConfig) -> float | tuple[float, ...] | None:
+    """Returns the run's `sweep_objectives` (by default its main metric), so Hydra sweepers can optimise them."""
     from fastformers import pipeline  # here, not at the top: spawned benchmark instances re-import this module
 
     try:
-        results = pipeline.run(cfg)
+        return pipeline.objectives(cfg, pipeline.run(cfg))
     except FastformersError as err:
         log.error("%s", err)
         print(f"fastformers: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    return pipeline.main_metric(cfg, results)
+
+
+def entry() -> None:
+    """The console script: `report` as first word reads MLflow back; anything else is a Hydra run."""
+    if sys.argv[1:2] == ["report"]:
+        from fastformers.report import main as report
+
+        raise SystemExit(report(sys.argv[2:]))
+    main()
 
 
 if __name__ == "__main__":
-    main()
+    entry()

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     AutoConfig,
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 FAMILIES = {"bert": BertConfig, "roberta": RobertaConfig}
 PACKAGE_PREFIX = "package:"
+HEADS_KEPT = "attention_heads_kept"  # config.json key of a head-pruned model: heads left in every layer
 
 
 def resolve_pretrained(pretrained: str) -> str:
@@ -74,9 +76,57 @@ def load_pretrained(spec: DictConfig, task: Task):
 def load_finetuned(folder: str | Path, attn_implementation: str | None = "eager"):
     """A model a stage saved with save_pretrained (its head is already sized for the task). Eager attention
     by default: its ONNX export fuses into Attention ops; None = transformers' default (SDPA), the
-    out-of-the-box choice a PyTorch baseline should be timed with."""
-    model = AutoModelForSequenceClassification.from_pretrained(str(folder), attn_implementation=attn_implementation)
+    out-of-the-box choice a PyTorch baseline should be timed with. Head-pruned models are rebuilt to their
+    narrower shapes first (transformers 5 dropped `pruned_heads`, so plain from_pretrained cannot)."""
+    config = AutoConfig.from_pretrained(str(folder))
+    kept = getattr(config, HEADS_KEPT, None)
+    if kept is None:
+        model = AutoModelForSequenceClassification.from_pretrained(str(folder), attn_implementation=attn_implementation)
+    else:
+        model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn_implementation)
+        for layer in encoder_layers(model):
+            keep_attention_heads(layer.attention, list(range(kept)))  # shapes only: the weights come next
+        weights = Path(folder) / "model.safetensors"
+        if not weights.is_file():
+            raise FastformersError(f"{weights}: missing; a pruned model is loaded from its safetensors file")
+        model.load_state_dict(load_file(str(weights)))
+        model.eval()
     return model, AutoTokenizer.from_pretrained(str(folder))
+
+
+def encoder_layers(model) -> torch.nn.ModuleList:
+    """The transformer blocks of a BERT or RoBERTa classifier."""
+    return model.base_model.encoder.layer
+
+
+def sliced_linear(linear: torch.nn.Linear, index: torch.Tensor, dim: int) -> torch.nn.Linear:
+    """A Linear keeping only the output rows (dim=0) or input columns (dim=1) listed in `index`."""
+    weight = linear.weight.detach().index_select(dim, index).clone()
+    bias = linear.bias.detach().clone() if dim == 1 else linear.bias.detach()[index].clone()
+    out = torch.nn.Linear(weight.shape[1], weight.shape[0], dtype=weight.dtype, device=weight.device)
+    out.weight.data.copy_(weight)
+    out.bias.data.copy_(bias)
+    return out
+
+
+def keep_attention_heads(attention, heads: list[int]) -> None:
+    """Slices Q, K, V rows and the output projection's columns down to `heads` (indices into the current
+    heads); the head size, hence the attention scaling, is unchanged."""
+    self_attn = attention.self
+    size = self_attn.attention_head_size
+    index = torch.cat([torch.arange(h * size, (h + 1) * size) for h in heads])
+    for name in ("query", "key", "value"):
+        setattr(self_attn, name, sliced_linear(getattr(self_attn, name), index, dim=0))
+    attention.output.dense = sliced_linear(attention.output.dense, index, dim=1)
+    self_attn.num_attention_heads = len(heads)
+    self_attn.all_head_size = len(heads) * size
+
+
+def keep_ffn_neurons(layer, neurons: list[int]) -> None:
+    """Slices the FFN's first projection rows and second projection columns down to `neurons`."""
+    index = torch.tensor(neurons, dtype=torch.long)
+    layer.intermediate.dense = sliced_linear(layer.intermediate.dense, index, dim=0)
+    layer.output.dense = sliced_linear(layer.output.dense, index, dim=1)
 
 
 def build_random(spec: DictConfig, task: Task, texts: Iterable[str]):

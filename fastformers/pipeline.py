@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 
-from fastformers import tracking
+from fastformers import serving, tracking
 from fastformers.cache import StageCache, cache_key
 from fastformers.data import fingerprint, parse_split, task_file
 from fastformers.errors import FastformersError
@@ -28,6 +28,9 @@ def validate(cfg: DictConfig) -> list:
     if student_family and student_family != cfg.teacher.family:
         raise FastformersError(f"student.family={student_family!r} differs from teacher.family="
                                f"{cfg.teacher.family!r}: distillation stays within one family")
+    if (cfg.pruning.heads != 1.0 or cfg.pruning.ffn != 1.0) and "prune" not in cfg.stages:
+        raise FastformersError(f"pruning.heads={cfg.pruning.heads} pruning.ffn={cfg.pruning.ffn} needs the prune "
+                               "stage: add it after the model it prunes, e.g. stages=[finetune,distill,prune,evaluate]")
     if not cfg.stages:
         raise FastformersError("stages is empty: name at least one, e.g. stages=[finetune,evaluate]")
     stages, provided = [], set()
@@ -76,6 +79,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
             log.info("stage %s (%s): %s", name, "cached" if hit else "ran", metrics)
             if stage.PROVIDES:
                 provided[stage.PROVIDES] = (folder, key)
+        if cfg.mlflow.serve_model and "onnx" in provided:
+            serving.log_served_model(provided["onnx"][0], cfg)
     return results
 
 
@@ -92,6 +97,21 @@ def plain(node):
 def main_metric(cfg: DictConfig, results: dict[str, float]) -> float | None:
     """The task's official score on its eval split, the number sweepers optimise."""
     return results.get(f"evaluate/{split_label(cfg.task.eval_split)}/score")
+
+
+def objectives(cfg: DictConfig, results: dict[str, float]) -> float | tuple[float, ...] | None:
+    """What the job returns to its sweeper: `sweep_objectives`, one value or a tuple (multi-objective);
+    None for a run without an evaluate score when only `score` is asked (the basic sweeper ignores it)."""
+    if list(cfg.sweep_objectives) == ["score"]:
+        return main_metric(cfg, results)
+    values = []
+    for name in cfg.sweep_objectives:
+        value = main_metric(cfg, results) if name == "score" else results.get(name)
+        if value is None:
+            raise FastformersError(f"sweep_objectives: {name!r} was not measured by this run's stages "
+                                   f"(have e.g. {sorted(results)[:6]})")
+        values.append(value)
+    return values[0] if len(values) == 1 else tuple(values)
 
 
 def run_cached(cache: StageCache, name: str, key: str, stage, cfg: DictConfig, inputs, payload, run_id: str):

@@ -9,12 +9,17 @@ import mlflow
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
+from fastformers import sweep
+
 log = logging.getLogger(__name__)
 
 
 def tracking_uri(cfg: DictConfig) -> str:
+    return absolute_uri(cfg.mlflow.tracking_uri)
+
+
+def absolute_uri(uri: str) -> str:
     """A relative `sqlite:///` path is made absolute, so every process of a sweep hits one store."""
-    uri = cfg.mlflow.tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         db = Path(uri[len("sqlite:///"):]).resolve()
         db.parent.mkdir(parents=True, exist_ok=True)
@@ -39,7 +44,7 @@ def start_run(cfg: DictConfig) -> mlflow.ActiveRun:
     if os.environ.pop("MLFLOW_RUN_ID", None):
         log.warning("ignoring MLFLOW_RUN_ID from the environment: each job gets its own run")
     mlflow.set_tracking_uri(tracking_uri(cfg))
-    run = mlflow.start_run(experiment_id=experiment_id(cfg), run_name=cfg.mlflow.run_name)
+    run = mlflow.start_run(experiment_id=experiment_id(cfg), run_name=cfg.mlflow.run_name, tags=sweep.parent_tags())
     mlflow.log_params(flat_params(cfg))
     mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
     return run

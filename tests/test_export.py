@@ -1,5 +1,6 @@
 """Export, fusion, int8 quantization and fp16 conversion of tiny random models, checked against PyTorch;
 the export stage and evaluate-on-ONNX through the pipeline."""
+import copy
 import json
 import os
 
@@ -12,7 +13,7 @@ from omegaconf import OmegaConf
 from fastformers import pipeline
 from fastformers.data import load_examples, make_loader, texts_of
 from fastformers.errors import FastformersError
-from fastformers.models import build_random, load_finetuned
+from fastformers.models import build_random, encoder_layers, keep_attention_heads, load_finetuned
 from fastformers.runtime import CUDA, OnnxClassifier
 from fastformers.stages.export import (
     attention_shape,
@@ -205,9 +206,9 @@ def test_fp16_without_a_gpu_is_refused_with_the_reason(make_cfg):
         pipeline.run(make_cfg("stages=[finetune,export]", "precision=fp16"))
 
 
-def test_attention_shape_lets_the_optimizer_detect_pruned_widths(bert):
+def test_attention_shape_gives_the_optimizer_the_kept_heads_of_a_pruned_model(bert):
     assert attention_shape(bert["model"]) == (4, 64)
-    pruned = bert["model"].__class__(bert["model"].config)
-    layer = pruned.bert.encoder.layer[0].attention.self
-    layer.query = torch.nn.Linear(64, 32)  # two of four heads kept
-    assert attention_shape(pruned) == (0, 0)
+    pruned = copy.deepcopy(bert["model"])
+    for layer in encoder_layers(pruned):
+        keep_attention_heads(layer.attention, [1, 3])
+    assert attention_shape(pruned) == (2, 32)  # head size 16 unchanged; the model stays 64 wide

@@ -130,8 +130,10 @@ def masked_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor)
 class DistillModule(FineTuneModule):
     """Fine-tuning with a teacher: soft targets from cached scores, optional intermediate losses."""
 
-    def __init__(self, student, teacher, task, val_examples, opts: DictConfig, layer_map: list[int]):
+    def __init__(self, student, teacher, task, val_examples, opts: DictConfig, layer_map: list[int],
+                 prefix: str = "distill"):
         super().__init__(student, task, val_examples, opts)
+        self.prefix = prefix  # metric names: `distill/...`, or `prune/...` when re-distilling a pruned model
         self.teacher = teacher.eval().requires_grad_(False)
         self.layer_map = layer_map
         self.intermediate = opts.method == "task_specific" and (opts.hidden_weight > 0 or opts.attention_weight > 0)
@@ -155,9 +157,9 @@ class DistillModule(FineTuneModule):
         else:
             loss = hard
         size = len(batch["group_sizes"])
-        self.log_dict({f"distill/train_{k}_loss": v for k, v in losses.items()}, on_step=False, on_epoch=True,
-                      batch_size=size)
-        self.log("distill/train_loss", loss, on_step=True, on_epoch=True, batch_size=size)
+        self.log_dict({f"{self.prefix}/train_{k}_loss": v for k, v in losses.items()}, on_step=False,
+                      on_epoch=True, batch_size=size)
+        self.log(f"{self.prefix}/train_loss", loss, on_step=True, on_epoch=True, batch_size=size)
         return loss
 
     def intermediate_losses(self, batch, outputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,7 +190,7 @@ class DistillModule(FineTuneModule):
     def on_validation_epoch_end(self):
         metrics = self.task.score(self.val_examples, self._val_preds)
         self._val_preds = []
-        self.log_dict({f"distill/val_{k}": v for k, v in metrics.items()})
+        self.log_dict({f"{self.prefix}/val_{k}": v for k, v in metrics.items()})
 
     def state_dict(self, *args, **kwargs):
         """Checkpoints hold the student (and projection) only; the frozen teacher is never saved."""

@@ -25,7 +25,7 @@ from onnxruntime.transformers.optimizer import optimize_model
 
 from fastformers.data import load_examples, make_loader, parse_split
 from fastformers.errors import FastformersError
-from fastformers.models import example_scores, load_finetuned, model_inputs
+from fastformers.models import encoder_layers, example_scores, load_finetuned, model_inputs
 from fastformers.runtime import CUDA, GRAPHS, INDEX, OnnxClassifier, providers_for, require_provider
 from fastformers.tasks import get_task
 
@@ -144,13 +144,10 @@ def export_onnx(model, tokenizer, path: Path, opset: int) -> Path:
 
 
 def attention_shape(model) -> tuple[int, int]:
-    """(num_heads, hidden_size) for the optimizer, or (0, 0) to let it read them off the graph where pruning
-    made the attention narrower than the hidden size."""
-    config = model.config
-    widths = {m.out_features for name, m in model.named_modules() if name.endswith("attention.self.query")}
-    if widths == {config.hidden_size}:
-        return config.num_attention_heads, config.hidden_size
-    return 0, 0
+    """(num_heads, hidden_size) in the optimizer's sense: heads per layer and their total width, which pruning
+    makes narrower than the model (its q/k/v reshape uses -1 heads, so the optimizer cannot read them off)."""
+    attention = encoder_layers(model)[0].attention.self
+    return attention.num_attention_heads, attention.all_head_size
 
 
 def optimize(path: Path, num_heads: int, hidden_size: int) -> tuple[Path, dict[str, int]]:
