@@ -1,6 +1,7 @@
 """`fastformers`: the Hydra entry point. It only composes the config and hands it to the pipeline;
 `fastformers report ...` reads an MLflow experiment back instead (fastformers/report.py)."""
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -19,12 +20,19 @@ def main(cfg: DictConfig) -> float | tuple[float, ...] | None:
     """Returns the run's `sweep_objectives` (by default its main metric), so Hydra sweepers can optimise them."""
     from fastformers import pipeline  # here, not at the top: spawned benchmark instances re-import this module
 
+    signal.signal(signal.SIGTERM, _stop)
     try:
         return pipeline.objectives(cfg, pipeline.run(cfg))
     except FastformersError as err:
         log.error("%s", err)
         print(f"fastformers: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _stop(signum, frame):
+    """SIGTERM (a scheduler or launcher cancelling the job) unwinds like Ctrl-C: the MLflow run ends FAILED
+    instead of staying RUNNING, and unfinished cache entries are removed."""
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
 
 
 def entry() -> None:

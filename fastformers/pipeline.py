@@ -19,6 +19,7 @@ from fastformers.tasks import get_task
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
+TEACHER = "teacher"  # the first model of a run (the fine-tuned teacher), for stages that compare against it
 
 
 def validate(cfg: DictConfig) -> list:
@@ -42,6 +43,8 @@ def validate(cfg: DictConfig) -> list:
                                    f"(e.g. stages=[finetune,{name}]); these run before it: {sorted(provided)}")
         stage.validate(cfg)
         stages.append(stage)
+        if stage.PROVIDES == "model":
+            provided.add(TEACHER)
         if stage.PROVIDES:
             provided.add(stage.PROVIDES)
     return stages
@@ -77,6 +80,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
             log_stage_artifacts(folder, name, cfg.mlflow.log_models)
             results |= {f"{name}/{k}": float(v) for k, v in metrics.items()}
             log.info("stage %s (%s): %s", name, "cached" if hit else "ran", metrics)
+            if stage.PROVIDES == "model":
+                provided.setdefault(TEACHER, (folder, key))
             if stage.PROVIDES:
                 provided[stage.PROVIDES] = (folder, key)
         if cfg.mlflow.serve_model and "onnx" in provided:

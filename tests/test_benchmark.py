@@ -187,9 +187,21 @@ def test_benchmark_is_measured_afresh_in_every_run(make_cfg):
     assert "benchmark/onnx/latency_p50_ms" not in first and "benchmark/onnx/energy_joules" not in first
 
 
+def test_a_setting_can_time_the_teacher_beside_the_distilled_student(make_cfg):
+    settings = ("benchmark.settings=[{name: teacher, backend: torch, padding: fixed, model: teacher},"
+                "{name: student, backend: torch, padding: dynamic}]")
+    results = pipeline.run(make_cfg("stages=[finetune,evaluate,distill,benchmark]", "student=tiny_random",
+                                    "distill.epochs=1", "benchmark.repeats=1", "benchmark.latency_examples=0", settings))
+    assert results["benchmark/teacher/score"] == results["evaluate/val/score"]  # evaluate ran on the teacher
+    assert results["benchmark/student/score"] == pytest.approx(results["distill/best_val_score"])
+    assert results["benchmark/teacher/speedup"] == 1.0 and results["benchmark/student/speedup"] > 0
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
+        (["benchmark.settings=[{name: t, backend: onnx_fp32, padding: dynamic, model: teacher}]"],
+         r"benchmark.settings\[0\]: model=teacher runs in PyTorch only"),
         (["hardware.instances=64", "hardware.threads_per_instance=2"], r"hardware.instances=64 x "
                                                                        r"hardware.threads_per_instance=2 = 128 threads"),
         (["benchmark.layouts=[2by1]"], "benchmark.layouts: '2by1' is not <instances>x<threads>"),

@@ -22,7 +22,9 @@ from fastformers.stages.export import (
     convert_fp16,
     export_onnx,
     optimize,
+    outlier_matmuls,
     quantize_int8,
+    sibling,
 )
 from fastformers.tasks import TASKS
 
@@ -126,6 +128,23 @@ def test_int8_quantizes_dense_weights_and_keeps_predictions(bert, tmp_path, weig
     assert 0 < result["max_abs_diff"] < 0.05
 
 
+def test_the_matmul_fed_by_an_outlier_is_found_on_calibration_data_and_kept_float(tmp_path, superglue_root):
+    model, tokenizer = saved_tiny("bert", superglue_root, tmp_path / "model")
+    with torch.no_grad():  # one FFN neuron of layer 1 fires 50x louder: its GELU output is an outlier
+        dense = encoder_layers(model)[1].intermediate.dense
+        dense.weight[7] *= 50.0
+        dense.bias[7] = 20.0
+    exported = export_onnx(model, tokenizer, tmp_path / "onnx" / "model.onnx", opset=17)
+    fused, _ = optimize(exported, *attention_shape(model))
+    loader = make_loader(load_examples(TASKS["cb"], superglue_root, "train"), tokenizer, TASKS["cb"], 128, 8)
+    (chosen,) = outlier_matmuls(fused, loader, 1)
+    assert "layer.1/output/dense" in chosen
+    graph = onnx.load(str(quantize_int8(fused, "QInt8", True, False, [chosen])))
+    float_matmuls = [node.name for node in graph.graph.node if node.op_type == "MatMul"]
+    assert chosen in float_matmuls and weight_inputs(graph, "MatMulInteger")
+    assert json.loads(sibling(fused, "quantized").with_suffix(".json").read_text())["nodes_kept_float"] == [chosen]
+
+
 def test_fp16_conversion_leaves_no_float32_weights_and_keeps_io_types(bert, tmp_path):
     source = tmp_path / "model.onnx"
     source.write_bytes(bert["fused"].read_bytes())
@@ -191,6 +210,9 @@ def test_a_graph_that_disagrees_with_pytorch_fails_the_stage_loudly(make_cfg):
         (["stages=[finetune,export]", "export.opset=11"], "export.opset=11"),
         (["stages=[finetune,export]", "precision=int8", "precision.min_agreement=1.5"], "precision.min_agreement=1.5"),
         (["stages=[finetune,export,evaluate]", "evaluate.backend=tf"], "evaluate.backend='tf' must be one of"),
+        (["stages=[finetune,export]", "precision=int8", "precision.calibration_split='val[:50%]'"],
+         r"precision.calibration_split='val\[:50%\]' overlaps the evaluation split"),
+        (["stages=[finetune,export]", "precision=int8", "precision.keep_float=-1"], "precision.keep_float=-1"),
     ],
 )
 def test_bad_export_configs_fail_before_any_work(make_cfg, overrides, message):

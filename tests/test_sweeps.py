@@ -30,9 +30,10 @@ def cli(*args, cwd: Path, timeout=600, wait=True):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_RUN_ID", None)
     command = [sys.executable, "-m", "fastformers.cli", *args]
-    if not wait:
-        return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)
+    if not wait:  # output to a file: an unread pipe fills up and blocks the job
+        log = (cwd / "job.log").open("w")
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -221,3 +222,17 @@ def test_the_logged_model_serves_labels_and_rejects_a_malformed_request(superglu
         assert 400 <= status < 500
     finally:
         stop(server)
+
+
+def test_a_terminated_job_ends_its_mlflow_run_failed(superglue_root, tmp_path):
+    job = cli(*TINY, f"data.root={superglue_root}", "finetune.epochs=50", "mlflow.experiment_name=stopped",
+              cwd=tmp_path, wait=False)
+    deadline = time.time() + 120
+    while not list((tmp_path / "outputs" / "cache" / "finetune").glob(".*.tmp/checkpoints/*")):  # an epoch is done
+        assert job.poll() is None and time.time() < deadline, (tmp_path / "job.log").read_text()[-2000:]
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGTERM)
+    assert job.wait(timeout=60) != 0
+    _, (run,) = runs_of(store(tmp_path), "stopped")
+    assert run.info.status == "FAILED"
+    assert not list((tmp_path / "outputs" / "cache" / "finetune").iterdir())  # the scratch entry is gone

@@ -37,6 +37,7 @@ CACHED = False  # the pipeline re-measures in every run instead of replaying rem
 
 BACKENDS = {"torch": None, "onnx_fp32": "fp32", "onnx_int8": "int8", "onnx_fp16": "fp16"}  # -> exported graph
 PADDINGS = ("fixed", "dynamic")
+MODELS = ("latest", "teacher")  # which model a torch setting times
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 LAYOUT = re.compile(r"^(\d+)x(\d+)$")
 
@@ -49,11 +50,14 @@ class Setting:
     backend: str
     padding: str
     layout: Layout
+    model: str = "latest"  # latest: the model the stages before produced; teacher: the fine-tuned teacher
 
 
 def uses(cfg: DictConfig) -> tuple[str, ...]:
-    onnx = any(setting.backend != "torch" for setting in cfg.benchmark.settings)
-    return ("model", "onnx") if onnx else USES
+    settings = cfg.benchmark.settings
+    onnx = ("onnx",) if any(setting.backend != "torch" for setting in settings) else ()
+    teacher = ("teacher",) if any(setting.get("model") == "teacher" for setting in settings) else ()
+    return USES + onnx + teacher
 
 
 def validate(cfg: DictConfig) -> None:
@@ -104,6 +108,11 @@ def _setting(cfg: DictConfig, spec: DictConfig, field: str) -> Setting:
     if spec.padding not in PADDINGS:
         raise FastformersError(f"{field}.padding={spec.padding!r} must be one of {list(PADDINGS)}")
     variant = BACKENDS[spec.backend]
+    model = spec.get("model", "latest")
+    if model not in MODELS:
+        raise FastformersError(f"{field}.model={model!r} must be one of {list(MODELS)}")
+    if model == "teacher" and variant is not None:
+        raise FastformersError(f"{field}: model=teacher runs in PyTorch only (the export stage exports the latest model)")
     if variant not in (None, "fp32", cfg.precision.name):
         raise FastformersError(f"{field}.backend={spec.backend}: the export stage builds the fp32 graph and "
                                f"precision={cfg.precision.name}'s; run with precision={variant}")
@@ -112,7 +121,7 @@ def _setting(cfg: DictConfig, spec: DictConfig, field: str) -> Setting:
     hardware = cfg.hardware
     instances = spec.instances if "instances" in spec else hardware.instances
     threads = spec.threads_per_instance if "threads_per_instance" in spec else hardware.threads_per_instance
-    return Setting(spec.name, spec.backend, spec.padding, plan_layout(instances, threads, hardware.cores))
+    return Setting(spec.name, spec.backend, spec.padding, plan_layout(instances, threads, hardware.cores), model)
 
 
 def _extra_layouts(cfg: DictConfig) -> list[tuple[int, int]]:
@@ -132,14 +141,16 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
     task, opts = get_task(cfg.task.name), cfg.benchmark
     examples = load_examples(task, cfg.data.root, opts.split, cfg.data.split_seed, cfg.data.download)
     examples = examples[: opts.max_examples]
-    tokenizer = AutoTokenizer.from_pretrained(str(inputs["model"] / "model"))
-    dataset = EncodedDataset(examples, tokenizer, cfg.task.max_seq_length)
+    tokenizers, datasets = {}, {}
+    for source in dict.fromkeys(setting.model for setting in plan_settings(cfg)):
+        tokenizers[source] = AutoTokenizer.from_pretrained(str(model_folder(source, inputs)))
+        datasets[source] = EncodedDataset(examples, tokenizers[source], cfg.task.max_seq_length)
     meter = choose_meter(cfg.hardware.tdp_watts)
     rows = []
     for setting in plan_settings(cfg):
         log.info("benchmark %s: %s, %s padding, %s", setting.name, setting.backend, setting.padding,
                  setting.layout.label)
-        work = instance_work(cfg, setting, dataset, tokenizer)
+        work = instance_work(cfg, setting, datasets[setting.model], tokenizers[setting.model])
         served = serve(backend_of(setting, inputs), setting.layout, work, meter_for(meter, setting.layout))
         rows.append(summarize(setting, served, examples, task, cfg, meter))
     compare_with_baseline(rows)
@@ -197,10 +208,14 @@ def make_batches(dataset: EncodedDataset, positions, batch_size: int, tokenizer,
     return batches
 
 
+def model_folder(source: str, inputs: dict[str, Path]) -> Path:
+    return inputs["teacher" if source == "teacher" else "model"] / "model"
+
+
 def backend_of(setting: Setting, inputs: dict[str, Path]) -> Backend:
     variant = BACKENDS[setting.backend]
     if variant is None:
-        return Backend("torch", str(inputs["model"] / "model"))
+        return Backend("torch", str(model_folder(setting.model, inputs)))
     return Backend("onnx", str(graph_path(inputs["onnx"], variant)), tuple(providers_for(variant)))
 
 
@@ -242,7 +257,7 @@ def summarize(setting: Setting, served: Served, examples, task: Task, cfg: DictC
         metrics["usd_per_100m_queries"] = cfg.hardware.usd_per_hour / 3600 * wall / count * 1e8
     preds = predictions(served, count, task.labels is None)
     scores = task.score(examples, preds) if all(e.label is not None for e in examples) else {}
-    return {"name": setting.name, "backend": setting.backend, "padding": setting.padding,
+    return {"name": setting.name, "model": setting.model, "backend": setting.backend, "padding": setting.padding,
             "layout": setting.layout.label, "cores": [list(c) for c in setting.layout.cores],
             "instance_cpus": [r.cpus for r in served.results], "task_metrics": list(scores),
             "predictions": preds, "metrics": metrics | scores}
@@ -291,7 +306,7 @@ def format_table(report: dict, cfg: DictConfig) -> str:
         f"machine: {report['machine']['cpu']}, {report['machine']['usable_physical_cores']} usable cores; "
         f"energy: {report['energy_method']}{estimate}",
     ]
-    header = (f"{'setting':<20} {'backend':<10} {'padding':<8} {'layout':<6} {'ex/s':>8} {'speed-up':>8} "
+    header = (f"{'setting':<20} {'model':<7} {'backend':<10} {'padding':<8} {'layout':<6} {'ex/s':>8} {'speed-up':>8} "
               f"{'spread':>7} {'p50 ms':>7} {'p99 ms':>7} {'peak MB':>8} {'J/ex':>7} {'$/100M':>8} "
               + " ".join(f"{k:>9}" for k in task_keys) + f" {'agree':>6}")
     lines += [header, "-" * len(header)]
@@ -300,7 +315,7 @@ def format_table(report: dict, cfg: DictConfig) -> str:
         m = row["metrics"]
         spread = (m["wall_seconds_max"] - m["wall_seconds_min"]) / m["wall_seconds"]
         lines.append(
-            f"{row['name']:<20} {row['backend']:<10} {row['padding']:<8} {row['layout']:<6} {m['throughput']:>8.2f} "
+            f"{row['name']:<20} {row['model']:<7} {row['backend']:<10} {row['padding']:<8} {row['layout']:<6} {m['throughput']:>8.2f} "
             f"{m['speedup']:>7.2f}x {spread:>6.0%} {_fmt(m.get('latency_p50_ms'), 7, 1)} "
             f"{_fmt(m.get('latency_p99_ms'), 7, 1)} {m['peak_rss_mb']:>8.0f} {_fmt(m.get('joules_per_example'), 7, 2)} "
             f"{_fmt(m.get('usd_per_100m_queries'), 8, 2)} "

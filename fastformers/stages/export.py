@@ -31,7 +31,7 @@ from fastformers.tasks import get_task
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # bump when a code change alters what this stage writes
+VERSION = 2  # bump when a code change alters what this stage writes
 PROVIDES = "onnx"
 USES = ("model",)
 CONFIG_KEYS = ("task", "export", "precision", "data.split_seed")
@@ -51,6 +51,10 @@ def validate(cfg: DictConfig) -> None:
         raise FastformersError(f"precision.min_agreement={precision.min_agreement!r} must be in (0, 1]")
     if precision.name == "int8" and precision.weight_type not in WEIGHT_TYPES:
         raise FastformersError(f"precision.weight_type={precision.weight_type!r} must be one of {list(WEIGHT_TYPES)}")
+    if precision.name == "int8":
+        if not isinstance(precision.keep_float, int) or precision.keep_float < 0:
+            raise FastformersError(f"precision.keep_float={precision.keep_float!r} must be a count >= 0")
+        check_disjoint(precision.calibration_split, cfg.task.eval_split, "precision.calibration_split")
     if precision.name == "fp16":
         require_provider(CUDA, "precision=fp16")
     if not 13 <= opts.opset <= 17:
@@ -69,9 +73,12 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
     exported = export_onnx(model, tokenizer, folder / "model.onnx", cfg.export.opset)
     fp32, fusions = optimize(exported, *attention_shape(model))
     graphs = {"exported": exported, "fp32": fp32}
+    float_matmuls: list[str] = []
     if cfg.precision.name == "int8":
+        if cfg.precision.keep_float:
+            float_matmuls = outlier_matmuls(fp32, calibration_loader(cfg, tokenizer), cfg.precision.keep_float)
         graphs["int8"] = quantize_int8(fp32, cfg.precision.weight_type, cfg.precision.per_channel,
-                                       cfg.precision.reduce_range)
+                                       cfg.precision.reduce_range, float_matmuls)
     elif cfg.precision.name == "fp16":
         graphs["fp16"] = convert_fp16(fp32)
     seconds = time.perf_counter() - started
@@ -84,11 +91,20 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         "parity": parity,
         "settings": {name: json.loads(settings_path(path).read_text()) for name, path in graphs.items()},
     }, indent=2))
-    metrics = {"export_seconds": seconds, "layers": model.config.num_hidden_layers}
+    metrics = {"export_seconds": seconds, "layers": model.config.num_hidden_layers,
+               "float_matmuls": len(float_matmuls)}
     metrics |= {f"fused/{op}": count for op, count in fusions.items()}
     metrics |= {f"graph_mb/{name}": path.stat().st_size / 2**20 for name, path in graphs.items()}
     metrics |= {f"parity/{name}/{k}": v for name, values in parity.items() for k, v in values.items()}
     return metrics
+
+
+def check_disjoint(calibration: str, evaluation: str, field: str) -> None:
+    """Calibration must never read the split the metric is reported on."""
+    (name, lo, hi), (eval_name, eval_lo, eval_hi) = parse_split(calibration), parse_split(evaluation)
+    if name == eval_name and lo < eval_hi and eval_lo < hi:
+        raise FastformersError(f"{field}={calibration!r} overlaps the evaluation split task.eval_split="
+                               f"{evaluation!r}: calibrate on examples the metric never sees (e.g. train)")
 
 
 def sibling(path: Path, suffix: str) -> Path:
@@ -164,19 +180,57 @@ def optimize(path: Path, num_heads: int, hidden_size: int) -> tuple[Path, dict[s
     return target, fusions
 
 
-def quantize_int8(path: Path, weight_type: str, per_channel: bool, reduce_range: bool) -> Path:
-    """Dynamic quantization: int8 weights for MatMul/Attention, activations quantized on the fly."""
+def quantize_int8(path: Path, weight_type: str, per_channel: bool, reduce_range: bool,
+                  float_nodes: list[str] = ()) -> Path:
+    """Dynamic quantization: int8 weights for MatMul/Attention, activations quantized on the fly;
+    `float_nodes` stay fp32."""
     target = sibling(path, "quantized")
     options = {"MatMulConstBOnly": True,  # only MatMuls with a weight side: Q·Kᵀ and attention·V stay float
                "DefaultTensorType": onnx.TensorProto.FLOAT}  # fused ops lack type info the quantizer needs
     quantize_dynamic(str(path), str(target), op_types_to_quantize=QUANTIZED_OPS, per_channel=per_channel,
                      reduce_range=reduce_range, weight_type=WEIGHT_TYPES[weight_type],
+                     nodes_to_exclude=list(float_nodes),
                      extra_options=dict(options))  # quantize_dynamic mutates the dict it gets
     write_settings(target, {"quantizer": "onnxruntime.quantization.quantize_dynamic", "op_types": QUANTIZED_OPS,
                             "weight_type": weight_type, "per_channel": per_channel, "reduce_range": reduce_range,
+                            "nodes_kept_float": list(float_nodes),
                             "extra_options": {"MatMulConstBOnly": True, "DefaultTensorType": "FLOAT"},
                             "onnxruntime": ort.__version__})
     return target
+
+
+def calibration_loader(cfg: DictConfig, tokenizer):
+    """The calibration sample: `precision.calibration_examples` of `precision.calibration_split` (train by default)."""
+    task = get_task(cfg.task.name)
+    examples = load_examples(task, cfg.data.root, cfg.precision.calibration_split, cfg.data.split_seed,
+                             cfg.data.download)[: cfg.precision.calibration_examples]
+    return make_loader(examples, tokenizer, task, cfg.task.max_seq_length, 8)
+
+
+def outlier_matmuls(path: Path, loader, count: int) -> list[str]:
+    """The `count` weight MatMuls whose inputs have the most extreme outliers, max|x| / std over real tokens of
+    the calibration sample: one per-tensor int8 scale stretched over such an outlier leaves the other values
+    a few steps (in BERT-like models, the FFN output projections of some layers)."""
+    graph = onnx.load(str(path))
+    weights = {init.name for init in graph.graph.initializer}
+    inputs = {node.input[0]: node.name for node in graph.graph.node
+              if node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in weights}
+    outputs = {o.name for o in graph.graph.output}
+    graph.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                              for name in inputs if name not in outputs)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = [i.name for i in session.get_inputs()]
+    ratios = {name: [] for name in inputs}
+    for batch in loader:
+        values = session.run(list(inputs), {k: batch[k].numpy() for k in feeds if k in batch})
+        real = batch["attention_mask"].numpy().astype(bool)
+        for name, value in zip(inputs, values):
+            tokens = np.abs(value[real])
+            ratios[name].append(float(tokens.max() / max(tokens.std(), 1e-12)))
+    ranked = sorted(inputs, key=lambda name: -float(np.mean(ratios[name])))
+    chosen = [inputs[name] for name in ranked[:count]]
+    log.info("int8: keeping float %s (max|x|/std %s)", chosen, [round(float(np.mean(ratios[n])), 1) for n in ranked[:count]])
+    return chosen
 
 
 def convert_fp16(path: Path) -> Path:
