@@ -54,8 +54,16 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Runs the stages; returns every metric logged, keyed `<stage>/<metric>`."""
     stages = validate(cfg)
     task = get_task(cfg.task.name)
-    for spec in dict.fromkeys([cfg.task.train_split, cfg.task.eval_split]):  # fail before any MLflow run
-        task_file(cfg.data.root, task, parse_split(spec)[0], cfg.data.download)
+    try:
+        for spec in dict.fromkeys([cfg.task.train_split, cfg.task.eval_split]):  # fail before any MLflow run
+            task_file(cfg.data.root, task, parse_split(spec)[0], cfg.data.download)
+    except FastformersError as missing:
+        if not cfg.data.skip_missing:
+            raise
+        log.warning("skipping %s: %s", task.name, missing)
+        with tracking.start_run(cfg):  # a row in the experiment that says why it has no numbers
+            mlflow.set_tags({tracking.SKIPPED_TAG: str(missing)})
+        return {}
     data_print = fingerprint(cfg.data.root, task)
     cache = StageCache(Path(cfg.paths.cache_dir).resolve())
     provided: dict[str, tuple[Path, str]] = {}

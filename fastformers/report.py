@@ -8,19 +8,20 @@ import argparse
 import csv
 import re
 import sys
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
 from fastformers.errors import FastformersError
-from fastformers.tracking import absolute_uri
 from fastformers.sweep import ROLE_TAG
+from fastformers.tracking import SKIPPED_TAG, absolute_uri
 
 SCORE = re.compile(r"^evaluate/(.+)/score$")
 BENCHMARK = re.compile(r"^benchmark/(.+)/latency_p50_ms$")
-PLOTS = {"accuracy_vs_latency.png": ("latency_p50_ms", "latency at batch size 1, p50 (ms)"),
-         "accuracy_vs_throughput.png": ("throughput", "throughput (examples/s)")}
+PLOTS = {"accuracy_vs_latency.png": ("latency_p50_ms", "latency at batch size 1, p50 (ms)", True),
+         "accuracy_vs_throughput.png": ("throughput", "throughput (examples/s)", False)}  # key, label, lower is better
 
 
 @dataclass
@@ -63,13 +64,21 @@ def row_of(run, setting: str | None) -> Row | None:
                speedup=get("speedup"), usd_per_100m_queries=get("usd_per_100m_queries"), parameters=parameters)
 
 
+def pareto(rows: list[Row], key: str = "latency_p50_ms", lower_is_better: bool = True) -> list[Row]:
+    """The rows no other row beats on both the score and `key` (and is at least as good on the other)."""
+    def at_least(o: Row, r: Row) -> bool:
+        x, y = getattr(o, key), getattr(r, key)
+        return (x <= y if lower_is_better else x >= y) and o.score >= r.score
+
+    return [r for r in rows if not any(at_least(o, r) and (getattr(o, key) != getattr(r, key) or o.score != r.score)
+                                       for o in rows if o is not r)]
+
+
 def mark_pareto(rows: list[Row]) -> None:
-    """A point is on the front when no other point is at least as fast and as accurate, and better in one."""
+    """The table's `pareto` column: the front of score vs latency."""
+    front = pareto(rows)
     for row in rows:
-        row.pareto = not any(
-            o.latency_p50_ms <= row.latency_p50_ms and o.score >= row.score
-            and (o.latency_p50_ms < row.latency_p50_ms or o.score > row.score)
-            for o in rows if o is not row)
+        row.pareto = any(row is f for f in front)
 
 
 def collect(client: MlflowClient, experiment: str, setting: str | None) -> tuple[list[Row], str | None]:
@@ -121,19 +130,19 @@ def plot(rows: list[Row], out: Path, title: str) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    for name, (key, label) in PLOTS.items():
+    for name, (key, label, lower_is_better) in PLOTS.items():
         fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
         xs, ys = [getattr(r, key) for r in rows], [r.score for r in rows]
         ax.scatter(xs, ys, color="tab:blue", label="runs")
-        front = sorted((r for r in rows if r.pareto), key=lambda r: getattr(r, key))
+        front = sorted(pareto(rows, key, lower_is_better), key=lambda r: getattr(r, key))
         ax.plot([getattr(r, key) for r in front], [r.score for r in front], color="tab:red", marker="o",
-                label="Pareto front (latency vs score)")
+                label="Pareto front")
         for row in rows:
             ax.annotate(f"h{row.heads} f{row.ffn} {row.setting}", (getattr(row, key), row.score), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
         ax.set(xlabel=label, ylabel="task score (official metric)", title=title)
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
+        ax.legend(loc="best")
         fig.tight_layout()
         fig.savefig(out / name)
         plt.close(fig)
@@ -141,11 +150,74 @@ def plot(rows: list[Row], out: Path, title: str) -> list[Path]:
     return written
 
 
+def ablation_table(runs) -> list[str]:
+    """The paper's Table 3 layout for runs that carry `row.order` (conf/ablation/): each row's own setting (its
+    fastest layout where several were timed), its speed-up over the baseline timed in the same run
+    (cumulative), over the row before (per step), its score and cost."""
+    rows = sorted((r for r in runs if "row.order" in r.data.params), key=lambda r: int(r.data.params["row.order"]))
+    lines = ["| row | setting | time (s) | speed-up (step) | speed-up (cumulative) | score | USD / 100M queries |",
+             "|---|---|---|---|---|---|---|"]
+    previous = None
+    for run in rows:
+        metrics = run.data.metrics
+        setting = run.data.tags.get("benchmark.best_layout") or run.data.params["row.setting"]
+        cumulative = metrics.get(f"benchmark/{setting}/speedup")
+        step = cumulative / previous if cumulative and previous else cumulative
+        score = next((v for k, v in sorted(metrics.items()) if SCORE.match(k)), None)
+        lines.append("| " + " | ".join(_cell(v) for v in (
+            run.data.params["row.name"], setting, metrics.get(f"benchmark/{setting}/wall_seconds"), step, cumulative,
+            score, metrics.get(f"benchmark/{setting}/usd_per_100m_queries"))) + " |")
+        previous = cumulative
+    return lines if rows else []
+
+
+def task_table(client: MlflowClient, runs, out: Path) -> list[Path]:
+    """The paper's Table 4 layout when an experiment spans tasks: per task its official metrics, the speed-up and
+    energy saving of its fastest setting over the baseline of the same run, or why it has no numbers; the
+    leaderboard files of every task are gathered into one archive."""
+    latest = {}
+    for run in runs:  # oldest first: a task's last finished (or skipped) run is its row
+        if run.info.status == "FINISHED" and ROLE_TAG not in run.data.tags and "task.name" in run.data.params:
+            latest[run.data.params["task.name"]] = run
+    if len(latest) < 2:
+        return []
+    lines = ["| task | metrics | speed-up | energy saving | test submission |", "|---|---|---|---|---|"]
+    archive = out / "superglue_submission.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for task, run in sorted(latest.items()):
+            if SKIPPED_TAG in run.data.tags:
+                lines.append(f"| {task} | not run: {run.data.tags[SKIPPED_TAG]} | | | |")
+                continue
+            metrics = run.data.metrics
+            official = ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in sorted(metrics.items())
+                                 if k.startswith("evaluate/") and not k.endswith("/score"))
+            best = run.data.tags.get("benchmark.best_layout") or max(
+                (m.group(1) for k in metrics if (m := BENCHMARK.match(k))),
+                key=lambda name: metrics.get(f"benchmark/{name}/throughput", 0.0), default=None)
+            base_j, best_j = (metrics.get(f"benchmark/{name}/joules_per_example") for name in ("baseline", best))
+            saving = f"{base_j / best_j:.1f}x" if base_j and best_j else ""
+            speedup = metrics.get(f"benchmark/{best}/speedup")
+            files = [a.path for a in client.list_artifacts(run.info.run_id, "evaluate/submission")]
+            for path in files:
+                bundle.write(client.download_artifacts(run.info.run_id, path, str(out)), Path(path).name)
+            lines.append(f"| {task} | {official} | {_cell(speedup)}{'x' if speedup else ''} ({best}) | {saving} | "
+                         f"{', '.join(Path(f).name for f in files)} |")
+    (out / "tasks.md").write_text("\n".join(lines) + "\n")
+    return [out / "tasks.md", archive]
+
+
 def report(tracking_uri: str, experiment: str, out: Path, setting: str | None = None) -> list[Path]:
     """Writes the tables and plots into `out` and logs them to the experiment's sweep parent run."""
     client = MlflowClient(tracking_uri)
     rows, parent = collect(client, experiment, setting)
     files = write_tables(rows, out) + plot(rows, out, f"{experiment}: {rows[0].task}")
+    finished = [client.get_run(r.run_id) for r in rows]
+    if table := ablation_table(finished):
+        (out / "ablation.md").write_text("\n".join(table) + "\n")
+        files.append(out / "ablation.md")
+    found = client.get_experiment_by_name(experiment)
+    files += task_table(client, client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"],
+                                                   max_results=5000), out)
     if parent is None:
         parent = client.create_run(client.get_experiment_by_name(experiment).experiment_id, run_name="report",
                                    tags={ROLE_TAG: "report"}).info.run_id
@@ -163,9 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--setting", default=None, help="benchmark setting to plot (default: each run's fastest)")
     args = parser.parse_args(argv)
     try:
-        if args.tracking_uri.startswith("sqlite:///") and not Path(args.tracking_uri[len("sqlite:///"):]).is_file():
-            raise FastformersError(f"report: --tracking-uri {args.tracking_uri}: no such MLflow store (run a job first)")
-        files = report(absolute_uri(args.tracking_uri), args.experiment, args.out or Path("outputs/reports") / args.experiment, args.setting)
+        uri = args.tracking_uri
+        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+            raise FastformersError(f"report: --tracking-uri {uri}: no such MLflow store (run a job first)")
+        out = args.out or Path("outputs/reports") / args.experiment
+        files = report(absolute_uri(uri), args.experiment, out, args.setting)
     except FastformersError as err:
         print(f"fastformers: error: {err}", file=sys.stderr)
         return 2

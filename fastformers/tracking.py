@@ -13,6 +13,8 @@ from fastformers import sweep
 
 log = logging.getLogger(__name__)
 
+SKIPPED_TAG = "skipped"  # a job that ran no stage (e.g. its task's data is absent here), and why
+
 
 def tracking_uri(cfg: DictConfig) -> str:
     return absolute_uri(cfg.mlflow.tracking_uri)

@@ -7,15 +7,16 @@ from omegaconf import OmegaConf
 
 from fastformers import pipeline, tracking
 from fastformers.errors import FastformersError
-from fastformers.models import build_random
+from fastformers.models import build_random, task_loss
 from fastformers.stages.distill import (
     DistillModule,
+    augmented,
     build_student,
     soft_cross_entropy,
     student_from_teacher_layers,
     uniform_layer_map,
 )
-from fastformers.tasks import TASKS
+from fastformers.tasks import TASKS, Example
 
 TEXTS = ["the cat sat on the mat", "a dog ran in the park", "it rained all day long"] * 20
 
@@ -123,3 +124,27 @@ def test_distillation_lowers_the_loss_and_moves_the_student_toward_the_teacher(m
 def test_distill_without_a_student_says_which_field(make_cfg):
     with pytest.raises(FastformersError, match="needs a student"):
         pipeline.run(make_cfg("stages=[finetune,distill,evaluate]"))
+
+
+def test_augmented_copies_are_seeded_unlabelled_perturbations():
+    examples = [Example(str(i), [(f"the cat number {i} sat on the old mat", "a cat sat there")], label=i % 3)
+                for i in range(10)]
+    copies = augmented(examples, 2, 0.3, seed=0)
+    assert len(copies) == 20 and all(c.label is None and c.uid.endswith(("#aug0", "#aug1")) for c in copies)
+    assert sum(c.pairs != e.pairs for c, e in zip(copies, examples * 2)) >= 15
+    assert augmented(examples, 2, 0.3, seed=0) == copies and augmented(examples, 0, 0.3, seed=0) == []
+
+
+def test_an_unlabelled_batch_adds_no_hard_loss():
+    scores = torch.tensor([[1.0, 2.0]], requires_grad=True)
+    assert task_loss(scores, {"labels": torch.tensor([-100])}) == 0.0
+
+
+def test_augmented_distillation_trains_on_the_teachers_scores_of_the_copies(make_cfg):
+    cfg = make_cfg("stages=[finetune,distill]", "finetune.epochs=1", "student=tiny_random", "distill.epochs=1",
+                   "distill.augment=2")
+    results = pipeline.run(cfg)
+    assert results["distill/train_examples"] == 3 * 48  # the fixture's 48 CB train examples and 2 copies of each
+    assert 0.0 <= results["distill/best_val_score"] <= 1.0
+    with pytest.raises(FastformersError, match="distill.augment=-1 must be >= 0"):
+        pipeline.run(make_cfg("stages=[finetune,distill]", "student=tiny_random", "distill.augment=-1"))

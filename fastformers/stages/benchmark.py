@@ -10,6 +10,7 @@ import logging
 import os
 import platform
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +19,13 @@ import numpy as np
 import onnxruntime as ort
 import torch
 from omegaconf import DictConfig
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from fastformers.data import EncodedDataset, load_examples, parse_split
 from fastformers.energy import EnergyMeter, choose_meter
 from fastformers.errors import FastformersError
 from fastformers.instances import Backend, Batch, Layout, Served, Work, layouts_filling, plan_layout, serve, usable_cores
+from fastformers.roofline import Peaks, Shape, bound_seconds, flops, measure_peaks
 from fastformers.runtime import CUDA, graph_path, providers_for, require_provider
 from fastformers.tasks import Task, get_task
 
@@ -35,7 +37,8 @@ USES = ("model",)  # plus "onnx" when a setting runs an exported graph, see uses
 CONFIG_KEYS = ("task", "benchmark", "hardware", "precision", "data.split_seed")
 CACHED = False  # the pipeline re-measures in every run instead of replaying remembered timings
 
-BACKENDS = {"torch": None, "onnx_fp32": "fp32", "onnx_int8": "int8", "onnx_fp16": "fp16"}  # -> exported graph
+BACKENDS = {"torch": None, "onnx_fp32": "fp32", "onnx_int8": "int8", "onnx_int8_stock": "int8_stock",
+            "onnx_fp16": "fp16"}  # -> exported graph (int8_stock: exported beside int8 when precision.keep_float > 0)
 PADDINGS = ("fixed", "dynamic")
 MODELS = ("latest", "teacher")  # which model a torch setting times
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -113,9 +116,12 @@ def _setting(cfg: DictConfig, spec: DictConfig, field: str) -> Setting:
         raise FastformersError(f"{field}.model={model!r} must be one of {list(MODELS)}")
     if model == "teacher" and variant is not None:
         raise FastformersError(f"{field}: model=teacher runs in PyTorch only (the export stage exports the latest model)")
-    if variant not in (None, "fp32", cfg.precision.name):
+    if variant not in (None, "fp32", cfg.precision.name) and not (variant == "int8_stock" and cfg.precision.name == "int8"):
         raise FastformersError(f"{field}.backend={spec.backend}: the export stage builds the fp32 graph and "
                                f"precision={cfg.precision.name}'s; run with precision={variant}")
+    if variant == "int8_stock" and not cfg.precision.get("keep_float"):
+        raise FastformersError(f"{field}.backend=onnx_int8_stock: with precision.keep_float=0 the int8 graph is "
+                               "the stock one; time backend onnx_int8 instead")
     if variant == "fp16":
         require_provider(CUDA, f"{field}.backend=onnx_fp16")
     hardware = cfg.hardware
@@ -146,16 +152,26 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         tokenizers[source] = AutoTokenizer.from_pretrained(str(model_folder(source, inputs)))
         datasets[source] = EncodedDataset(examples, tokenizers[source], cfg.task.max_seq_length)
     meter = choose_meter(cfg.hardware.tdp_watts)
+    peaks = measure_peaks(cfg.hardware.cores or len(usable_cores()), opts.roofline_seconds) \
+        if opts.roofline_seconds else None
     rows = []
     for setting in plan_settings(cfg):
         log.info("benchmark %s: %s, %s padding, %s", setting.name, setting.backend, setting.padding,
                  setting.layout.label)
         work = instance_work(cfg, setting, datasets[setting.model], tokenizers[setting.model])
         served = serve(backend_of(setting, inputs), setting.layout, work, meter_for(meter, setting.layout))
-        rows.append(summarize(setting, served, examples, task, cfg, meter))
+        row = summarize(setting, served, examples, task, cfg, meter)
+        row["metrics"] |= end_to_end(examples, tokenizers[setting.model], setting, cfg, row["metrics"]["wall_seconds"])
+        if peaks:
+            shape = Shape.of(AutoConfig.from_pretrained(str(model_folder(setting.model, inputs))))
+            row["metrics"] |= roofline_metrics(shape, datasets[setting.model], peaks,
+                                               BACKENDS[setting.backend] in ("int8", "int8_stock"),
+                                               row["metrics"]["wall_seconds"])
+        rows.append(row)
     compare_with_baseline(rows)
     best = best_layout(rows)
     report = {"task": task.name, "split": opts.split, "examples": len(examples), "energy_method": meter.method,
+              "peaks": dataclasses.asdict(peaks) if peaks else None,
               "energy_estimated": meter.estimated, "best_layout": best["name"] if best else None,
               "machine": machine(), "rows": rows}
     (out / "benchmark.json").write_text(json.dumps(report, indent=2))
@@ -166,9 +182,38 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         mlflow.set_tags({"benchmark.energy_method": meter.method, "benchmark.best_layout": report["best_layout"] or "",
                          "benchmark.cpu": report["machine"]["cpu"]})
     metrics = {f"{row['name']}/{k}": float(v) for row in rows for k, v in row["metrics"].items()}
+    if peaks:
+        metrics |= {"roofline/fp32_gflops": peaks.fp32_gflops, "roofline/int8_gops": peaks.int8_gops}
     if best:
         metrics |= {f"best_layout/{k}": best["metrics"][k] for k in ("instances", "threads_per_instance", "speedup")}
     return metrics
+
+
+def end_to_end(examples, tokenizer, setting: Setting, cfg: DictConfig, wall: float) -> dict:
+    """What a caller sees: the timed pass plus tokenizing the same batches from text (timed here, median of 3,
+    each instance tokenizing its own share in parallel)."""
+    opts, length = cfg.benchmark, cfg.task.max_seq_length
+    padding = "max_length" if setting.padding == "fixed" else "longest"
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        for start in range(0, len(examples), opts.batch_size):
+            pairs = [pair for e in examples[start:start + opts.batch_size] for pair in e.pairs]
+            seconds = [b for _, b in pairs]
+            tokenizer([a for a, _ in pairs], seconds if all(b is not None for b in seconds) else None,
+                      truncation=True, max_length=length, padding=padding, return_tensors="np")
+        times.append(time.perf_counter() - started)
+    tokenize = sorted(times)[1] / setting.layout.instances
+    return {"tokenize_seconds": tokenize, "e2e_throughput": len(examples) / (wall + tokenize)}
+
+
+def roofline_metrics(shape: Shape, dataset: EncodedDataset, peaks: Peaks, quantized: bool, wall: float) -> dict:
+    """Useful FLOPs (real tokens only: padding is waste) per example, and the measured time against the least
+    time those FLOPs take at this machine's GEMM rates."""
+    lengths = [len(row["input_ids"]) for rows in dataset.rows for row in rows]
+    total = sum(sum(flops(shape, tokens)) for tokens in lengths)
+    bound = bound_seconds(shape, lengths, peaks, quantized)
+    return {"gflops_per_example": total / len(dataset) / 1e9, "bound_seconds": bound, "pct_of_bound": 100 * bound / wall}
 
 
 def instance_work(cfg: DictConfig, setting: Setting, dataset: EncodedDataset, tokenizer) -> list[Work]:
@@ -306,23 +351,28 @@ def format_table(report: dict, cfg: DictConfig) -> str:
         f"machine: {report['machine']['cpu']}, {report['machine']['usable_physical_cores']} usable cores; "
         f"energy: {report['energy_method']}{estimate}",
     ]
-    header = (f"{'setting':<20} {'model':<7} {'backend':<10} {'padding':<8} {'layout':<6} {'ex/s':>8} {'speed-up':>8} "
-              f"{'spread':>7} {'p50 ms':>7} {'p99 ms':>7} {'peak MB':>8} {'J/ex':>7} {'$/100M':>8} "
-              + " ".join(f"{k:>9}" for k in task_keys) + f" {'agree':>6}")
+    if report.get("peaks"):
+        lines.append(f"roofline: sustained GEMM {report['peaks']['fp32_gflops']:.0f} GFLOP/s fp32, "
+                     f"{report['peaks']['int8_gops']:.0f} GOP/s int8 (onnxruntime, all cores); %bound = least time "
+                     "of the useful FLOPs at those rates / measured time")
+    header = (f"{'setting':<20} {'model':<7} {'backend':<15} {'padding':<8} {'layout':<6} {'ex/s':>8} {'speed-up':>8} "
+              f"{'e2e ex/s':>8} {'spread':>7} {'%bound':>6} {'p50 ms':>7} {'p99 ms':>7} {'peak MB':>8} {'J/ex':>7} "
+              f"{'$/100M':>8} " + " ".join(f"{k:>9}" for k in task_keys) + f" {'agree':>6}")
     lines += [header, "-" * len(header)]
     best = report["best_layout"]
     for row in rows:
         m = row["metrics"]
         spread = (m["wall_seconds_max"] - m["wall_seconds_min"]) / m["wall_seconds"]
         lines.append(
-            f"{row['name']:<20} {row['model']:<7} {row['backend']:<10} {row['padding']:<8} {row['layout']:<6} {m['throughput']:>8.2f} "
-            f"{m['speedup']:>7.2f}x {spread:>6.0%} {_fmt(m.get('latency_p50_ms'), 7, 1)} "
+            f"{row['name']:<20} {row['model']:<7} {row['backend']:<15} {row['padding']:<8} {row['layout']:<6} "
+            f"{m['throughput']:>8.2f} {m['speedup']:>7.2f}x {_fmt(m.get('e2e_throughput'), 8, 2)} {spread:>6.0%} "
+            f"{_fmt(m.get('pct_of_bound'), 6, 1)} {_fmt(m.get('latency_p50_ms'), 7, 1)} "
             f"{_fmt(m.get('latency_p99_ms'), 7, 1)} {m['peak_rss_mb']:>8.0f} {_fmt(m.get('joules_per_example'), 7, 2)} "
             f"{_fmt(m.get('usd_per_100m_queries'), 8, 2)} "
             + " ".join(f"{m[k]:>9.4f}" for k in task_keys)
             + f" {m['agreement_with_baseline']:>6.1%}" + ("  <- best layout" if row["name"] == best else ""))
-    lines.append("speed-up: median wall time of the first row / this row's; spread: (slowest - fastest pass) / "
-                 "median; agree: predictions equal to the first row's")
+    lines.append("speed-up: median wall time of the first row / this row's; e2e: with tokenizing from text; "
+                 "spread: (slowest - fastest pass) / median; agree: predictions equal to the first row's")
     return "\n".join(lines)
 
 

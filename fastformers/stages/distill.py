@@ -9,6 +9,7 @@ The teacher's scores are computed once per example before training and reused ev
 from __future__ import annotations
 
 import copy
+import random
 import re
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from fastformers.models import (
     task_loss,
 )
 from fastformers.stages.finetune import FineTuneModule, fit_best
-from fastformers.tasks import Task, get_task
+from fastformers.tasks import Example, Task, get_task
 
 VERSION = 1  # bump when a code change alters what this stage writes
 PROVIDES = "model"
@@ -59,6 +60,9 @@ def validate(cfg: DictConfig) -> None:
         raise FastformersError("student.pretrained is required when student.init=pretrained")
     if student.activation not in ("gelu", "relu"):
         raise FastformersError(f"student.activation={student.activation!r} must be gelu or relu")
+    if opts.augment < 0 or not 0 < opts.augment_rate < 1:
+        raise FastformersError(f"distill.augment={opts.augment!r} must be >= 0 and distill.augment_rate="
+                               f"{opts.augment_rate!r} in (0, 1)")
     if opts.temperature <= 0 or not 0 <= opts.alpha <= 1:
         raise FastformersError("distill.temperature must be > 0 and distill.alpha in [0, 1]")
     for name in ("epochs", "batch_size", "learning_rate"):
@@ -200,6 +204,29 @@ class DistillModule(FineTuneModule):
         return super().load_state_dict(state_dict, strict=False, **kwargs)
 
 
+def augmented(examples: list[Example], copies: int, rate: float, seed: int) -> list[Example]:
+    """TinyBERT's augmentation without its masked LM: `copies` perturbed versions of every example, each word
+    dropped or swapped for a random word of the training text with probability `rate`. They carry no label:
+    the teacher's scores are their only target, so a small task shows the student more of the teacher."""
+    rng = random.Random(seed)
+    vocabulary = sorted({w for e in examples for pair in e.pairs for text in pair if text for w in text.split()})
+
+    def perturb(text: str | None) -> str | None:
+        if not text:
+            return text
+        kept = []
+        for word in text.split():
+            draw = rng.random()
+            if draw >= rate:
+                kept.append(word)
+            elif draw >= rate / 2:
+                kept.append(rng.choice(vocabulary))
+        return " ".join(kept) or text
+
+    return [Example(f"{e.uid}#aug{k}", [(perturb(a), perturb(b)) for a, b in e.pairs], meta=dict(e.meta))
+            for k in range(copies) for e in examples]
+
+
 def predictions(model, tokenizer, task: Task, examples, max_length: int, batch_size: int) -> list[int]:
     return predict(model, make_loader(examples, tokenizer, task, max_length, batch_size))
 
@@ -228,6 +255,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
                                "set distill.hidden_weight=0 distill.attention_weight=0")
     max_length = cfg.task.max_seq_length
     if opts.method == "task_specific":
+        train = train + augmented(train, opts.augment, opts.augment_rate, cfg.seed)
         attach_teacher_scores(teacher, teacher_tokenizer, task, train, max_length, opts.eval_batch_size)
     teacher_preds = predictions(teacher, teacher_tokenizer, task, val, max_length, opts.eval_batch_size)
     initial_preds = predictions(student, tokenizer, task, val, max_length, opts.eval_batch_size)
@@ -256,4 +284,5 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         "teacher_hidden_size": teacher.config.hidden_size,
         "epochs_run": epochs,
         "train_seconds": seconds,
+        "train_examples": len(train),  # with the augmented copies
     }

@@ -34,7 +34,7 @@ from fastformers.models import (
     model_inputs,
     task_loss,
 )
-from fastformers.stages.distill import DistillModule, attach_teacher_scores, predictions
+from fastformers.stages.distill import DistillModule, attach_teacher_scores, augmented, predictions
 from fastformers.stages.finetune import fit_best
 from fastformers.tasks import Task, get_task
 
@@ -156,6 +156,7 @@ def redistill(pruned, teacher, tokenizer, task: Task, train, val, cfg: DictConfi
     """The distill stage's soft-target training (and its intermediate losses, if on), layer to layer,
     with the unpruned model as teacher; returns (best val score, seconds)."""
     opts = OmegaConf.merge(cfg.distill, {"epochs": cfg.pruning.redistill_epochs, "method": "task_specific"})
+    train = train + augmented(train, opts.augment, opts.augment_rate, cfg.seed)
     attach_teacher_scores(teacher, tokenizer, task, train, cfg.task.max_seq_length, opts.eval_batch_size)
     layer_map = list(range(1, pruned.config.num_hidden_layers + 1))
     module = DistillModule(pruned, teacher, task, val, opts, layer_map, prefix="prune")

@@ -1,0 +1,78 @@
+"""The report's paper layouts read back from MLflow runs: Table 3 (cumulative ablation rows) and Table 4 (one row
+per task, a skipped task saying why, the submission files in one archive)."""
+import shutil
+import zipfile
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from fastformers import pipeline
+from fastformers.report import ablation_table, report
+from fastformers.tracking import SKIPPED_TAG
+
+
+def log_run(name, params, metrics, tags=None, files=None, tmp_path=None):
+    with mlflow.start_run(run_name=name, tags=tags or {}):
+        mlflow.log_params(params)
+        mlflow.log_metrics(metrics)
+        for relative, text in (files or {}).items():
+            path = tmp_path / relative.split("/")[-1]
+            path.write_text(text)
+            mlflow.log_artifact(str(path), relative.rsplit("/", 1)[0])
+
+
+@pytest.fixture
+def store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+def bench(setting, wall, speedup, joules=None):
+    values = {f"benchmark/{setting}/wall_seconds": wall, f"benchmark/{setting}/speedup": speedup,
+              f"benchmark/{setting}/throughput": 100 / wall, f"benchmark/{setting}/latency_p50_ms": wall}
+    return values | ({f"benchmark/{setting}/joules_per_example": joules} if joules else {})
+
+
+def test_ablation_rows_read_cumulative_and_per_step_speedups(store, tmp_path):
+    mlflow.set_experiment("ablation")
+    rows = [(1, "baseline", "baseline", 10.0, 1.0), (2, "dynamic_length", "dynamic_length", 5.0, 2.0),
+            (3, "distillation", "distilled", 2.5, 4.0)]
+    for order, name, setting, wall, speedup in reversed(rows):  # logged out of order: the table sorts by row
+        log_run(f"boolq/{order}", {"row.order": order, "row.name": name, "row.setting": setting, "task.name": "boolq"},
+                {"evaluate/val_60-100pct/score": 0.7 - order / 100} | bench(setting, wall, speedup))
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("ablation").experiment_id])
+    table = ablation_table(runs)
+    assert table[2].startswith("| baseline | baseline | 10 | 1 | 1 | 0.69 |")
+    assert table[3].startswith("| dynamic_length | dynamic_length | 5 | 2 | 2 | 0.68 |")
+    assert table[4].startswith("| distillation | distilled | 2.5 | 2 | 4 | 0.67 |")
+
+
+def test_a_multi_task_experiment_gets_a_task_table_with_skips_and_one_submission_archive(store, tmp_path):
+    mlflow.set_experiment("tasks")
+    for task, joules in (("cb", 0.5), ("rte", 0.25)):
+        log_run(task, {"task.name": task}, {"evaluate/val/accuracy": 0.8, "evaluate/val/score": 0.8}
+                | bench("baseline", 10.0, 1.0, 1.0) | bench("system", 2.0, 5.0, joules),
+                files={f"evaluate/submission/{task.upper()}.jsonl": '{"idx": 0, "label": "entailment"}\n'},
+                tmp_path=tmp_path)
+    log_run("record", {"task.name": "record"}, {}, tags={SKIPPED_TAG: "missing data file /x/ReCoRD/train.jsonl"})
+    files = report(store, "tasks", tmp_path / "out")
+    table = (tmp_path / "out" / "tasks.md").read_text().splitlines()
+    assert table[2] == "| cb | accuracy 0.8000 | 5x (system) | 2.0x | CB.jsonl |"
+    assert table[3] == "| record | not run: missing data file /x/ReCoRD/train.jsonl | | | |"
+    assert table[4] == "| rte | accuracy 0.8000 | 5x (system) | 4.0x | RTE.jsonl |"
+    with zipfile.ZipFile(tmp_path / "out" / "superglue_submission.zip") as bundle:
+        assert sorted(bundle.namelist()) == ["CB.jsonl", "RTE.jsonl"]
+    assert tmp_path / "out" / "superglue_submission.zip" in files
+
+
+def test_a_task_without_data_is_skipped_with_the_reason_when_asked(make_cfg, superglue_root, tmp_path):
+    data = shutil.copytree(superglue_root, tmp_path / "data")
+    shutil.rmtree(data / "CB")
+    assert pipeline.run(make_cfg("data.skip_missing=true", data_root=data)) == {}
+    client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("fastformers").experiment_id])
+    assert run.info.status == "FINISHED" and "missing data file" in run.data.tags[SKIPPED_TAG]
