@@ -232,7 +232,12 @@ def test_a_terminated_job_ends_its_mlflow_run_failed(superglue_root, tmp_path):
         assert job.poll() is None and time.time() < deadline, (tmp_path / "job.log").read_text()[-2000:]
         time.sleep(0.2)
     os.killpg(job.pid, signal.SIGTERM)
-    assert job.wait(timeout=60) != 0
+    log = tmp_path / "job.log"
+    try:
+        assert job.wait(timeout=120) != 0, log.read_text()[-3000:]
+    except subprocess.TimeoutExpired:
+        job.kill()
+        raise AssertionError(f"the job ignored SIGTERM for 120 s:\n{log.read_text()[-3000:]}") from None
     _, (run,) = runs_of(store(tmp_path), "stopped")
-    assert run.info.status == "FAILED"
+    assert run.info.status == "FAILED", log.read_text()[-3000:]
     assert not list((tmp_path / "outputs" / "cache" / "finetune").iterdir())  # the scratch entry is gone
