@@ -81,15 +81,18 @@ def mark_pareto(rows: list[Row]) -> None:
         row.pareto = any(row is f for f in front)
 
 
-def collect(client: MlflowClient, experiment: str, setting: str | None) -> tuple[list[Row], str | None]:
-    """(rows of the experiment's finished job runs, the latest sweep parent's id or None)."""
+def collect(client: MlflowClient, experiment: str, setting: str | None,
+            all_runs: bool = False) -> tuple[list[Row], str | None]:
+    """(rows of the finished job runs of the experiment's latest sweep, or of all of them; that sweep's parent
+    run id or None)."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise FastformersError(f"report: no MLflow experiment {experiment!r} in this store")
     runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"], max_results=5000)
     parents = [r for r in runs if r.data.tags.get(ROLE_TAG) == "sweep"]
+    latest = parents[-1].info.run_id if parents and not all_runs else None  # a re-run sweep: its own points only
     rows = [row for r in runs if r.info.status == "FINISHED" and ROLE_TAG not in r.data.tags
-            and (row := row_of(r, setting)) is not None]
+            and latest in (None, r.data.tags.get("mlflow.parentRunId")) and (row := row_of(r, setting)) is not None]
     if not rows:
         raise FastformersError(f"report: experiment {experiment!r} has no finished run with an evaluate score and "
                                "benchmark timings (stages [..., evaluate, benchmark])")
@@ -206,10 +209,11 @@ def task_table(client: MlflowClient, runs, out: Path) -> list[Path]:
     return [out / "tasks.md", archive]
 
 
-def report(tracking_uri: str, experiment: str, out: Path, setting: str | None = None) -> list[Path]:
+def report(tracking_uri: str, experiment: str, out: Path, setting: str | None = None,
+           all_runs: bool = False) -> list[Path]:
     """Writes the tables and plots into `out` and logs them to the experiment's sweep parent run."""
     client = MlflowClient(tracking_uri)
-    rows, parent = collect(client, experiment, setting)
+    rows, parent = collect(client, experiment, setting, all_runs)
     files = write_tables(rows, out) + plot(rows, out, f"{experiment}: {rows[0].task}")
     finished = [client.get_run(r.run_id) for r in rows]
     if table := ablation_table(finished):
@@ -233,13 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default="sqlite:///outputs/mlflow.db")
     parser.add_argument("--out", type=Path, default=None, help="default: outputs/reports/<experiment>")
     parser.add_argument("--setting", default=None, help="benchmark setting to plot (default: each run's fastest)")
+    parser.add_argument("--all-runs", action="store_true", help="every finished run, not only the latest sweep's")
     args = parser.parse_args(argv)
     try:
         uri = args.tracking_uri
         if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
             raise FastformersError(f"report: --tracking-uri {uri}: no such MLflow store (run a job first)")
         out = args.out or Path("outputs/reports") / args.experiment
-        files = report(absolute_uri(uri), args.experiment, out, args.setting)
+        files = report(absolute_uri(uri), args.experiment, out, args.setting, args.all_runs)
     except FastformersError as err:
         print(f"fastformers: error: {err}", file=sys.stderr)
         return 2
