@@ -13,6 +13,7 @@ $ff task=rte mlflow.experiment_name=rte_kd                                    # 
 $ff task=rte student=minilm_l3 'stages=[finetune,distill,evaluate]' mlflow.experiment_name=rte_kd
 $ff task=rte student=minilm_l3 'stages=[finetune,distill,evaluate]' distill.method=task_agnostic mlflow.experiment_name=rte_kd
 $ff task=rte student=minilm_l3 'stages=[finetune,distill,evaluate]' distill.augment=2 mlflow.experiment_name=rte_kd
+$ff task=rte student=minilm_l3 'stages=[finetune,distill,evaluate]' distill.hidden_weight=1 mlflow.experiment_name=rte_kd
 $ff task=cb student=minilm_l3 'stages=[finetune,distill,evaluate]'
 $ff task=cb student=minilm_l3 'stages=[finetune,distill,evaluate]' distill.method=task_agnostic
 $ff experiment=benchmark task=rte "${cost[@]}" mlflow.experiment_name=rte_benchmark
