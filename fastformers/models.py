@@ -101,11 +101,10 @@ def encoder_layers(model) -> torch.nn.ModuleList:
 
 def sliced_linear(linear: torch.nn.Linear, index: torch.Tensor, dim: int) -> torch.nn.Linear:
     """A Linear keeping only the output rows (dim=0) or input columns (dim=1) listed in `index`."""
-    weight = linear.weight.detach().index_select(dim, index).clone()
-    bias = linear.bias.detach().clone() if dim == 1 else linear.bias.detach()[index].clone()
+    weight = linear.weight.detach().index_select(dim, index)
     out = torch.nn.Linear(weight.shape[1], weight.shape[0], dtype=weight.dtype, device=weight.device)
     out.weight.data.copy_(weight)
-    out.bias.data.copy_(bias)
+    out.bias.data.copy_(linear.bias.detach() if dim == 1 else linear.bias.detach()[index])
     return out
 
 

@@ -43,15 +43,24 @@ class Row:
     pareto: bool = False
 
 
+def timed_settings(metrics: dict[str, float]) -> list[str]:
+    """The benchmark settings a run timed (those with a batch-size-1 latency)."""
+    return [m.group(1) for k in metrics if (m := BENCHMARK.match(k))]
+
+
+def fastest(settings: list[str], metrics: dict[str, float]) -> str | None:
+    return max(settings, key=lambda s: metrics.get(f"benchmark/{s}/throughput", 0.0), default=None)
+
+
 def row_of(run, setting: str | None) -> Row | None:
     """A finished run's point: its eval score, and the named benchmark setting (default: its fastest)."""
     metrics, params = run.data.metrics, run.data.params
     score = next((v for k, v in sorted(metrics.items()) if SCORE.match(k)), None)
-    settings = [m.group(1) for k in metrics if (m := BENCHMARK.match(k))]
+    settings = timed_settings(metrics)
     if score is None or not settings:
         return None
     if setting is None:
-        setting = max(settings, key=lambda s: metrics.get(f"benchmark/{s}/throughput", 0.0))
+        setting = fastest(settings, metrics)
     elif setting not in settings:
         return None
     get = lambda key: metrics.get(f"benchmark/{setting}/{key}")  # noqa: E731
@@ -194,9 +203,7 @@ def task_table(client: MlflowClient, runs, out: Path) -> list[Path]:
             metrics = run.data.metrics
             official = ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in sorted(metrics.items())
                                  if k.startswith("evaluate/") and not k.endswith("/score"))
-            best = run.data.tags.get("benchmark.best_layout") or max(
-                (m.group(1) for k in metrics if (m := BENCHMARK.match(k))),
-                key=lambda name: metrics.get(f"benchmark/{name}/throughput", 0.0), default=None)
+            best = run.data.tags.get("benchmark.best_layout") or fastest(timed_settings(metrics), metrics)
             base_j, best_j = (metrics.get(f"benchmark/{name}/joules_per_example") for name in ("baseline", best))
             saving = f"{base_j / best_j:.1f}x" if base_j and best_j else ""
             speedup = metrics.get(f"benchmark/{best}/speedup")

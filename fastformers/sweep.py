@@ -23,8 +23,9 @@ class MlflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         """Creates the store and the experiment once, here, before parallel jobs race to (SQLite migrations
         are not safe against two first writers), then the sweep's parent run."""
-        client = MlflowClient(tracking.tracking_uri(config))
-        mlflow.set_tracking_uri(tracking.tracking_uri(config))
+        uri = tracking.tracking_uri(config)
+        mlflow.set_tracking_uri(uri)
+        client = MlflowClient(uri)
         experiment = tracking.experiment_id(config)
         overrides = " ".join(config.hydra.overrides.task) if "hydra" in config else ""
         run = client.create_run(experiment, run_name=f"sweep {time.strftime('%Y-%m-%d %H:%M:%S')}",

@@ -1,6 +1,5 @@
 """Structured pruning: masks, first-order importance, uniform selection, physical rewiring, reload, ONNX
 fusion and parity, and the stage in the pipeline (re-distillation, cache reuse, bad configs)."""
-import copy
 import os
 
 import numpy as np

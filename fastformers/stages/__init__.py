@@ -3,7 +3,8 @@ and declares what it provides (e.g. a model), what it uses, and which config key
 from fastformers.errors import FastformersError
 from fastformers.stages import benchmark, distill, evaluate, export, finetune, prune
 
-STAGES = {"finetune": finetune, "distill": distill, "prune": prune, "export": export, "evaluate": evaluate, "benchmark": benchmark}
+STAGES = {"finetune": finetune, "distill": distill, "prune": prune, "export": export, "evaluate": evaluate,
+          "benchmark": benchmark}
 
 
 def get_stage(name: str):

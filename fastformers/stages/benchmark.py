@@ -115,11 +115,14 @@ def _setting(cfg: DictConfig, spec: DictConfig, field: str) -> Setting:
     if model not in MODELS:
         raise FastformersError(f"{field}.model={model!r} must be one of {list(MODELS)}")
     if model == "teacher" and variant is not None:
-        raise FastformersError(f"{field}: model=teacher runs in PyTorch only (the export stage exports the latest model)")
-    if variant not in (None, "fp32", cfg.precision.name) and not (variant == "int8_stock" and cfg.precision.name == "int8"):
+        raise FastformersError(f"{field}: model=teacher runs in PyTorch only (the export stage exports the latest "
+                               "model)")
+    stock = variant == "int8_stock"  # exported beside the int8 graph
+    needed = "int8" if stock else variant
+    if needed not in (None, "fp32", cfg.precision.name):
         raise FastformersError(f"{field}.backend={spec.backend}: the export stage builds the fp32 graph and "
-                               f"precision={cfg.precision.name}'s; run with precision={variant}")
-    if variant == "int8_stock" and not cfg.precision.get("keep_float"):
+                               f"precision={cfg.precision.name}'s; run with precision={needed}")
+    if stock and not cfg.precision.get("keep_float"):
         raise FastformersError(f"{field}.backend=onnx_int8_stock: with precision.keep_float=0 the int8 graph is "
                                "the stock one; time backend onnx_int8 instead")
     if variant == "fp16":
@@ -147,15 +150,18 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
     task, opts = get_task(cfg.task.name), cfg.benchmark
     examples = load_examples(task, cfg.data.root, opts.split, cfg.data.split_seed, cfg.data.download)
     examples = examples[: opts.max_examples]
-    tokenizers, datasets = {}, {}
-    for source in dict.fromkeys(setting.model for setting in plan_settings(cfg)):
-        tokenizers[source] = AutoTokenizer.from_pretrained(str(model_folder(source, inputs)))
+    settings = plan_settings(cfg)
+    tokenizers, datasets, shapes = {}, {}, {}
+    for source in dict.fromkeys(setting.model for setting in settings):  # the latest model, and the teacher
+        folder = str(model_folder(source, inputs))
+        tokenizers[source] = AutoTokenizer.from_pretrained(folder)
         datasets[source] = EncodedDataset(examples, tokenizers[source], cfg.task.max_seq_length)
+        shapes[source] = Shape.of(AutoConfig.from_pretrained(folder))
     meter = choose_meter(cfg.hardware.tdp_watts)
     peaks = measure_peaks(cfg.hardware.cores or len(usable_cores()), opts.roofline_seconds) \
         if opts.roofline_seconds else None
     rows = []
-    for setting in plan_settings(cfg):
+    for setting in settings:
         log.info("benchmark %s: %s, %s padding, %s", setting.name, setting.backend, setting.padding,
                  setting.layout.label)
         work = instance_work(cfg, setting, datasets[setting.model], tokenizers[setting.model])
@@ -163,8 +169,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         row = summarize(setting, served, examples, task, cfg, meter)
         row["metrics"] |= end_to_end(examples, tokenizers[setting.model], setting, cfg, row["metrics"]["wall_seconds"])
         if peaks:
-            shape = Shape.of(AutoConfig.from_pretrained(str(model_folder(setting.model, inputs))))
-            row["metrics"] |= roofline_metrics(shape, datasets[setting.model], peaks,
+            row["metrics"] |= roofline_metrics(shapes[setting.model], datasets[setting.model], peaks,
                                                BACKENDS[setting.backend] in ("int8", "int8_stock"),
                                                row["metrics"]["wall_seconds"])
         rows.append(row)

@@ -40,7 +40,6 @@ VERSION = 1  # bump when a code change alters what this stage writes
 PROVIDES = "model"
 USES = ("model",)
 CONFIG_KEYS = ("task", "student", "distill", "seed", "data.split_seed")
-MONITOR = "distill/val_score"
 METHODS = ("task_specific", "task_agnostic")
 INITS = ("teacher_layers", "pretrained", "random")
 LAYER_KEY = re.compile(r"^(.*\.layer\.)(\d+)(\..*)$")  # encoder.layer.<i>. in BERT and RoBERTa
@@ -241,6 +240,22 @@ def attach_teacher_scores(teacher, tokenizer, task: Task, examples, max_length: 
         example.teacher_scores = scores
 
 
+def train_student(student, tokenizer, teacher, teacher_tokenizer, task: Task, train, val, layer_map: list[int],
+                  opts: DictConfig, cfg: DictConfig, out: Path,
+                  prefix: str = "distill") -> tuple[float, int, float, int]:
+    """The training both distillations share (this stage's, and the prune stage's from the unpruned model): the
+    teacher scores the train set and its augmented copies once, then Lightning trains the student on them.
+    Returns (best val score, epochs run, seconds, training examples with the copies); metrics go to `prefix/`."""
+    if opts.method == "task_specific":
+        train = train + augmented(train, opts.augment, opts.augment_rate, cfg.seed)
+        attach_teacher_scores(teacher, teacher_tokenizer, task, train, cfg.task.max_seq_length, opts.eval_batch_size)
+    module = DistillModule(student, teacher, task, val, opts, layer_map, prefix)
+    data = TaskDataModule(task, tokenizer, train, val, cfg.task.max_seq_length, opts.batch_size,
+                          opts.eval_batch_size, cfg.seed)
+    score, epochs, seconds = fit_best(module, data, opts, cfg, out, f"{prefix}/val_score")
+    return score, epochs, seconds, len(train)
+
+
 def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]:
     task, opts, spec = get_task(cfg.task.name), cfg.distill, cfg.student
     read = dict(root=cfg.data.root, split_seed=cfg.data.split_seed, download=cfg.data.download)
@@ -254,17 +269,13 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         raise FastformersError(f"student {spec.name}: intermediate losses need the teacher's tokenizer; "
                                "set distill.hidden_weight=0 distill.attention_weight=0")
     max_length = cfg.task.max_seq_length
-    if opts.method == "task_specific":
-        train = train + augmented(train, opts.augment, opts.augment_rate, cfg.seed)
-        attach_teacher_scores(teacher, teacher_tokenizer, task, train, max_length, opts.eval_batch_size)
     teacher_preds = predictions(teacher, teacher_tokenizer, task, val, max_length, opts.eval_batch_size)
     initial_preds = predictions(student, tokenizer, task, val, max_length, opts.eval_batch_size)
 
     layer_map = list(opts.layer_map) if opts.layer_map else uniform_layer_map(
         student.config.num_hidden_layers, teacher.config.num_hidden_layers)
-    module = DistillModule(student, teacher, task, val, opts, layer_map)
-    data = TaskDataModule(task, tokenizer, train, val, max_length, opts.batch_size, opts.eval_batch_size, cfg.seed)
-    student_score, epochs, seconds = fit_best(module, data, opts, cfg, out, MONITOR)
+    student_score, epochs, seconds, train_examples = train_student(
+        student, tokenizer, teacher, teacher_tokenizer, task, train, val, layer_map, opts, cfg, out)
     student.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
 
@@ -284,5 +295,5 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         "teacher_hidden_size": teacher.config.hidden_size,
         "epochs_run": epochs,
         "train_seconds": seconds,
-        "train_examples": len(train),  # with the augmented copies
+        "train_examples": train_examples,  # with the augmented copies
     }

@@ -50,9 +50,10 @@ def validate(cfg: DictConfig) -> None:
         raise FastformersError(f"precision.name={precision.name!r} must be one of {list(PRECISIONS)}")
     if not 0 < precision.min_agreement <= 1:
         raise FastformersError(f"precision.min_agreement={precision.min_agreement!r} must be in (0, 1]")
-    if precision.name == "int8" and precision.weight_type not in WEIGHT_TYPES:
-        raise FastformersError(f"precision.weight_type={precision.weight_type!r} must be one of {list(WEIGHT_TYPES)}")
     if precision.name == "int8":
+        if precision.weight_type not in WEIGHT_TYPES:
+            raise FastformersError(f"precision.weight_type={precision.weight_type!r} must be one of "
+                                   f"{list(WEIGHT_TYPES)}")
         if not isinstance(precision.keep_float, int) or precision.keep_float < 0:
             raise FastformersError(f"precision.keep_float={precision.keep_float!r} must be a count >= 0")
         check_disjoint(precision.calibration_split, cfg.task.eval_split, "precision.calibration_split")
@@ -230,10 +231,10 @@ def outlier_matmuls(path: Path, loader, count: int) -> list[str]:
         for name, value in zip(inputs, values):
             tokens = np.abs(value[real])
             ratios[name].append(float(tokens.max() / max(tokens.std(), 1e-12)))
-    ranked = sorted(inputs, key=lambda name: -float(np.mean(ratios[name])))
-    chosen = [inputs[name] for name in ranked[:count]]
-    log.info("int8: keeping float %s (max|x|/std %s)", chosen, [round(float(np.mean(ratios[n])), 1) for n in ranked[:count]])
-    return chosen
+    mean = {name: float(np.mean(values)) for name, values in ratios.items()}
+    ranked = sorted(inputs, key=mean.get, reverse=True)[:count]
+    log.info("int8: keeping float %s (max|x|/std %s)", [inputs[n] for n in ranked], [round(mean[n], 1) for n in ranked])
+    return [inputs[name] for name in ranked]
 
 
 def convert_fp16(path: Path) -> Path:

@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fastformers.data import TaskDataModule, load_examples, make_loader, parse_split
+from fastformers.data import load_examples, make_loader, parse_split
 from fastformers.errors import FastformersError
 from fastformers.models import (
     HEADS_KEPT,
@@ -34,15 +34,13 @@ from fastformers.models import (
     model_inputs,
     task_loss,
 )
-from fastformers.stages.distill import DistillModule, attach_teacher_scores, augmented, predictions
-from fastformers.stages.finetune import fit_best
+from fastformers.stages.distill import predictions, train_student
 from fastformers.tasks import Task, get_task
 
 VERSION = 1  # bump when a code change alters what this stage writes
 PROVIDES = "model"
 USES = ("model",)
 CONFIG_KEYS = ("task", "pruning", "distill", "seed", "data.split_seed")
-MONITOR = "prune/val_score"
 NORMALIZATIONS = ("none", "layer")
 PRUNING_RECORD = "fastformers_pruning"  # config.json key: what was kept, for the reader of a saved model
 
@@ -58,7 +56,8 @@ def validate(cfg: DictConfig) -> None:
     if opts.importance_examples is not None and opts.importance_examples <= 0:
         raise FastformersError(f"pruning.importance_examples={opts.importance_examples!r} must be positive or null")
     if opts.redistill_epochs < 0:
-        raise FastformersError(f"pruning.redistill_epochs={opts.redistill_epochs!r} must be >= 0 (0 = no re-distillation)")
+        raise FastformersError(f"pruning.redistill_epochs={opts.redistill_epochs!r} must be >= 0 "
+                               "(0 = no re-distillation)")
     parse_split(opts.importance_split)
 
 
@@ -93,7 +92,8 @@ def masks_applied(model, heads: torch.Tensor, ffn: torch.Tensor):
 def mask_shapes(model) -> tuple[tuple[int, int], tuple[int, int]]:
     """([layers, heads], [layers, FFN neurons]) of the model as it is now (uniform across layers)."""
     layers = encoder_layers(model)
-    return (len(layers), layers[0].attention.self.num_attention_heads), (len(layers), layers[0].intermediate.dense.out_features)
+    first = layers[0]
+    return (len(layers), first.attention.self.num_attention_heads), (len(layers), first.intermediate.dense.out_features)
 
 
 def importance(model, loader) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,13 +156,9 @@ def redistill(pruned, teacher, tokenizer, task: Task, train, val, cfg: DictConfi
     """The distill stage's soft-target training (and its intermediate losses, if on), layer to layer,
     with the unpruned model as teacher; returns (best val score, seconds)."""
     opts = OmegaConf.merge(cfg.distill, {"epochs": cfg.pruning.redistill_epochs, "method": "task_specific"})
-    train = train + augmented(train, opts.augment, opts.augment_rate, cfg.seed)
-    attach_teacher_scores(teacher, tokenizer, task, train, cfg.task.max_seq_length, opts.eval_batch_size)
     layer_map = list(range(1, pruned.config.num_hidden_layers + 1))
-    module = DistillModule(pruned, teacher, task, val, opts, layer_map, prefix="prune")
-    data = TaskDataModule(task, tokenizer, train, val, cfg.task.max_seq_length, opts.batch_size,
-                          opts.eval_batch_size, cfg.seed)
-    score, _, seconds = fit_best(module, data, opts, cfg, out, MONITOR)
+    score, _, seconds, _ = train_student(pruned, tokenizer, teacher, tokenizer, task, train, val, layer_map, opts,
+                                         cfg, out, prefix="prune")
     return score, seconds
 
 
