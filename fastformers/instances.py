@@ -111,6 +111,7 @@ class Backend:
     kind: str  # torch | onnx
     path: str
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    session: tuple[tuple[str, object], ...] = ()  # onnxruntime session options, see runtime.session_options
 
 
 @dataclass
@@ -261,7 +262,7 @@ def open_backend(backend: Backend, threads: int) -> Callable[[dict[str, np.ndarr
     if backend.kind == "onnx":
         from fastformers.runtime import OnnxClassifier
 
-        return OnnxClassifier(backend.path, threads, list(backend.providers)).run
+        return OnnxClassifier(backend.path, threads, list(backend.providers), dict(backend.session)).run
     import torch
 
     from fastformers.models import load_finetuned

@@ -15,6 +15,7 @@ from fastformers.errors import FastformersError
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+DISABLED_OPTIMIZERS = "fastformers.disabled_optimizers"  # graph metadata: session fusions the graph must not get
 INDEX = "export.json"  # written by the export stage: which graph file holds which precision
 GRAPHS = "model"       # the export stage's subfolder of graphs and tokenizer (kept out of MLflow artifacts)
 
@@ -31,26 +32,49 @@ def require_provider(provider: str, field: str) -> None:
                                f"machine); this onnxruntime offers {available}")
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
-    """One session per process: `threads` intra-op threads (None = onnxruntime's default), no inter-op pool."""
+def session_options(threads: int | None, extra: dict | None = None) -> ort.SessionOptions:
+    """One session per process: `threads` intra-op threads (None = onnxruntime's default), no inter-op pool.
+    `extra` tunes it the way onnxruntime names things: a dotted key is a session config entry
+    (`session.intra_op.allow_spinning: "0"`), any other a SessionOptions attribute (`enable_cpu_mem_arena: false`)."""
     options = ort.SessionOptions()
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.inter_op_num_threads = 1
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3  # errors only: fused graphs trigger harmless shape-inference warnings
+    for key, value in (extra or {}).items():
+        if "." in key:
+            options.add_session_config_entry(key, str(value))
+        elif hasattr(options, key) and not key.startswith("_"):
+            setattr(options, key, value)
+        else:
+            raise FastformersError(f"session option {key!r}: not an onnxruntime SessionOptions attribute nor a "
+                                   "dotted session config entry (e.g. session.intra_op.allow_spinning)")
     return options
+
+
+def disabled_optimizers(path: Path, providers: list[str]) -> list[str]:
+    """The session fusions a graph says it must not get (the export stage records them in its metadata), read
+    from an unoptimized session: e.g. a graph exported without SkipLayerNormalization keeps Add + LayerNorm."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    meta = ort.InferenceSession(str(path), options, providers=providers).get_modelmeta().custom_metadata_map
+    return [name for name in meta.get(DISABLED_OPTIMIZERS, "").split(",") if name]
 
 
 class OnnxClassifier:
     """An exported sequence classifier behind an InferenceSession. Inputs the graph does not take are
     ignored; a missing `token_type_ids` is fed as zeros (what the PyTorch model assumes)."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | None = None,
+                 session: dict | None = None):
         self.path = Path(path)
         if not self.path.is_file():
             raise FastformersError(f"missing ONNX graph {self.path}")
-        self.session = ort.InferenceSession(str(self.path), session_options(threads), providers=providers or [CPU])
+        providers = providers or [CPU]
+        self.session = ort.InferenceSession(str(self.path), session_options(threads, session), providers=providers,
+                                            disabled_optimizers=disabled_optimizers(self.path, providers))
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def eval(self) -> OnnxClassifier:

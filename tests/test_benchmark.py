@@ -2,17 +2,19 @@
 the benchmark stage through the pipeline. Behaviour only: no assertion depends on how fast anything ran."""
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
 from fastformers import pipeline, tracking
 from fastformers.data import EncodedDataset, load_examples
 from fastformers.energy import EnergyMeter, choose_meter
 from fastformers.errors import FastformersError
 from fastformers.instances import Backend, Work, layouts_filling, physical_cores, plan_layout, serve, usable_cores
-from fastformers.stages.benchmark import deal, make_batches
+from fastformers.stages.benchmark import apply_gate, deal, make_batches, operator_times
 from fastformers.stages.export import attention_shape, export_onnx, optimize
 from fastformers.tasks import TASKS
 from tests.test_export import saved_tiny
@@ -211,6 +213,15 @@ def test_a_setting_can_time_the_teacher_beside_the_distilled_student(make_cfg):
          r"benchmark.settings\[0\].padding='sometimes' must be one of"),
         (["benchmark.repeats=0"], "benchmark.repeats=0 must be a positive integer"),
         (["hardware.usd_per_hour=-1"], "hardware.usd_per_hour=-1"),
+        (["benchmark.settings=[{name: o, backend: onnx_fp32, padding: dynamic, session: {spin_fast: 1}}]"],
+         r"benchmark.settings\[0\].session option 'spin_fast': not an onnxruntime SessionOptions attribute"),
+        (["benchmark.settings=[{name: t, backend: torch, padding: dynamic, session: {enable_cpu_mem_arena: false}}]"],
+         r"benchmark.settings\[0\].session: onnxruntime session options need an ONNX backend"),
+        (["benchmark.settings=[{name: o, backend: onnx_fp32, padding: dynamic, gated: true}]"],
+         r"benchmark.gate.reference='onnx_fp32' is not a setting name \(have \['o'\]\)"),
+        (["benchmark.reference=stock"], r"benchmark.reference='stock' is not a setting name"),
+        (["precision=int8", "benchmark.settings=[{name: s, backend: onnx_int8_static, padding: dynamic}]"],
+         r"backend=onnx_int8_static: .* only with precision.static=true"),
     ],
 )
 def test_bad_benchmark_configs_fail_before_any_work(make_cfg, overrides, message):
@@ -218,3 +229,60 @@ def test_bad_benchmark_configs_fail_before_any_work(make_cfg, overrides, message
     with pytest.raises(FastformersError, match=message):
         pipeline.run(cfg)
     assert not os.path.exists(cfg.paths.cache_dir)
+
+
+def test_operator_times_sum_kernel_events_per_operator_type():
+    events = [{"cat": "Session", "name": "model_run", "dur": 900},
+              {"cat": "Node", "name": "Attention_0_kernel_time", "dur": 300, "args": {"op_name": "QAttention"}},
+              {"cat": "Node", "name": "Attention_0_fence_before", "dur": 5, "args": {"op_name": "QAttention"}},
+              {"cat": "Node", "name": "Attention_1_kernel_time", "dur": 200, "args": {"op_name": "QAttention"}},
+              {"cat": "Node", "name": "LayerNorm_0_kernel_time", "dur": 700, "args": {"op_name": "SkipLayerNormalization"}}]
+    assert operator_times(events) == {"SkipLayerNormalization": 0.7, "QAttention": 0.5}
+
+
+def gate_rows(scores: dict[str, float], gated: set[str]) -> list[dict]:
+    return [{"name": name, "gated": name in gated, "metrics": {"score": score}} for name, score in scores.items()]
+
+
+def test_a_gated_lever_may_lose_at_most_max_drop_points_against_its_reference():
+    rows = gate_rows({"onnx_fp32": 0.700, "lever_ok": 0.697, "lever_bad": 0.688, "stock": 0.600},
+                     gated={"lever_ok", "lever_bad"})
+    failed = apply_gate(rows, OmegaConf.create({"reference": "onnx_fp32", "max_drop": 0.5}))
+    assert failed == ["lever_bad scores 1.20 points below onnx_fp32"]
+    assert [r["metrics"].get("gate_passed") for r in rows] == [None, 1.0, 0.0, None]  # ungated rows are not held
+
+
+GATED = ("benchmark.settings=[{name: onnx_fp32, backend: onnx_fp32, padding: dynamic},"
+         "{name: lever, backend: onnx_fp32, padding: dynamic, gated: true,"
+         " session: {session.intra_op.allow_spinning: '0', enable_cpu_mem_arena: false}}]")
+
+
+def test_a_lever_that_fails_its_gate_fails_the_run_loudly_after_writing_its_table(make_cfg):
+    # max_drop=-1: the lever must score a point above its reference, which an identical graph cannot
+    cfg = make_cfg("stages=[finetune,export,benchmark]", "finetune.epochs=1", "benchmark.repeats=1",
+                   "benchmark.latency_examples=0", GATED, "benchmark.gate.max_drop=-1")
+    with pytest.raises(FastformersError, match=r"benchmark gate: lever scores -?0.00 points below onnx_fp32 "
+                                               r"\(benchmark.gate.max_drop=-1 points; the table is logged"):
+        pipeline.run(cfg)
+    client, (run,) = mlflow_runs(cfg)
+    assert run.info.status == "FAILED" and run.data.tags["cache.export"] == "miss"  # export's entry is kept
+    table = client.download_artifacts(run.info.run_id, "benchmark/table.txt")
+    table = open(table).read()
+    rows = {line.split()[0]: line for line in table.splitlines() if line.startswith(("lever", "onnx_fp32"))}
+    assert rows["lever"].endswith("GATE FAILED") and "GATE FAILED" not in rows["onnx_fp32"]
+
+
+def test_session_options_and_the_profiler_reach_each_onnx_setting(make_cfg):
+    results = pipeline.run(make_cfg("stages=[finetune,export,benchmark]", "finetune.epochs=1", "benchmark.repeats=1",
+                                    "benchmark.latency_examples=0", GATED, "benchmark.gate.on_fail=mark",
+                                    "benchmark.profile_examples=6", "benchmark.reference=onnx_fp32"))
+    assert results["benchmark/lever/gate_passed"] == 1.0  # same graph, other session options: same predictions
+    assert results["benchmark/lever/agreement_with_baseline"] == 1.0
+    assert results["benchmark/onnx_fp32/vs_reference"] == 1.0 and results["benchmark/lever/vs_reference"] > 0
+    _, (run,) = mlflow_runs(make_cfg())
+    report = json.loads(open(f"{run.data.tags['cache.benchmark.path']}/benchmark.json").read())
+    lever = report["rows"][1]
+    assert lever["session"] == {"enable_cpu_mem_arena": False, "session.intra_op.allow_spinning": "0"}
+    assert lever["profile"]["examples"] == 6 and "Attention" in lever["profile"]["kernel_ms"]
+    assert 0 <= lever["profile"]["outside_kernels_pct"] < 100
+    assert not list(Path(run.data.tags["cache.benchmark.path"]).glob("ort*"))  # the traces: summarized, removed

@@ -1,9 +1,11 @@
 """Export, fusion, int8 quantization and fp16 conversion of tiny random models, checked against PyTorch;
 the export stage and evaluate-on-ONNX through the pipeline."""
 import copy
+import inspect
 import json
 import os
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
@@ -14,17 +16,19 @@ from fastformers import pipeline
 from fastformers.data import load_examples, make_loader, texts_of
 from fastformers.errors import FastformersError
 from fastformers.models import build_random, encoder_layers, keep_attention_heads, load_finetuned
-from fastformers.runtime import CUDA, OnnxClassifier
+from fastformers.runtime import CPU, CUDA, OnnxClassifier, disabled_optimizers
 from fastformers.stages.export import (
     attention_shape,
     batch_logits,
     compare,
     convert_fp16,
     export_onnx,
+    matmul_input_stats,
     optimize,
     outlier_matmuls,
     quantize_int8,
     sibling,
+    smooth_matmuls,
 )
 from fastformers.tasks import TASKS
 
@@ -69,6 +73,24 @@ def test_optimizer_fuses_attention_per_layer_and_the_embeddings_once(bert):
     settings = json.loads(bert["fused"].with_suffix(".json").read_text())
     assert settings["num_heads"] == 4 and settings["hidden_size"] == 64 and settings["fused_operators"] == fusions
     assert json.loads(bert["exported"].with_suffix(".json").read_text())["opset"] == 17
+
+
+def test_a_graph_fused_without_skip_layer_norm_stays_so_in_every_session(bert, tmp_path):
+    unfused, fusions = optimize(bert["exported"], 4, 64, {"enable_skip_layer_norm": False,
+                                                          "enable_bias_skip_layer_norm": False}, suffix="plain_ln")
+    assert fusions["SkipLayerNormalization"] == 0 and fusions["LayerNormalization"] == 2 * LAYERS
+    quantized = quantize_int8(unfused, "QInt8", True, False)
+    for graph in (unfused, quantized):  # quantization keeps the graph's word on its session
+        assert disabled_optimizers(graph, [CPU]) == ["SkipLayerNormFusion"]
+        dumped = tmp_path / f"session_{graph.stem}.onnx"  # what onnxruntime runs after its own fusions
+        OnnxClassifier(graph, session={"optimized_model_filepath": str(dumped)})
+        ops = [node.op_type for node in onnx.load(str(dumped)).graph.node]
+        assert "SkipLayerNormalization" not in ops and ops.count("LayerNormalization") == 2 * LAYERS
+    assert disabled_optimizers(bert["fused"], [CPU]) == []  # default fusions: nothing to hold back
+    reference = batch_logits(OnnxClassifier(bert["fused"]), bert["loader"])
+    assert compare(reference, batch_logits(OnnxClassifier(unfused), bert["loader"]), bert["loader"])["max_abs_diff"] < 1e-4
+    with pytest.raises(FastformersError, match="export.fusion_options.enable_warp_speed: not an onnxruntime FusionOptions"):
+        optimize(bert["exported"], 4, 64, {"enable_warp_speed": True})
 
 
 def test_roberta_graph_takes_only_the_inputs_its_tokenizer_gives(tmp_path, superglue_root):
@@ -128,21 +150,49 @@ def test_int8_quantizes_dense_weights_and_keeps_predictions(bert, tmp_path, weig
     assert 0 < result["max_abs_diff"] < 0.05
 
 
-def test_the_matmul_fed_by_an_outlier_is_found_on_calibration_data_and_kept_float(tmp_path, superglue_root):
-    model, tokenizer = saved_tiny("bert", superglue_root, tmp_path / "model")
-    with torch.no_grad():  # one FFN neuron of layer 1 fires 50x louder: its GELU output is an outlier
+@pytest.fixture(scope="module")
+def outlier_graph(tmp_path_factory, superglue_root):
+    """A tiny BERT whose layer-1 FFN has one neuron firing 50x louder (its GELU output is an outlier), fused,
+    with its MatMul inputs measured on CB train."""
+    folder = tmp_path_factory.mktemp("outlier")
+    model, tokenizer = saved_tiny("bert", superglue_root, folder / "model")
+    with torch.no_grad():
         dense = encoder_layers(model)[1].intermediate.dense
         dense.weight[7] *= 50.0
         dense.bias[7] = 20.0
-    exported = export_onnx(model, tokenizer, tmp_path / "onnx" / "model.onnx", opset=17)
+    exported = export_onnx(model, tokenizer, folder / "onnx" / "model.onnx", opset=17)
     fused, _ = optimize(exported, *attention_shape(model))
     loader = make_loader(load_examples(TASKS["cb"], superglue_root, "train"), tokenizer, TASKS["cb"], 128, 8)
-    (chosen,) = outlier_matmuls(fused, loader, 1)
+    return {"fused": fused, "stats": matmul_input_stats(fused, loader), "folder": folder,
+            "loader": make_loader(load_examples(TASKS["cb"], superglue_root, "val"), tokenizer, TASKS["cb"], 128, 8)}
+
+
+def test_the_matmul_fed_by_an_outlier_is_found_on_calibration_data_and_kept_float(outlier_graph):
+    fused = outlier_graph["fused"]
+    (chosen,) = outlier_matmuls(outlier_graph["stats"], 1)
     assert "layer.1/output/dense" in chosen
     graph = onnx.load(str(quantize_int8(fused, "QInt8", True, False, [chosen])))
     float_matmuls = [node.name for node in graph.graph.node if node.op_type == "MatMul"]
     assert chosen in float_matmuls and weight_inputs(graph, "MatMulInteger")
     assert json.loads(sibling(fused, "quantized").with_suffix(".json").read_text())["nodes_kept_float"] == [chosen]
+
+
+def test_smoothing_moves_the_outlier_into_the_weights_without_changing_the_float_graph(outlier_graph):
+    fused, stats = outlier_graph["fused"], outlier_graph["stats"]
+    (chosen,) = outlier_matmuls(stats, 1)
+    smoothed = smooth_matmuls(fused, stats, [chosen], alpha=0.5)
+    loader = outlier_graph["loader"]
+    reference = batch_logits(OnnxClassifier(fused), loader)
+    assert compare(reference, batch_logits(OnnxClassifier(smoothed), loader), loader)["max_abs_diff"] < 1e-4
+    after = matmul_input_stats(smoothed, outlier_graph["loader"])[chosen]
+
+    def spread(channel_max):  # how far the loudest channel stretches the one per-tensor int8 scale
+        return channel_max.max() / np.median(channel_max)
+
+    assert spread(after.channel_max) < spread(stats[chosen].channel_max) / 3
+    graph = onnx.load(str(quantize_int8(smoothed, "QInt8", True, False)))
+    assert "MatMul" not in [node.op_type for node in graph.graph.node]  # every dense layer in int8 now
+    assert [node.op_type for node in graph.graph.node if node.name == f"{chosen}/smooth"] == ["Mul"]
 
 
 def test_fp16_conversion_leaves_no_float32_weights_and_keeps_io_types(bert, tmp_path):
@@ -192,6 +242,7 @@ def test_export_stage_then_evaluate_on_onnx_matches_pytorch(make_cfg):
     assert predictions(runs[0].data.tags["cache.evaluate.path"]) == predictions(runs[1].data.tags["cache.evaluate.path"])
     index = json.loads(open(f"{runs[2].data.tags['cache.export.path']}/export.json").read())
     assert index["precision"] == "int8" and index["graphs"]["int8"] == "model/model_optimized_quantized.onnx"
+    assert index["graphs"]["int8_stock"] == "model/model_optimized_stock_quantized.onnx"  # the reference row's graph
 
 
 def test_a_graph_that_disagrees_with_pytorch_fails_the_stage_loudly(make_cfg):
@@ -212,7 +263,9 @@ def test_a_graph_that_disagrees_with_pytorch_fails_the_stage_loudly(make_cfg):
         (["stages=[finetune,export,evaluate]", "evaluate.backend=tf"], "evaluate.backend='tf' must be one of"),
         (["stages=[finetune,export]", "precision=int8", "precision.calibration_split='val[:50%]'"],
          r"precision.calibration_split='val\[:50%\]' overlaps the evaluation split"),
-        (["stages=[finetune,export]", "precision=int8", "precision.keep_float=-1"], "precision.keep_float=-1"),
+        (["stages=[finetune,export]", "precision=int8", "precision.outlier_matmuls=-1"], "precision.outlier_matmuls=-1"),
+        (["stages=[finetune,export]", "precision=int8", "precision.outliers=drop"], "precision.outliers='drop' must be one"),
+        (["stages=[finetune,export]", "precision=int8", "precision.outliers=smooth", "precision.smooth_alpha=1.5"], r"precision.smooth_alpha=1.5 must be in \(0, 1\)"),
     ],
 )
 def test_bad_export_configs_fail_before_any_work(make_cfg, overrides, message):
@@ -234,3 +287,38 @@ def test_attention_shape_gives_the_optimizer_the_kept_heads_of_a_pruned_model(be
     for layer in encoder_layers(pruned):
         keep_attention_heads(layer.attention, [1, 3])
     assert attention_shape(pruned) == (2, 32)  # head size 16 unchanged; the model stays 64 wide
+
+
+def test_static_int8_calibrates_on_the_calibration_split_only_and_keeps_predictions(make_cfg, monkeypatch):
+    from fastformers.stages import export
+
+    reads = []
+    original = export.load_examples
+
+    def recording(task, root, split, *args):
+        reads.append((inspect.stack()[1].function, split))
+        return original(task, root, split, *args)
+
+    monkeypatch.setattr(export, "load_examples", recording)
+    results = pipeline.run(make_cfg("stages=[finetune,export]", "finetune.learning_rate=5e-3", "precision=int8",
+                                    "precision.static=true", "precision.outlier_matmuls=1",
+                                    "precision.outliers=float"))
+    calibration = {split for caller, split in reads if caller == "calibration_loader"}
+    assert calibration == {"train"} and ("check_parity", "val") in reads  # val is read for parity only
+    assert results["export/parity/int8_static/agreement"] >= 0.8
+
+    cfg = make_cfg()
+    from mlflow.tracking import MlflowClient
+
+    from fastformers import tracking
+
+    client = MlflowClient(tracking.tracking_uri(cfg))
+    (run,) = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment_name).experiment_id])
+    folder = run.data.tags["cache.export.path"]
+    index = json.loads(open(f"{folder}/export.json").read())
+    graph = onnx.load(f"{folder}/{index['graphs']['int8_static']}")
+    ops = [node.op_type for node in graph.graph.node]
+    assert ops.count("QAttention") == LAYERS and "DequantizeLinear" in ops
+    assert ops.count("DynamicQuantizeLinear") == LAYERS  # the Attention inputs only: the MatMuls' scales are fixed
+    kept = index["settings"]["int8_static"]["nodes_kept_float"]
+    assert len(kept) == 1 and kept[0] in [node.name for node in graph.graph.node if node.op_type == "MatMul"]

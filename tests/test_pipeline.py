@@ -88,6 +88,7 @@ def test_a_failing_stage_marks_the_run_failed_and_keeps_finished_stages(make_cfg
         (["task.name=glue"], "task.name='glue' is not a SuperGLUE task"),
         (["student.family=roberta"], "distillation stays within one family"),
         (["evaluate.splits=[dev]"], "split 'dev' is not train, val, test"),
+        (["hardware.accelerator=tpu"], "hardware.accelerator='tpu' must be cpu, gpu or auto"),
     ],
 )
 def test_bad_configs_fail_before_any_work(make_cfg, overrides, message):
@@ -139,3 +140,20 @@ def test_learning_rate_is_the_models_unless_the_task_pins_one():
         assert rates("task=cb", "teacher=bert_base") == (2e-5, 2e-5)
         assert rates("task=rte") == (3e-5, 3e-5)  # pinned by conf/task/rte.yaml
         assert rates("task=rte", "finetune.learning_rate=5e-5") == (5e-5, 5e-5)
+
+
+def test_the_paper_scale_composes_with_its_hub_models_and_a_gpu_and_says_so_without_one(superglue_root, tmp_path):
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from fastformers.cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=boolq_ablation", "+ablation=int8", "scale=paper",
+                                           f"data.root={superglue_root}", f"paths.output_dir={tmp_path}"])
+    assert (cfg.teacher.pretrained, cfg.student.name) == ("roberta-base", "distilroberta")
+    assert (cfg.hardware.accelerator, cfg.hardware.train_precision) == ("gpu", "16-mixed")
+    if not torch.cuda.is_available():
+        with pytest.raises(FastformersError, match=r"hardware.accelerator=gpu \(gpu\): torch \S+ sees no CUDA device"):
+            pipeline.run(cfg)
+        assert not os.path.exists(cfg.paths.cache_dir)

@@ -26,7 +26,7 @@ from fastformers.energy import EnergyMeter, choose_meter
 from fastformers.errors import FastformersError
 from fastformers.instances import Backend, Batch, Layout, Served, Work, layouts_filling, plan_layout, serve, usable_cores
 from fastformers.roofline import Peaks, Shape, bound_seconds, flops, measure_peaks
-from fastformers.runtime import CUDA, graph_path, providers_for, require_provider
+from fastformers.runtime import CUDA, OnnxClassifier, graph_path, providers_for, require_provider, session_options
 from fastformers.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,9 @@ CONFIG_KEYS = ("task", "benchmark", "hardware", "precision", "data.split_seed")
 CACHED = False  # the pipeline re-measures in every run instead of replaying remembered timings
 
 BACKENDS = {"torch": None, "onnx_fp32": "fp32", "onnx_int8": "int8", "onnx_int8_stock": "int8_stock",
-            "onnx_fp16": "fp16"}  # -> exported graph (int8_stock: exported beside int8 when precision.keep_float > 0)
+            "onnx_int8_static": "int8_static", "onnx_fp16": "fp16"}  # -> exported graph; int8_stock (always)
+# and int8_static (with precision.static) are exported beside int8
+GATE_ACTIONS = ("error", "mark")
 PADDINGS = ("fixed", "dynamic")
 MODELS = ("latest", "teacher")  # which model a torch setting times
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -54,6 +56,8 @@ class Setting:
     padding: str
     layout: Layout
     model: str = "latest"  # latest: the model the stages before produced; teacher: the fine-tuned teacher
+    session: tuple[tuple[str, object], ...] = ()  # onnxruntime session options (runtime.session_options)
+    gated: bool = False  # a lever that may change predictions: held to benchmark.gate
 
 
 def uses(cfg: DictConfig) -> tuple[str, ...]:
@@ -77,7 +81,15 @@ def validate(cfg: DictConfig) -> None:
         if hardware[key] is not None and hardware[key] <= 0:
             raise FastformersError(f"hardware.{key}={hardware[key]!r} must be positive (or null = not reported)")
     parse_split(opts.split)
-    plan_settings(cfg)
+    names = {setting.name for setting in plan_settings(cfg)}
+    if opts.reference is not None and opts.reference not in names:
+        raise FastformersError(f"benchmark.reference={opts.reference!r} is not a setting name (have {sorted(names)})")
+    if any(s.get("gated") for s in opts.settings):
+        if opts.gate.reference not in names:
+            raise FastformersError(f"benchmark.gate.reference={opts.gate.reference!r} is not a setting name "
+                                   f"(have {sorted(names)})")
+        if opts.gate.on_fail not in GATE_ACTIONS:
+            raise FastformersError(f"benchmark.gate.on_fail={opts.gate.on_fail!r} must be one of {list(GATE_ACTIONS)}")
 
 
 def plan_settings(cfg: DictConfig) -> list[Setting]:
@@ -117,20 +129,27 @@ def _setting(cfg: DictConfig, spec: DictConfig, field: str) -> Setting:
     if model == "teacher" and variant is not None:
         raise FastformersError(f"{field}: model=teacher runs in PyTorch only (the export stage exports the latest "
                                "model)")
-    stock = variant == "int8_stock"  # exported beside the int8 graph
-    needed = "int8" if stock else variant
+    needed = "int8" if variant in ("int8_stock", "int8_static") else variant  # exported beside the int8 graph
     if needed not in (None, "fp32", cfg.precision.name):
         raise FastformersError(f"{field}.backend={spec.backend}: the export stage builds the fp32 graph and "
                                f"precision={cfg.precision.name}'s; run with precision={needed}")
-    if stock and not cfg.precision.get("keep_float"):
-        raise FastformersError(f"{field}.backend=onnx_int8_stock: with precision.keep_float=0 the int8 graph is "
-                               "the stock one; time backend onnx_int8 instead")
+    if variant == "int8_static" and not cfg.precision.get("static"):
+        raise FastformersError(f"{field}.backend=onnx_int8_static: the export stage builds the static int8 graph "
+                               "only with precision.static=true")
     if variant == "fp16":
         require_provider(CUDA, f"{field}.backend=onnx_fp16")
+    session = tuple(sorted((str(k), v) for k, v in (spec.get("session") or {}).items()))
+    if session and variant is None:
+        raise FastformersError(f"{field}.session: onnxruntime session options need an ONNX backend, not torch")
+    try:
+        session_options(None, dict(session))  # an unknown option fails here, not in an instance process
+    except FastformersError as err:
+        raise FastformersError(f"{field}.{err}") from None
     hardware = cfg.hardware
     instances = spec.instances if "instances" in spec else hardware.instances
     threads = spec.threads_per_instance if "threads_per_instance" in spec else hardware.threads_per_instance
-    return Setting(spec.name, spec.backend, spec.padding, plan_layout(instances, threads, hardware.cores), model)
+    return Setting(spec.name, spec.backend, spec.padding, plan_layout(instances, threads, hardware.cores), model,
+                   session, bool(spec.get("gated", False)))
 
 
 def _extra_layouts(cfg: DictConfig) -> list[tuple[int, int]]:
@@ -170,10 +189,17 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         row["metrics"] |= end_to_end(examples, tokenizers[setting.model], setting, cfg, row["metrics"]["wall_seconds"])
         if peaks:
             row["metrics"] |= roofline_metrics(shapes[setting.model], datasets[setting.model], peaks,
-                                               BACKENDS[setting.backend] in ("int8", "int8_stock"),
+                                               (BACKENDS[setting.backend] or "").startswith("int8"),
                                                row["metrics"]["wall_seconds"])
+        if opts.profile_examples and setting.backend != "torch":
+            batches = make_batches(datasets[setting.model], range(min(opts.profile_examples, len(examples))),
+                                   opts.batch_size, tokenizers[setting.model], None, opts.sort_by_length)
+            row["profile"] = profile(backend_of(setting, inputs), setting.layout.threads, batches, out)
         rows.append(row)
     compare_with_baseline(rows)
+    if opts.reference:
+        compare_with_reference(rows, opts.reference)
+    failed = apply_gate(rows, opts.gate) if any(setting.gated for setting in settings) else []
     best = best_layout(rows)
     report = {"task": task.name, "split": opts.split, "examples": len(examples), "energy_method": meter.method,
               "peaks": dataclasses.asdict(peaks) if peaks else None,
@@ -183,6 +209,11 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
     table = format_table(report, cfg)
     (out / "table.txt").write_text(table + "\n")
     log.info("\n%s", table)
+    if failed and opts.gate.on_fail == "error":  # the stage's folder is discarded: its table goes to the run
+        if mlflow.active_run():
+            mlflow.log_text(table + "\n", "benchmark/table.txt")
+        raise FastformersError(f"benchmark gate: {'; '.join(failed)} (benchmark.gate.max_drop={opts.gate.max_drop} "
+                               "points; the table is logged with the run as benchmark/table.txt)")
     if mlflow.active_run():
         mlflow.set_tags({"benchmark.energy_method": meter.method, "benchmark.best_layout": report["best_layout"] or "",
                          "benchmark.cpu": report["machine"]["cpu"]})
@@ -266,7 +297,7 @@ def backend_of(setting: Setting, inputs: dict[str, Path]) -> Backend:
     variant = BACKENDS[setting.backend]
     if variant is None:
         return Backend("torch", str(model_folder(setting.model, inputs)))
-    return Backend("onnx", str(graph_path(inputs["onnx"], variant)), tuple(providers_for(variant)))
+    return Backend("onnx", str(graph_path(inputs["onnx"], variant)), tuple(providers_for(variant)), setting.session)
 
 
 def meter_for(meter: EnergyMeter, layout: Layout) -> EnergyMeter:
@@ -308,7 +339,8 @@ def summarize(setting: Setting, served: Served, examples, task: Task, cfg: DictC
     preds = predictions(served, count, task.labels is None)
     scores = task.score(examples, preds) if all(e.label is not None for e in examples) else {}
     return {"name": setting.name, "model": setting.model, "backend": setting.backend, "padding": setting.padding,
-            "layout": setting.layout.label, "cores": [list(c) for c in setting.layout.cores],
+            "layout": setting.layout.label, "session": dict(setting.session), "gated": setting.gated,
+            "cores": [list(c) for c in setting.layout.cores],
             "instance_cpus": [r.cpus for r in served.results], "task_metrics": list(scores),
             "predictions": preds, "metrics": metrics | scores}
 
@@ -322,10 +354,64 @@ def compare_with_baseline(rows: list[dict]) -> None:
         row["metrics"]["agreement_with_baseline"] = float(same.mean())
 
 
+def compare_with_reference(rows: list[dict], reference: str) -> None:
+    """Throughput over a reference row measured in the same run (e.g. the stock int8 pipeline)."""
+    base = next(row for row in rows if row["name"] == reference)
+    for row in rows:
+        row["metrics"]["vs_reference"] = row["metrics"]["throughput"] / base["metrics"]["throughput"]
+
+
+def apply_gate(rows: list[dict], gate: DictConfig) -> list[str]:
+    """Levers that may change predictions (gated settings) must keep the score within `gate.max_drop` points
+    of the gate's reference row; those that do not are marked, never chosen best, and listed."""
+    reference = next(row for row in rows if row["name"] == gate.reference)
+    if "score" not in reference["metrics"]:
+        raise FastformersError("benchmark.gate: the benchmark split has no labels to score the gated settings on")
+    failed = []
+    for row in rows:
+        if not row["gated"]:
+            continue
+        drop = 100 * (reference["metrics"]["score"] - row["metrics"]["score"])
+        row["metrics"]["gate_passed"] = float(drop <= gate.max_drop)
+        if drop > gate.max_drop:
+            failed.append(f"{row['name']} scores {drop:.2f} points below {gate.reference}")
+            log.error("benchmark gate: %s", failed[-1])
+    return failed
+
+
+def profile(backend: Backend, threads: int, batches: list[Batch], out: Path) -> dict:
+    """Where a graph's time goes, from onnxruntime's own profiler: milliseconds per operator type, and the
+    share of the calls' wall time spent outside any kernel (framework overhead, thread hand-offs)."""
+    model = OnnxClassifier(backend.path, threads, list(backend.providers),
+                           dict(backend.session) | {"enable_profiling": True, "profile_file_prefix": str(out / "ort")})
+    started = time.perf_counter()
+    for batch in batches:
+        model.run(batch.inputs)
+    wall_ms = (time.perf_counter() - started) * 1000
+    trace = Path(model.session.end_profiling())
+    events = json.loads(trace.read_text())
+    trace.unlink()  # megabytes of events: the summary is what is kept
+    per_op = operator_times(events)
+    return {"examples": sum(len(b.indices) for b in batches), "wall_ms": wall_ms, "kernel_ms": per_op,
+            "outside_kernels_pct": 100 * max(0.0, 1 - sum(per_op.values()) / wall_ms)}
+
+
+def operator_times(events: list[dict]) -> dict[str, float]:
+    """Kernel milliseconds per operator type, largest first, from a Chrome-trace event list."""
+    totals: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            op = event["args"]["op_name"]
+            totals[op] = totals.get(op, 0.0) + event["dur"] / 1000
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
 def best_layout(rows: list[dict]) -> dict | None:
-    """The fastest layout of the last setting, when more than one layout of it was measured."""
+    """The fastest layout of the last setting, when more than one layout of it was measured (and it passed
+    its gate)."""
     last = rows[-1]
-    candidates = [r for r in rows if r["backend"] == last["backend"] and r["padding"] == last["padding"]]
+    candidates = [r for r in rows if r["backend"] == last["backend"] and r["padding"] == last["padding"]
+                  and r["metrics"].get("gate_passed", 1.0)]
     layouts = {r["layout"] for r in candidates}
     return max(candidates, key=lambda r: r["metrics"]["throughput"]) if len(layouts) > 1 else None
 
@@ -360,8 +446,9 @@ def format_table(report: dict, cfg: DictConfig) -> str:
         lines.append(f"roofline: sustained GEMM {report['peaks']['fp32_gflops']:.0f} GFLOP/s fp32, "
                      f"{report['peaks']['int8_gops']:.0f} GOP/s int8 (onnxruntime, all cores); %bound = least time "
                      "of the useful FLOPs at those rates / measured time")
-    header = (f"{'setting':<20} {'model':<7} {'backend':<15} {'padding':<8} {'layout':<6} {'ex/s':>8} {'speed-up':>8} "
-              f"{'e2e ex/s':>8} {'spread':>7} {'%bound':>6} {'p50 ms':>7} {'p99 ms':>7} {'peak MB':>8} {'J/ex':>7} "
+    reference = f"{'vs ref':>8} " if opts.reference else ""
+    header = (f"{'setting':<20} {'model':<7} {'backend':<16} {'padding':<8} {'layout':<6} {'ex/s':>8} {'speed-up':>8} "
+              f"{reference}{'e2e ex/s':>8} {'spread':>7} {'%bound':>6} {'p50 ms':>7} {'p99 ms':>7} {'peak MB':>8} {'J/ex':>7} "
               f"{'$/100M':>8} " + " ".join(f"{k:>9}" for k in task_keys) + f" {'agree':>6}")
     lines += [header, "-" * len(header)]
     best = report["best_layout"]
@@ -369,16 +456,37 @@ def format_table(report: dict, cfg: DictConfig) -> str:
         m = row["metrics"]
         spread = (m["wall_seconds_max"] - m["wall_seconds_min"]) / m["wall_seconds"]
         lines.append(
-            f"{row['name']:<20} {row['model']:<7} {row['backend']:<15} {row['padding']:<8} {row['layout']:<6} "
-            f"{m['throughput']:>8.2f} {m['speedup']:>7.2f}x {_fmt(m.get('e2e_throughput'), 8, 2)} {spread:>6.0%} "
+            f"{row['name']:<20} {row['model']:<7} {row['backend']:<16} {row['padding']:<8} {row['layout']:<6} "
+            f"{m['throughput']:>8.2f} {m['speedup']:>7.2f}x "
+            + (f"{m['vs_reference']:>7.2f}x " if opts.reference else "")
+            + f"{_fmt(m.get('e2e_throughput'), 8, 2)} {spread:>6.0%} "
             f"{_fmt(m.get('pct_of_bound'), 6, 1)} {_fmt(m.get('latency_p50_ms'), 7, 1)} "
             f"{_fmt(m.get('latency_p99_ms'), 7, 1)} {m['peak_rss_mb']:>8.0f} {_fmt(m.get('joules_per_example'), 7, 2)} "
             f"{_fmt(m.get('usd_per_100m_queries'), 8, 2)} "
             + " ".join(f"{m[k]:>9.4f}" for k in task_keys)
-            + f" {m['agreement_with_baseline']:>6.1%}" + ("  <- best layout" if row["name"] == best else ""))
+            + f" {m['agreement_with_baseline']:>6.1%}" + ("  <- best layout" if row["name"] == best else "")
+            + ("  GATE FAILED" if m.get("gate_passed") == 0.0 else ""))
     lines.append("speed-up: median wall time of the first row / this row's; e2e: with tokenizing from text; "
                  "spread: (slowest - fastest pass) / median; agree: predictions equal to the first row's")
+    if opts.reference:
+        lines.append(f"vs ref: throughput / {opts.reference}'s, measured in this run")
+    lines += profile_lines(rows)
     return "\n".join(lines)
+
+
+def profile_lines(rows: list[dict]) -> list[str]:
+    """One line per profiled setting: the operator types that take most of its kernel time."""
+    profiled = [row for row in rows if "profile" in row]
+    if not profiled:
+        return []
+    lines = [f"profile (onnxruntime profiler, first {profiled[0]['profile']['examples']} examples, one instance): "
+             "share of wall time per operator type"]
+    for row in profiled:
+        prof = row["profile"]
+        shares = [f"{op} {100 * ms / prof['wall_ms']:.1f}%" for op, ms in list(prof["kernel_ms"].items())[:6]]
+        lines.append(f"  {row['name']:<20} {prof['wall_ms'] / prof['examples']:.2f} ms/ex: " + ", ".join(shares)
+                     + f", outside kernels {prof['outside_kernels_pct']:.1f}%")
+    return lines
 
 
 def _fmt(value: float | None, width: int, digits: int) -> str:

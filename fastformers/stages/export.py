@@ -12,6 +12,7 @@ import json
 import logging
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,25 +20,28 @@ import onnx
 import onnxruntime as ort
 import torch
 from omegaconf import DictConfig
-from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+from onnxruntime.transformers.fusion_options import FusionOptions
 from onnxruntime.transformers.onnx_model import OnnxModel
 from onnxruntime.transformers.optimizer import optimize_model
 
 from fastformers.data import load_examples, make_loader, parse_split
 from fastformers.errors import FastformersError
 from fastformers.models import encoder_layers, example_scores, load_finetuned, model_inputs
-from fastformers.runtime import CUDA, GRAPHS, INDEX, OnnxClassifier, providers_for, require_provider
+from fastformers.runtime import CUDA, DISABLED_OPTIMIZERS, GRAPHS, INDEX, OnnxClassifier, providers_for, require_provider
 from fastformers.tasks import get_task
 
 log = logging.getLogger(__name__)
 
-VERSION = 2  # bump when a code change alters what this stage writes
+VERSION = 3  # bump when a code change alters what this stage writes
 PROVIDES = "onnx"
 USES = ("model",)
 CONFIG_KEYS = ("task", "export", "precision", "data.split_seed")
 
 PRECISIONS = ("fp32", "int8", "fp16")
 STOCK_INT8 = "int8_stock"  # quantize_dynamic per-channel QInt8, nothing kept float: what users get today
+OUTLIER_TREATMENTS = ("smooth", "float")
+STATIC_INT8 = "int8_static"  # MatMul activations quantized with scales calibrated ahead of time
 WEIGHT_TYPES = {"QInt8": QuantType.QInt8, "QUInt8": QuantType.QUInt8}
 QUANTIZED_OPS = ["MatMul", "Attention"]  # weights of the dense layers; Q·Kᵀ has no constant side, stays float
 EXPORT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -54,8 +58,12 @@ def validate(cfg: DictConfig) -> None:
         if precision.weight_type not in WEIGHT_TYPES:
             raise FastformersError(f"precision.weight_type={precision.weight_type!r} must be one of "
                                    f"{list(WEIGHT_TYPES)}")
-        if not isinstance(precision.keep_float, int) or precision.keep_float < 0:
-            raise FastformersError(f"precision.keep_float={precision.keep_float!r} must be a count >= 0")
+        if not isinstance(precision.outlier_matmuls, int) or precision.outlier_matmuls < 0:
+            raise FastformersError(f"precision.outlier_matmuls={precision.outlier_matmuls!r} must be a count >= 0")
+        if precision.outliers not in OUTLIER_TREATMENTS:
+            raise FastformersError(f"precision.outliers={precision.outliers!r} must be one of {list(OUTLIER_TREATMENTS)}")
+        if precision.outliers == "smooth" and not 0 < precision.smooth_alpha < 1:
+            raise FastformersError(f"precision.smooth_alpha={precision.smooth_alpha!r} must be in (0, 1)")
         check_disjoint(precision.calibration_split, cfg.task.eval_split, "precision.calibration_split")
     if precision.name == "fp16":
         require_provider(CUDA, "precision=fp16")
@@ -73,16 +81,27 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
     folder = out / GRAPHS
     started = time.perf_counter()
     exported = export_onnx(model, tokenizer, folder / "model.onnx", cfg.export.opset)
-    fp32, fusions = optimize(exported, *attention_shape(model))
+    fp32, fusions = optimize(exported, *attention_shape(model), dict(cfg.export.fusion_options or {}))
     graphs = {"exported": exported, "fp32": fp32}
     float_matmuls: list[str] = []
+    outliers: list[str] = []
     if cfg.precision.name == "int8":
-        if cfg.precision.keep_float:
-            float_matmuls = outlier_matmuls(fp32, calibration_loader(cfg, tokenizer), cfg.precision.keep_float)
-        graphs["int8"] = quantize_int8(fp32, cfg.precision.weight_type, cfg.precision.per_channel,
-                                       cfg.precision.reduce_range, float_matmuls)
-        if float_matmuls:  # the stock pipeline's graph too, for a reference row timed beside ours
-            graphs[STOCK_INT8] = quantize_int8(fp32, "QInt8", True, False, suffix="quantized_stock")
+        precision, source = cfg.precision, fp32
+        if precision.outlier_matmuls:
+            stats = matmul_input_stats(fp32, calibration_loader(cfg, tokenizer))
+            outliers = outlier_matmuls(stats, precision.outlier_matmuls)
+            if precision.outliers == "smooth":
+                source = graphs["smoothed"] = smooth_matmuls(fp32, stats, outliers, precision.smooth_alpha)
+            else:
+                float_matmuls = outliers
+        graphs["int8"] = quantize_int8(source, precision.weight_type, precision.per_channel, precision.reduce_range,
+                                       float_matmuls)
+        # the stock pipeline's graph too (default fusions, quantize_dynamic as shipped), for a reference row
+        stock, _ = optimize(exported, *attention_shape(model), {}, suffix="optimized_stock")
+        graphs[STOCK_INT8] = quantize_int8(stock, "QInt8", True, False)
+        stock.unlink()
+        if cfg.precision.static:
+            graphs[STATIC_INT8] = quantize_int8_static(source, calibration_loader(cfg, tokenizer), float_matmuls)
     elif cfg.precision.name == "fp16":
         graphs["fp16"] = convert_fp16(fp32)
     seconds = time.perf_counter() - started
@@ -96,7 +115,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         "settings": {name: json.loads(settings_path(path).read_text()) for name, path in graphs.items()},
     }, indent=2))
     metrics = {"export_seconds": seconds, "layers": model.config.num_hidden_layers,
-               "float_matmuls": len(float_matmuls)}
+               "float_matmuls": len(float_matmuls), "smoothed_matmuls": len(outliers) if "smoothed" in graphs else 0}
     metrics |= {f"fused/{op}": count for op, count in fusions.items()}
     metrics |= {f"graph_mb/{name}": path.stat().st_size / 2**20 for name, path in graphs.items()}
     metrics |= {f"parity/{name}/{k}": v for name, values in parity.items() for k, v in values.items()}
@@ -170,15 +189,29 @@ def attention_shape(model) -> tuple[int, int]:
     return attention.num_attention_heads, attention.all_head_size
 
 
-def optimize(path: Path, num_heads: int, hidden_size: int) -> tuple[Path, dict[str, int]]:
-    """onnxruntime's transformer optimizer (BERT and RoBERTa share model_type bert); returns the fused graph
-    and how many of each fused operator it holds."""
-    optimized = optimize_model(str(path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size)
+def optimize(path: Path, num_heads: int, hidden_size: int, fusion_options: dict | None = None,
+             suffix: str = "optimized") -> tuple[Path, dict[str, int]]:
+    """onnxruntime's transformer optimizer (BERT and RoBERTa share model_type bert) with `fusion_options`
+    (FusionOptions attributes) changed from its defaults; returns the fused graph and how many of each fused
+    operator it holds. A graph left without SkipLayerNormalization records that onnxruntime's session must not
+    fuse it back (runtime.DISABLED_OPTIMIZERS)."""
+    options = FusionOptions("bert")
+    for key, value in (fusion_options or {}).items():
+        if not hasattr(options, key):
+            raise FastformersError(f"export.fusion_options.{key}: not an onnxruntime FusionOptions attribute "
+                                   f"(have {sorted(vars(options))})")
+        setattr(options, key, value)
+    optimized = optimize_model(str(path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
+                               optimization_options=options)
     fusions = {op: int(n) for op, n in optimized.get_fused_operator_statistics().items()}
-    target = sibling(path, "optimized")
+    disabled = [] if options.enable_skip_layer_norm else ["SkipLayerNormFusion"]
+    if disabled:
+        onnx.helper.set_model_props(optimized.model, {DISABLED_OPTIMIZERS: ",".join(disabled)})
+    target = sibling(path, suffix)
     optimized.save_model_to_file(str(target))
     write_settings(target, {"optimizer": "onnxruntime.transformers.optimizer.optimize_model", "model_type": "bert",
                             "num_heads": num_heads, "hidden_size": hidden_size, "onnxruntime": ort.__version__,
+                            "fusion_options": fusion_options or {}, "session_disabled_optimizers": disabled,
                             "fused_operators": fusions})
     log.info("fused operators: %s", {op: n for op, n in fusions.items() if n})
     return target, fusions
@@ -203,6 +236,37 @@ def quantize_int8(path: Path, weight_type: str, per_channel: bool, reduce_range:
     return target
 
 
+class _Calibration(CalibrationDataReader):
+    """The calibration sample as the graph's feeds, one batch per call."""
+
+    def __init__(self, path: Path, loader):
+        names = [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
+        self.feeds = iter([{k: batch[k].numpy() for k in names if k in batch} for batch in loader])
+
+    def get_next(self) -> dict | None:
+        return next(self.feeds, None)
+
+
+def quantize_int8_static(path: Path, loader, float_nodes: list[str] = ()) -> Path:
+    """Static int8: each MatMul's activation scale fixed from the calibration sample (MinMax), so no min/max
+    pass runs per call; the fused Attention ops, which the static quantizer does not handle, are then
+    quantized dynamically as in `quantize_int8`."""
+    staged = sibling(path, "static_matmuls")
+    options = {"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT}
+    quantize_static(str(path), str(staged), _Calibration(path, loader), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=["MatMul"], per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, nodes_to_exclude=list(float_nodes), extra_options=dict(options))
+    target = sibling(path, "quantized_static")
+    quantize_dynamic(str(staged), str(target), op_types_to_quantize=["Attention"], per_channel=True,
+                     weight_type=QuantType.QInt8, extra_options=dict(options))
+    staged.unlink()
+    write_settings(target, {"quantizer": "onnxruntime.quantization.quantize_static (QDQ, MinMax) for MatMul, "
+                            "quantize_dynamic for Attention", "per_channel": True, "activations": "QUInt8",
+                            "weights": "QInt8", "nodes_kept_float": list(float_nodes),
+                            "calibration_batches": "precision.calibration_split", "onnxruntime": ort.__version__})
+    return target
+
+
 def calibration_loader(cfg: DictConfig, tokenizer):
     """The calibration sample: `precision.calibration_examples` of `precision.calibration_split` (train by default)."""
     task = get_task(cfg.task.name)
@@ -211,30 +275,74 @@ def calibration_loader(cfg: DictConfig, tokenizer):
     return make_loader(examples, tokenizer, task, cfg.task.max_seq_length, 8)
 
 
-def outlier_matmuls(path: Path, loader, count: int) -> list[str]:
-    """The `count` weight MatMuls whose inputs have the most extreme outliers, max|x| / std over real tokens of
-    the calibration sample: one per-tensor int8 scale stretched over such an outlier leaves the other values
-    a few steps (in BERT-like models, the FFN output projections of some layers)."""
+@dataclass
+class InputStats:
+    """What the calibration sample puts into one weight MatMul."""
+
+    input: str               # the activation tensor's name
+    outlier_ratio: float     # max|x| / std over real tokens, mean over batches
+    channel_max: np.ndarray  # max|x| per input channel
+
+
+def matmul_input_stats(path: Path, loader) -> dict[str, InputStats]:
+    """Every weight MatMul's input on the calibration sample (real tokens only), by node name."""
     graph = onnx.load(str(path))
     weights = {init.name for init in graph.graph.initializer}
-    inputs = {node.input[0]: node.name for node in graph.graph.node
-              if node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in weights}
+    nodes = {node.input[0]: node.name for node in graph.graph.node
+             if node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in weights}
     outputs = {o.name for o in graph.graph.output}
     graph.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-                              for name in inputs if name not in outputs)
+                              for name in nodes if name not in outputs)
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
     feeds = [i.name for i in session.get_inputs()]
-    ratios = {name: [] for name in inputs}
+    ratios = {name: [] for name in nodes}
+    maxima = {name: 0.0 for name in nodes}
     for batch in loader:
-        values = session.run(list(inputs), {k: batch[k].numpy() for k in feeds if k in batch})
+        values = session.run(list(nodes), {k: batch[k].numpy() for k in feeds if k in batch})
         real = batch["attention_mask"].numpy().astype(bool)
-        for name, value in zip(inputs, values):
+        for name, value in zip(nodes, values):
             tokens = np.abs(value[real])
             ratios[name].append(float(tokens.max() / max(tokens.std(), 1e-12)))
-    mean = {name: float(np.mean(values)) for name, values in ratios.items()}
-    ranked = sorted(inputs, key=mean.get, reverse=True)[:count]
-    log.info("int8: keeping float %s (max|x|/std %s)", [inputs[n] for n in ranked], [round(mean[n], 1) for n in ranked])
-    return [inputs[name] for name in ranked]
+            maxima[name] = np.maximum(maxima[name], tokens.max(axis=0))
+    return {nodes[name]: InputStats(name, float(np.mean(ratios[name])), maxima[name]) for name in nodes}
+
+
+def outlier_matmuls(stats: dict[str, InputStats], count: int) -> list[str]:
+    """The `count` weight MatMuls whose inputs have the most extreme outliers: one per-tensor int8 scale
+    stretched over such an outlier leaves the other values a few steps (in BERT-like models, the FFN output
+    projections of some layers)."""
+    ranked = sorted(stats, key=lambda node: stats[node].outlier_ratio, reverse=True)[:count]
+    log.info("int8: outlier MatMuls %s (max|x|/std %s)", ranked, [round(stats[n].outlier_ratio, 1) for n in ranked])
+    return ranked
+
+
+def smooth_matmuls(path: Path, stats: dict[str, InputStats], nodes: list[str], alpha: float) -> Path:
+    """SmoothQuant for the outlier MatMuls: input channel j divided by s_j = max|x_j|^alpha / max|W_j|^(1-alpha)
+    (a Mul before the MatMul) and weight row j multiplied by it, so the product is unchanged and the per-tensor
+    activation scale no longer stretches over one channel's outliers: the MatMul can then be quantized."""
+    graph = onnx.load(str(path))
+    initializers = {init.name: init for init in graph.graph.initializer}
+    ordered = []
+    for node in graph.graph.node:
+        if node.name in nodes:
+            weight = initializers[node.input[1]]
+            values = onnx.numpy_helper.to_array(weight)
+            scale = stats[node.name].channel_max ** alpha / np.maximum(np.abs(values).max(axis=1), 1e-8) ** (1 - alpha)
+            scale = np.clip(scale, 1e-5, None).astype(np.float32)
+            weight.CopyFrom(onnx.numpy_helper.from_array(values * scale[:, None], weight.name))
+            inverse = onnx.numpy_helper.from_array(1 / scale, f"{node.name}/smooth_scale")
+            graph.graph.initializer.append(inverse)
+            smoothed = f"{node.input[0]}/smoothed_for/{node.name}"
+            ordered.append(onnx.helper.make_node("Mul", [node.input[0], inverse.name], [smoothed],
+                                                 name=f"{node.name}/smooth"))
+            node.input[0] = smoothed
+        ordered.append(node)
+    del graph.graph.node[:]
+    graph.graph.node.extend(ordered)
+    target = sibling(path, "smoothed")
+    onnx.save(graph, str(target))
+    write_settings(target, {"smoothed_matmuls": nodes, "alpha": alpha, "source": path.name})
+    return target
 
 
 def convert_fp16(path: Path) -> Path:
@@ -261,7 +369,7 @@ def check_parity(cfg: DictConfig, model, tokenizer, graphs: dict[str, Path]) -> 
         session = OnnxClassifier(path, providers=providers_for(name))
         results[name] = compare(reference, batch_logits(session, loader), loader)
         log.info("parity %s: %s", name, results[name])
-    for name in ("exported", "fp32"):
+    for name in [name for name in ("exported", "fp32", "smoothed") if name in results]:  # the float graphs
         if results[name]["max_abs_diff"] > cfg.export.fp32_max_abs_diff:
             raise FastformersError(f"parity: the {name} graph's logits differ from PyTorch's by "
                                    f"{results[name]['max_abs_diff']:.3g} > export.fp32_max_abs_diff="

@@ -33,6 +33,16 @@ def validate(cfg: DictConfig) -> None:
             raise FastformersError(f"finetune.{name}={opts[name]!r} must be positive")
     if not 0 <= opts.warmup_ratio < 1:
         raise FastformersError(f"finetune.warmup_ratio={opts.warmup_ratio!r} must be in [0, 1)")
+    check_accelerator(cfg.hardware)
+
+
+def check_accelerator(hardware: DictConfig) -> None:
+    """Training on a GPU that is not there would fail deep inside Lightning: say so before any work."""
+    if hardware.accelerator not in ("cpu", "gpu", "auto"):
+        raise FastformersError(f"hardware.accelerator={hardware.accelerator!r} must be cpu, gpu or auto")
+    if hardware.accelerator == "gpu" and not torch.cuda.is_available():
+        raise FastformersError(f"hardware.accelerator=gpu ({hardware.name}): torch {torch.__version__} sees no CUDA "
+                               "device; install a CUDA build of torch on a GPU machine, or run with hardware=cpu")
 
 
 class FineTuneModule(L.LightningModule):
@@ -90,7 +100,8 @@ def fit_best(module: L.LightningModule, data: L.LightningDataModule, opts: DictC
                            save_weights_only=True)
     callbacks = [best] + ([EarlyStopping(monitor=monitor, mode="max", patience=opts.patience)] if opts.patience else [])
     trainer = L.Trainer(
-        max_epochs=opts.epochs, accelerator="cpu", devices=1, logger=tracking.lightning_logger(cfg),
+        max_epochs=opts.epochs, accelerator=cfg.hardware.accelerator, devices=1,
+        precision=cfg.hardware.train_precision, logger=tracking.lightning_logger(cfg),
         callbacks=callbacks, gradient_clip_val=opts.max_grad_norm, num_sanity_val_steps=0,
         log_every_n_steps=opts.log_every_n_steps, enable_progress_bar=opts.progress_bar,
         enable_model_summary=False, default_root_dir=str(out),
