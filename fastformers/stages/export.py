@@ -84,14 +84,16 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
     fp32, fusions = optimize(exported, *attention_shape(model), dict(cfg.export.fusion_options or {}))
     graphs = {"exported": exported, "fp32": fp32}
     float_matmuls: list[str] = []
-    outliers: list[str] = []
+    smoothed: list[str] = []
     if cfg.precision.name == "int8":
         precision, source = cfg.precision, fp32
+        calibration = calibration_loader(cfg, tokenizer) if precision.outlier_matmuls or precision.static else None
         if precision.outlier_matmuls:
-            stats = matmul_input_stats(fp32, calibration_loader(cfg, tokenizer))
+            stats = matmul_input_stats(fp32, calibration)
             outliers = outlier_matmuls(stats, precision.outlier_matmuls)
             if precision.outliers == "smooth":
                 source = graphs["smoothed"] = smooth_matmuls(fp32, stats, outliers, precision.smooth_alpha)
+                smoothed = outliers
             else:
                 float_matmuls = outliers
         graphs["int8"] = quantize_int8(source, precision.weight_type, precision.per_channel, precision.reduce_range,
@@ -99,9 +101,10 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         # the stock pipeline's graph too (default fusions, quantize_dynamic as shipped), for a reference row
         stock, _ = optimize(exported, *attention_shape(model), {}, suffix="optimized_stock")
         graphs[STOCK_INT8] = quantize_int8(stock, "QInt8", True, False)
-        stock.unlink()
-        if cfg.precision.static:
-            graphs[STATIC_INT8] = quantize_int8_static(source, calibration_loader(cfg, tokenizer), float_matmuls)
+        stock.unlink()  # an intermediate: only its quantized graph is kept
+        settings_path(stock).unlink()
+        if precision.static:
+            graphs[STATIC_INT8] = quantize_int8_static(source, calibration, float_matmuls)
     elif cfg.precision.name == "fp16":
         graphs["fp16"] = convert_fp16(fp32)
     seconds = time.perf_counter() - started
@@ -115,7 +118,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         "settings": {name: json.loads(settings_path(path).read_text()) for name, path in graphs.items()},
     }, indent=2))
     metrics = {"export_seconds": seconds, "layers": model.config.num_hidden_layers,
-               "float_matmuls": len(float_matmuls), "smoothed_matmuls": len(outliers) if "smoothed" in graphs else 0}
+               "float_matmuls": len(float_matmuls), "smoothed_matmuls": len(smoothed)}
     metrics |= {f"fused/{op}": count for op, count in fusions.items()}
     metrics |= {f"graph_mb/{name}": path.stat().st_size / 2**20 for name, path in graphs.items()}
     metrics |= {f"parity/{name}/{k}": v for name, values in parity.items() for k, v in values.items()}
