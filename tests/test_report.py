@@ -54,16 +54,17 @@ def test_ablation_rows_read_cumulative_and_per_step_speedups(store, tmp_path):
 def test_a_multi_task_experiment_gets_a_task_table_with_skips_and_one_submission_archive(store, tmp_path):
     mlflow.set_experiment("tasks")
     for task, joules in (("cb", 0.5), ("rte", 0.25)):
-        log_run(task, {"task.name": task}, {"evaluate/val/accuracy": 0.8, "evaluate/val/score": 0.8}
+        log_run(task, {"task.name": task}, {"finetune/best_val_score": 0.85, "evaluate/val/accuracy": 0.8,
+                                            "evaluate/val/score": 0.8}
                 | bench("baseline", 10.0, 1.0, 1.0) | bench("system", 2.0, 5.0, joules),
                 files={f"evaluate/submission/{task.upper()}.jsonl": '{"idx": 0, "label": "entailment"}\n'},
                 tmp_path=tmp_path)
     log_run("record", {"task.name": "record"}, {}, tags={SKIPPED_TAG: "missing data file /x/ReCoRD/train.jsonl"})
     files = report(store, "tasks", tmp_path / "out")
     table = (tmp_path / "out" / "tasks.md").read_text().splitlines()
-    assert table[2] == "| cb | accuracy 0.8000 | 5x (system) | 2.0x | CB.jsonl |"
-    assert table[3] == "| record | not run: missing data file /x/ReCoRD/train.jsonl | | | |"
-    assert table[4] == "| rte | accuracy 0.8000 | 5x (system) | 4.0x | RTE.jsonl |"
+    assert table[2] == "| cb | 0.85 | accuracy 0.8000 | 5x (system) | 2.0x | CB.jsonl |"
+    assert table[3] == "| record | not run: missing data file /x/ReCoRD/train.jsonl | | | | |"
+    assert table[4] == "| rte | 0.85 | accuracy 0.8000 | 5x (system) | 4.0x | RTE.jsonl |"
     with zipfile.ZipFile(tmp_path / "out" / "superglue_submission.zip") as bundle:
         assert sorted(bundle.namelist()) == ["CB.jsonl", "RTE.jsonl"]
     assert tmp_path / "out" / "superglue_submission.zip" in files
