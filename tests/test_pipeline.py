@@ -142,7 +142,7 @@ def test_learning_rate_is_the_models_unless_the_task_pins_one():
         assert rates("task=rte", "finetune.learning_rate=5e-5") == (5e-5, 5e-5)
 
 
-def test_the_cpu_scale_sizes_the_big_tasks_down_and_the_paper_scale_uses_their_full_splits():
+def test_the_cpu_scale_sizes_the_big_tasks_down_and_the_paper_scale_uses_the_official_splits():
     from hydra import compose, initialize_config_dir
 
     from fastformers.cli import CONF_DIR
@@ -152,10 +152,12 @@ def test_the_cpu_scale_sizes_the_big_tasks_down_and_the_paper_scale_uses_their_f
             cfg = compose("config", overrides=list(overrides))
             return cfg.task.train_split, cfg.task.eval_split, cfg.task.max_seq_length, cfg.finetune.epochs
 
-        assert sizes("task=multirc") == ("train[:3%]", "val[:25%]", 256, 2)
+        assert sizes("task=multirc") == ("train[:8%]", "val[:25%]", 256, 2)
         assert sizes("task=multirc", "scale=paper") == ("train", "val", 512, 3)
         assert sizes("experiment=superglue_table", "task=wic") == ("train", "val", 128, 1)
         assert sizes("task=wic", "scale=paper") == ("train", "val", 128, 5)
+        assert sizes("task=boolq") == ("val[:60%]", "val[60%:]", 512, 3)  # no BoolQ train file here
+        assert sizes("task=boolq", "scale=paper") == ("train", "val", 512, 3)
         assert sizes("task=rte") == sizes("task=rte", "scale=paper")  # small tasks run whole at both scales
 
 
