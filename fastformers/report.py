@@ -204,6 +204,8 @@ def task_table(client: MlflowClient, runs, out: Path) -> list[Path]:
             metrics = run.data.metrics
             official = ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in sorted(metrics.items())
                                  if k.startswith("evaluate/") and not k.endswith("/score"))
+            splits = sorted({k.split("/")[1] for k in metrics if SCORE.match(k)})  # e.g. val_60-100pct: a share
+            official += f" ({', '.join(splits)})" if splits else ""
             best = run.data.tags.get("benchmark.best_layout") or fastest(timed_settings(metrics), metrics)
             base_j, best_j = (metrics.get(f"benchmark/{name}/joules_per_example") for name in ("baseline", best))
             saving = f"{base_j / best_j:.1f}x" if base_j and best_j else ""

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Re-measures every figure of the README's "Measured on this machine" section, in the order they were taken,
-# into the default MLflow store (outputs/mlflow.db). About 3 hours on 2 CPU cores; stages already in
+# into the default MLflow store (outputs/mlflow.db). About 4 hours on 2 CPU cores; stages already in
 # outputs/cache are reused, timings are always taken afresh.
-#   bash scripts/reproduce.sh            then: fastformers report --experiment pruning_sweep
+#   bash scripts/reproduce.sh            (the reports are written along the way, under outputs/reports/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ff=".venv/bin/fastformers"
@@ -26,3 +26,7 @@ $ff report --experiment pruning_sweep
 $ff task=boolq 'stages=[finetune,evaluate]' mlflow.experiment_name=boolq_teacher   # BoolQ teacher (60% of val)
 $ff experiment=speed "${cost[@]}"                                              # batch-1 int8 levers, profiles
 $ff -m experiment=boolq_ablation +ablation=pruned_h50_f25 "${cost[@]}" benchmark.profile_examples=100  # full recipe
+$ff experiment=boolq_ablation "${cost[@]}"                                     # Table 3: seven rows
+$ff report --experiment boolq_ablation
+$ff experiment=superglue_table "${cost[@]}"                                    # Table 4: seven tasks (ReCoRD skipped)
+$ff report --experiment superglue_table

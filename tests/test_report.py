@@ -62,9 +62,9 @@ def test_a_multi_task_experiment_gets_a_task_table_with_skips_and_one_submission
     log_run("record", {"task.name": "record"}, {}, tags={SKIPPED_TAG: "missing data file /x/ReCoRD/train.jsonl"})
     files = report(store, "tasks", tmp_path / "out")
     table = (tmp_path / "out" / "tasks.md").read_text().splitlines()
-    assert table[2] == "| cb | 0.85 | accuracy 0.8000 | 5x (system) | 2.0x | CB.jsonl |"
+    assert table[2] == "| cb | 0.85 | accuracy 0.8000 (val) | 5x (system) | 2.0x | CB.jsonl |"
     assert table[3] == "| record | not run: missing data file /x/ReCoRD/train.jsonl | | | | |"
-    assert table[4] == "| rte | 0.85 | accuracy 0.8000 | 5x (system) | 4.0x | RTE.jsonl |"
+    assert table[4] == "| rte | 0.85 | accuracy 0.8000 (val) | 5x (system) | 4.0x | RTE.jsonl |"
     with zipfile.ZipFile(tmp_path / "out" / "superglue_submission.zip") as bundle:
         assert sorted(bundle.namelist()) == ["CB.jsonl", "RTE.jsonl"]
     assert tmp_path / "out" / "superglue_submission.zip" in files
