@@ -1,7 +1,7 @@
 """`fastformers report`: an MLflow experiment as the paper shows it: a table (Markdown and CSV) and the
 accuracy vs inference time (Figure 2) and accuracy vs queries/s (Figure 3) plots with the Pareto front marked.
-Everything is read back from the runs' metrics and params; nothing is typed in. The files are logged to the
-experiment's latest sweep parent run (or, without one, to a run of their own)."""
+Everything is read back from the runs' metrics and params (per run name, its latest finished run); nothing is
+typed in. The files are logged to the experiment's latest sweep parent run (or, without one, to a run of their own)."""
 from __future__ import annotations
 
 import argparse
@@ -92,16 +92,18 @@ def mark_pareto(rows: list[Row]) -> None:
 
 def collect(client: MlflowClient, experiment: str, setting: str | None,
             all_runs: bool = False) -> tuple[list[Row], str | None]:
-    """(rows of the finished job runs of the experiment's latest sweep, or of all of them; that sweep's parent
-    run id or None)."""
+    """(a row per run name: its latest finished job run, or every finished job run with `all_runs`; the latest
+    sweep parent's run id or None). A re-run point replaces its older run; one task re-run in a table experiment
+    keeps the other tasks' rows."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise FastformersError(f"report: no MLflow experiment {experiment!r} in this store")
     runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"], max_results=5000)
     parents = [r for r in runs if r.data.tags.get(ROLE_TAG) == "sweep"]
-    latest = parents[-1].info.run_id if parents and not all_runs else None  # a re-run sweep: its own points only
-    rows = [row for r in runs if r.info.status == "FINISHED" and ROLE_TAG not in r.data.tags
-            and latest in (None, r.data.tags.get("mlflow.parentRunId")) and (row := row_of(r, setting)) is not None]
+    finished = [r for r in runs if r.info.status == "FINISHED" and ROLE_TAG not in r.data.tags]
+    if not all_runs:
+        finished = list({r.info.run_name: r for r in finished}.values())  # oldest first, so the latest wins
+    rows = [row for r in finished if (row := row_of(r, setting)) is not None]
     if not rows:
         raise FastformersError(f"report: experiment {experiment!r} has no finished run with an evaluate score and "
                                "benchmark timings (stages [..., evaluate, benchmark])")
@@ -248,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default="sqlite:///outputs/mlflow.db")
     parser.add_argument("--out", type=Path, default=None, help="default: outputs/reports/<experiment>")
     parser.add_argument("--setting", default=None, help="benchmark setting to plot (default: each run's fastest)")
-    parser.add_argument("--all-runs", action="store_true", help="every finished run, not only the latest sweep's")
+    parser.add_argument("--all-runs", action="store_true", help="every finished run, not only the latest of each run name")
     args = parser.parse_args(argv)
     try:
         uri = args.tracking_uri
