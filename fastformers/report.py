@@ -74,13 +74,14 @@ def row_of(run, setting: str | None) -> Row | None:
 
 
 def pareto(rows: list[Row], key: str = "latency_p50_ms", lower_is_better: bool = True) -> list[Row]:
-    """The rows no other row beats on both the score and `key` (and is at least as good on the other)."""
+    """The rows no other row of the same task beats on both the score and `key` (scores of different tasks do not
+    compare)."""
     def at_least(o: Row, r: Row) -> bool:
         x, y = getattr(o, key), getattr(r, key)
         return (x <= y if lower_is_better else x >= y) and o.score >= r.score
 
     return [r for r in rows if not any(at_least(o, r) and (getattr(o, key) != getattr(r, key) or o.score != r.score)
-                                       for o in rows if o is not r)]
+                                       for o in rows if o is not r and o.task == r.task)]
 
 
 def mark_pareto(rows: list[Row]) -> None:
@@ -149,11 +150,14 @@ def plot(rows: list[Row], out: Path, title: str) -> list[Path]:
         xs, ys = [getattr(r, key) for r in rows], [r.score for r in rows]
         ax.scatter(xs, ys, color="tab:blue", label="runs")
         front = sorted(pareto(rows, key, lower_is_better), key=lambda r: getattr(r, key))
-        ax.plot([getattr(r, key) for r in front], [r.score for r in front], color="tab:red", marker="o",
-                label="Pareto front")
+        for i, task in enumerate(sorted({r.task for r in front})):  # one front per task
+            points = [r for r in front if r.task == task]
+            ax.plot([getattr(r, key) for r in points], [r.score for r in points], color="tab:red", marker="o",
+                    label=None if i else "Pareto front")
+        several = len({r.task for r in rows}) > 1
         for row in rows:
-            ax.annotate(f"h{row.heads} f{row.ffn} {row.setting}", (getattr(row, key), row.score), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
+            ax.annotate(f"{row.task + ' ' if several else ''}h{row.heads} f{row.ffn} {row.setting}",
+                        (getattr(row, key), row.score), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set(xlabel=label, ylabel="task score (official metric)", title=title)
         ax.grid(alpha=0.3)
         ax.legend(loc="best")
@@ -227,7 +231,7 @@ def report(tracking_uri: str, experiment: str, out: Path, setting: str | None = 
     """Writes the tables and plots into `out` and logs them to the experiment's sweep parent run."""
     client = MlflowClient(tracking_uri)
     rows, parent = collect(client, experiment, setting, all_runs)
-    files = write_tables(rows, out) + plot(rows, out, f"{experiment}: {rows[0].task}")
+    files = write_tables(rows, out) + plot(rows, out, f"{experiment}: {', '.join(sorted({r.task for r in rows}))}")
     finished = [client.get_run(r.run_id) for r in rows]
     if table := ablation_table(finished):
         (out / "ablation.md").write_text("\n".join(table) + "\n")
