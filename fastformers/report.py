@@ -91,15 +91,19 @@ def mark_pareto(rows: list[Row]) -> None:
         row.pareto = any(row is f for f in front)
 
 
-def collect(client: MlflowClient, experiment: str, setting: str | None,
-            all_runs: bool = False) -> tuple[list[Row], str | None]:
-    """(a row per run name: its latest finished job run, or every finished job run with `all_runs`; the latest
-    sweep parent's run id or None). A re-run point replaces its older run; one task re-run in a table experiment
-    keeps the other tasks' rows."""
+def experiment_runs(client: MlflowClient, experiment: str) -> tuple[str, list]:
+    """The experiment's id and every run of it, oldest first: read once, for the tables and the plots."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise FastformersError(f"report: no MLflow experiment {experiment!r} in this store")
-    runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"], max_results=5000)
+    return found.experiment_id, client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"],
+                                                   max_results=5000)
+
+
+def collect(runs: list, experiment: str, setting: str | None, all_runs: bool = False) -> tuple[list[Row], str | None]:
+    """(a row per run name: its latest finished job run, or every finished job run with `all_runs`; the latest
+    sweep parent's run id or None). A re-run point replaces its older run; one task re-run in a table experiment
+    keeps the other tasks' rows."""
     parents = [r for r in runs if r.data.tags.get(ROLE_TAG) == "sweep"]
     finished = [r for r in runs if r.info.status == "FINISHED" and ROLE_TAG not in r.data.tags]
     if not all_runs:
@@ -230,18 +234,16 @@ def report(tracking_uri: str, experiment: str, out: Path, setting: str | None = 
            all_runs: bool = False) -> list[Path]:
     """Writes the tables and plots into `out` and logs them to the experiment's sweep parent run."""
     client = MlflowClient(tracking_uri)
-    rows, parent = collect(client, experiment, setting, all_runs)
+    experiment_id, runs = experiment_runs(client, experiment)
+    rows, parent = collect(runs, experiment, setting, all_runs)
     files = write_tables(rows, out) + plot(rows, out, f"{experiment}: {', '.join(sorted({r.task for r in rows}))}")
-    finished = [client.get_run(r.run_id) for r in rows]
-    if table := ablation_table(finished):
+    by_id = {run.info.run_id: run for run in runs}
+    if table := ablation_table([by_id[row.run_id] for row in rows]):
         (out / "ablation.md").write_text("\n".join(table) + "\n")
         files.append(out / "ablation.md")
-    found = client.get_experiment_by_name(experiment)
-    files += task_table(client, client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"],
-                                                   max_results=5000), out)
+    files += task_table(client, runs, out)
     if parent is None:
-        parent = client.create_run(client.get_experiment_by_name(experiment).experiment_id, run_name="report",
-                                   tags={ROLE_TAG: "report"}).info.run_id
+        parent = client.create_run(experiment_id, run_name="report", tags={ROLE_TAG: "report"}).info.run_id
         client.set_terminated(parent, "FINISHED")
     for path in files:
         client.log_artifact(parent, str(path), "report")

@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fastformers import pipeline
-from fastformers.report import ablation_table, collect, report
+from fastformers.report import ablation_table, collect, experiment_runs, report
 from fastformers.tracking import SKIPPED_TAG
 
 
@@ -83,8 +83,9 @@ def test_a_rerun_point_replaces_its_older_run_and_fronts_are_per_task(store):
     mlflow.set_experiment("table")
     for name, score in (("cb/int8", 0.5), ("rte/int8", 0.6), ("cb/int8", 0.9)):  # cb re-run last
         log_run(name, {"task.name": name[:-5]}, {"evaluate/val/score": score} | bench("system", 1.0, 3.0))
-    rows, _ = collect(MlflowClient(store), "table", None)
+    _, runs = experiment_runs(MlflowClient(store), "table")
+    rows, _ = collect(runs, "table", None)
     assert [(r.run, r.score) for r in rows] == [("cb/int8", 0.9), ("rte/int8", 0.6)]
     assert all(r.pareto for r in rows)  # as fast and a lower score, but of another task: not dominated
-    rows, _ = collect(MlflowClient(store), "table", None, all_runs=True)
+    rows, _ = collect(runs, "table", None, all_runs=True)
     assert [r.score for r in rows] == [0.5, 0.6, 0.9]
