@@ -38,6 +38,12 @@ def parse_split(spec: str) -> tuple[str, float, float]:
     return name, lo_frac, hi_frac
 
 
+def split_label(spec: str) -> str:
+    """A metric-name-safe label: 'val' stays 'val', 'val[60%:]' becomes 'val_60-100pct'."""
+    name, lo, hi = parse_split(spec)
+    return name if (lo, hi) == (0.0, 1.0) else f"{name}_{round(lo * 100)}-{round(hi * 100)}pct"
+
+
 def task_file(root: str | Path, task: Task, split: str, download: bool = False) -> Path:
     path = Path(root) / task.name / f"{split}.jsonl"
     if not path.is_file() and download:

@@ -1,6 +1,7 @@
 """Multi-instance inference: `instances` processes × `threads` threads each, every process pinned to its
 own physical cores (os.sched_setaffinity), the work sharded across them, timed together between barriers,
-and the outputs gathered back into the original order. Processes are spawned, never forked: a forked
+and the outputs gathered back into the original order. A setting's processes stay up between passes, so the
+benchmark can interleave settings. Processes are spawned, never forked: a forked
 PyTorch/onnxruntime thread pool is not safe to use."""
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import os
 import queue
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,23 +106,42 @@ class Batch:
 
 @dataclass(frozen=True)
 class Backend:
-    """What an instance loads: a saved PyTorch model folder or an ONNX graph file."""
+    """What an instance loads: an engine (its `engines.<name>` config, plain and picklable), the artifact
+    file or model folder, the precision, per-setting engine options and the shape bucket."""
 
-    kind: str  # torch | onnx
+    engine: str
+    engine_conf: tuple[tuple[str, object], ...]
     path: str
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
-    session: tuple[tuple[str, object], ...] = ()  # onnxruntime session options, see runtime.session_options
+    precision: str = "fp32"
+    options: tuple[tuple[str, object], ...] = ()
+    bucket: int | None = None
+
+    def open(self, threads: int):
+        from fastformers.engines import get_engine
+
+        engine = get_engine(self.engine, {self.engine: dict(self.engine_conf)})
+        return engine.open(Path(self.path), self.precision, threads, dict(self.options), self.bucket)
 
 
 @dataclass
 class Work:
-    """One instance's share: warm-up calls, the timed batches (run `repeats` times) and the batch-size-1
-    calls whose latencies are recorded."""
+    """One instance's share: the timed batches (run `repeats` times), the batch-size-1 calls whose latencies
+    are recorded, and how many of its first batches warm it up (with `every_shape`, plus one batch of every
+    distinct input shape: bucketed inputs, for an engine that compiles per shape before the clock runs)."""
 
     batches: list[Batch]
     latency_batches: list[Batch]
     warmup: int
     repeats: int
+    every_shape: bool = False
+
+    def warmup_batches(self) -> list[Batch]:
+        if not self.every_shape:
+            return self.batches[: self.warmup]
+        shapes: dict[tuple, Batch] = {}
+        for batch in self.batches + self.latency_batches:
+            shapes.setdefault(tuple(np.shape(batch.inputs["input_ids"])), batch)
+        return self.batches[: self.warmup] + list(shapes.values())
 
 
 @dataclass
@@ -165,78 +184,121 @@ class Served:
         return sum(r.peak_rss_mb for r in self.results)
 
 
-def serve(backend: Backend, layout: Layout, work: list[Work], meter: EnergyMeter) -> Served:
-    """Runs each instance's work in its own spawned, pinned process and gathers the outputs."""
-    if len(work) != layout.instances:
-        raise ValueError(f"{len(work)} shares of work for {layout.instances} instances")
-    ctx = mp.get_context("spawn")
-    barrier, results = ctx.Barrier(layout.instances), ctx.Queue()
-    processes = [
-        ctx.Process(target=_instance_main, name=f"fastformers-instance-{i}", daemon=True,
-                    args=(i, backend, layout.cores[i], layout.threads, work[i], meter, barrier, results))
-        for i in range(layout.instances)
-    ]
-    for process in processes:
-        process.start()
-    try:
-        gathered = _collect(processes, results)
-    finally:
-        for process in processes:
-            process.join(timeout=30)
+class Instances:
+    """One setting's pinned processes: spawned, loaded and warmed up once, then told to run a timed pass or
+    the latency calls when the caller says, so several settings' passes can be interleaved round-robin
+    while the others wait idle (blocked on their command queues, using no CPU)."""
+
+    def __init__(self, backend: Backend, layout: Layout, work: list[Work], meter: EnergyMeter):
+        if len(work) != layout.instances:
+            raise ValueError(f"{len(work)} shares of work for {layout.instances} instances")
+        ctx = mp.get_context("spawn")
+        self.layout, self.results = layout, ctx.Queue()
+        barrier = ctx.Barrier(layout.instances)
+        self.commands = [ctx.Queue() for _ in range(layout.instances)]
+        self.processes = [
+            ctx.Process(target=_instance_main, name=f"fastformers-instance-{i}", daemon=True,
+                        args=(i, backend, layout.cores[i], layout.threads, work[i], meter, barrier,
+                              self.commands[i], self.results))
+            for i in range(layout.instances)
+        ]
+        for process in self.processes:
+            process.start()
+        self._gather()  # every instance loaded and warmed up
+
+    def timed_pass(self) -> None:
+        self._tell("pass")
+
+    def latency_pass(self) -> None:
+        self._tell("latency")
+
+    def close(self) -> Served:
+        """Stops the processes and gathers what they measured, outputs back in sample order."""
+        try:
+            gathered = self._tell("stop")
+        finally:
+            self.terminate(wait=30)
+        served = Served(self.layout, sorted(gathered, key=lambda r: r.instance))
+        for result in served.results:
+            for indices, logits, sizes in result.outputs:
+                for index, start, size in zip(indices, np.cumsum([0, *sizes[:-1]]), sizes):
+                    served.rows[index] = logits[start:start + size]
+        return served
+
+    def terminate(self, wait: float = 0.0) -> None:
+        """Ends the processes, giving each `wait` seconds to exit by itself first."""
+        for process in self.processes:
+            process.join(timeout=wait)
             if process.is_alive():
                 process.terminate()
-    served = Served(layout, sorted(gathered, key=lambda r: r.instance))
-    for result in served.results:
-        for indices, logits, sizes in result.outputs:
-            for index, start, size in zip(indices, np.cumsum([0, *sizes[:-1]]), sizes):
-                served.rows[index] = logits[start:start + size]
-    return served
+
+    def _tell(self, command: str) -> list:
+        for queue_ in self.commands:
+            queue_.put(command)
+        return self._gather()
+
+    def _gather(self) -> list:
+        """One reply per instance; a crash or an exception in one fails the whole run loudly."""
+        gathered = []
+        while len(gathered) < len(self.processes):
+            try:
+                item = self.results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p for p in self.processes if p.exitcode not in (None, 0)]
+                if dead:
+                    self.terminate()
+                    raise RuntimeError(f"benchmark instance {dead[0].name} died with exit code {dead[0].exitcode}")
+                continue
+            if isinstance(item, (FastformersError, str)):
+                self.terminate()
+                if isinstance(item, FastformersError):
+                    raise item
+                raise RuntimeError(f"a benchmark instance failed:\n{item}")
+            gathered.append(item)
+        return gathered
 
 
-def _collect(processes, results) -> list[InstanceResult]:
-    """Waits for every instance's result; a crash or an exception in one fails the whole run loudly."""
-    gathered = []
-    while len(gathered) < len(processes):
-        try:
-            item = results.get(timeout=1.0)
-        except queue.Empty:
-            dead = [p for p in processes if p.exitcode not in (None, 0)]
-            if dead:
-                raise RuntimeError(f"benchmark instance {dead[0].name} died with exit code {dead[0].exitcode}")
-            continue
-        if isinstance(item, FastformersError):
-            raise item
-        if isinstance(item, str):
-            raise RuntimeError(f"a benchmark instance failed:\n{item}")
-        gathered.append(item)
-    return gathered
+def serve(backend: Backend, layout: Layout, work: list[Work], meter: EnergyMeter) -> Served:
+    """One setting alone: load, every timed pass, the latency calls, results."""
+    instances = Instances(backend, layout, work, meter)
+    try:
+        for _ in range(work[0].repeats):
+            instances.timed_pass()
+        instances.latency_pass()
+    except BaseException:
+        instances.terminate()
+        raise
+    return instances.close()
 
 
 def _instance_main(instance: int, backend: Backend, cpus: tuple[int, ...], threads: int, work: Work,
-                   meter: EnergyMeter, barrier, results) -> None:
-    """One pinned instance: load, warm up, then every timed pass and the latency pass in step with the
-    other instances (barriers), so their timings overlap as they would in service."""
+                   meter: EnergyMeter, barrier, commands, results) -> None:
+    """One pinned instance: load and warm up, then run what the parent says; each timed pass starts and ends
+    in step with the other instances of its layout (barriers), so their timings overlap as in service."""
     try:
         os.sched_setaffinity(0, cpus)
-        infer = open_backend(backend, threads)
-        for batch in work.batches[: work.warmup]:
+        infer = backend.open(threads)
+        for batch in work.warmup_batches():
             infer(batch.inputs)
-        passes, energy, outputs = [], [], []
-        for _ in range(work.repeats):
-            barrier.wait(BARRIER_TIMEOUT_S)
-            reading = meter.start() if instance == 0 else None
-            start = time.monotonic()
-            outputs = [(b.indices, infer(b.inputs), b.group_sizes) for b in work.batches]
-            end = time.monotonic()
-            barrier.wait(BARRIER_TIMEOUT_S)  # the pass ends when the slowest instance is done
-            energy.append(meter.stop(reading, time.monotonic() - start) if instance == 0 else None)
-            passes.append((start, end))
-        barrier.wait(BARRIER_TIMEOUT_S)
-        latencies = []
-        for batch in work.latency_batches:
-            started = time.perf_counter()
-            infer(batch.inputs)
-            latencies.append(time.perf_counter() - started)
+        results.put(("ready", instance))
+        passes, energy, outputs, latencies = [], [], [], []
+        while (command := commands.get()) != "stop":
+            if command == "pass":
+                barrier.wait(BARRIER_TIMEOUT_S)
+                reading = meter.start() if instance == 0 else None
+                start = time.monotonic()
+                outputs = [(b.indices, infer(b.inputs), b.group_sizes) for b in work.batches]
+                end = time.monotonic()
+                barrier.wait(BARRIER_TIMEOUT_S)  # the pass ends when the slowest instance is done
+                energy.append(meter.stop(reading, time.monotonic() - start) if instance == 0 else None)
+                passes.append((start, end))
+            elif command == "latency":
+                barrier.wait(BARRIER_TIMEOUT_S)
+                for batch in work.latency_batches:
+                    started = time.perf_counter()
+                    infer(batch.inputs)
+                    latencies.append(time.perf_counter() - started)
+            results.put((command, instance))
         results.put(InstanceResult(instance, sorted(os.sched_getaffinity(0)), threads, passes, energy, latencies,
                                    outputs, peak_rss_mb()))
     except FastformersError as err:  # bad input: the parent re-raises it as the run's one-line error
@@ -254,26 +316,3 @@ def peak_rss_mb() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024  # kB
     raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def open_backend(backend: Backend, threads: int) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
-    """Arrays in, logits out, on `threads` threads. Imported here, not at the top: an ONNX instance never
-    loads PyTorch, so its peak memory is what serving the graph takes."""
-    if backend.kind == "onnx":
-        from fastformers.runtime import OnnxClassifier
-
-        return OnnxClassifier(backend.path, threads, list(backend.providers), dict(backend.session)).run
-    import torch
-
-    from fastformers.models import load_finetuned
-
-    torch.set_num_threads(threads)
-    torch.set_num_interop_threads(1)
-    model, _ = load_finetuned(backend.path, attn_implementation=None)  # transformers' default: out of the box
-    model.eval()
-
-    def infer(inputs: dict[str, np.ndarray]) -> np.ndarray:
-        with torch.inference_mode():
-            return model(**{k: torch.from_numpy(v) for k, v in inputs.items()}).logits.float().numpy()
-
-    return infer

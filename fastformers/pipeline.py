@@ -10,10 +10,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from fastformers import serving, tracking
 from fastformers.cache import StageCache, cache_key
-from fastformers.data import fingerprint, parse_split, task_file
+from fastformers.data import fingerprint, parse_split, split_label, task_file
 from fastformers.errors import FastformersError
 from fastformers.stages import get_stage
-from fastformers.stages.evaluate import split_label
 from fastformers.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -93,7 +92,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             if stage.PROVIDES:
                 provided[stage.PROVIDES] = (folder, key)
         if cfg.mlflow.serve_model and "onnx" in provided:
-            serving.log_served_model(provided["onnx"][0], cfg)
+            serving.log_served_model(provided["onnx"][0], cfg, provided.get("pick", (None,))[0])
     return results
 
 

@@ -52,6 +52,11 @@ def fastest(settings: list[str], metrics: dict[str, float]) -> str | None:
     return max(settings, key=lambda s: metrics.get(f"benchmark/{s}/throughput", 0.0), default=None)
 
 
+def picked(run) -> str | None:
+    """The benchmark's pick (`benchmark.pick`; runs before engines had a pick: `benchmark.best_layout`)."""
+    return run.data.tags.get("benchmark.pick") or run.data.tags.get("benchmark.best_layout") or None
+
+
 def row_of(run, setting: str | None) -> Row | None:
     """A finished run's point: its eval score, and the named benchmark setting (default: its fastest)."""
     metrics, params = run.data.metrics, run.data.params
@@ -173,8 +178,8 @@ def plot(rows: list[Row], out: Path, title: str) -> list[Path]:
 
 
 def ablation_table(runs) -> list[str]:
-    """The paper's Table 3 layout for runs that carry `row.order` (conf/ablation/): each row's own setting (its
-    fastest layout where several were timed), its speed-up over the baseline timed in the same run
+    """The paper's Table 3 layout for runs that carry `row.order` (conf/ablation/): each row's own setting (the
+    benchmark's pick where it searched engines and layouts), its speed-up over the baseline timed in the same run
     (cumulative), over the row before (per step), its score and cost."""
     rows = sorted((r for r in runs if "row.order" in r.data.params), key=lambda r: int(r.data.params["row.order"]))
     lines = ["| row | setting | time (s) | speed-up (step) | speed-up (cumulative) | score | USD / 100M queries |",
@@ -182,7 +187,7 @@ def ablation_table(runs) -> list[str]:
     previous = None
     for run in rows:
         metrics = run.data.metrics
-        setting = run.data.tags.get("benchmark.best_layout") or run.data.params["row.setting"]
+        setting = picked(run) or run.data.params["row.setting"]
         cumulative = metrics.get(f"benchmark/{setting}/speedup")
         step = cumulative / previous if cumulative and previous else cumulative
         score = next((v for k, v in sorted(metrics.items()) if SCORE.match(k)), None)
@@ -216,7 +221,7 @@ def task_table(client: MlflowClient, runs, out: Path) -> list[Path]:
                                  if k.startswith("evaluate/") and not k.endswith("/score"))
             splits = sorted({k.split("/")[1] for k in metrics if SCORE.match(k)})  # e.g. val_60-100pct: a share
             official += f" ({', '.join(splits)})" if splits else ""
-            best = run.data.tags.get("benchmark.best_layout") or fastest(timed_settings(metrics), metrics)
+            best = picked(run) or fastest(timed_settings(metrics), metrics)
             base_j, best_j = (metrics.get(f"benchmark/{name}/joules_per_example") for name in ("baseline", best))
             saving = f"{base_j / best_j:.1f}x" if base_j and best_j else ""
             speedup = metrics.get(f"benchmark/{best}/speedup")

@@ -1,4 +1,5 @@
-"""The run's exported graph as an MLflow model, ready for `mlflow models serve -m runs:/<id>/model`.
+"""The run's served model as an MLflow model, ready for `mlflow models serve -m runs:/<id>/model`: the
+benchmark's pick when the run made one (engine, precision, bucket), else the run's precision on onnxruntime.
 
 Requests carry records in the task's official jsonl shape (e.g. CB: premise, hypothesis, idx); answers are
 the leaderboard's submission rows (idx and label), so a served model and a submission file read alike.
@@ -8,29 +9,31 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
-import onnxruntime as ort
 import transformers
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from fastformers.runtime import GRAPHS, graph_path
+from fastformers.engines import artifact_path, get_engine, read_pick, tokenizer_folder
 
 ARTIFACT_PATH = "model"
 
 
-class OnnxTaskModel(mlflow.pyfunc.PythonModel):
-    """Official records in, submission rows out, through the ONNX graph and the model's tokenizer."""
+class EngineTaskModel(mlflow.pyfunc.PythonModel):
+    """Official records in, submission rows out, through the engine's artifact and the model's tokenizer."""
 
     def load_context(self, context) -> None:
         from transformers import AutoTokenizer
 
-        from fastformers.runtime import OnnxClassifier
+        from fastformers.engines import EngineModel
         from fastformers.tasks import get_task
 
-        self.task = get_task(context.model_config["task"])
-        self.max_length = int(context.model_config["max_seq_length"])
-        self.model = OnnxClassifier(context.artifacts["graph"])
+        config = context.model_config
+        self.task = get_task(config["task"])
+        self.max_length = int(config["max_seq_length"])
+        engine = get_engine(config["engine"], {config["engine"]: config["engine_conf"]})
+        self.model = EngineModel(engine.open(Path(context.artifacts["model"]), config["precision"], None,
+                                             config["options"], config["bucket"]))
         self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"])
 
     def predict(self, context, model_input, params=None) -> list[dict]:
@@ -52,13 +55,30 @@ class OnnxTaskModel(mlflow.pyfunc.PythonModel):
         return self.task.submit(examples, predict(self.model, loader))
 
 
-def log_served_model(onnx_folder: Path, cfg: DictConfig) -> None:
-    """Logs the precision's graph and its tokenizer under the active run's `model`."""
+def served_choice(cfg: DictConfig, pick_folder: Path | None) -> dict:
+    """The benchmark's pick if it chose an exported artifact, else the run's precision on onnxruntime."""
+    pick = read_pick(pick_folder) if pick_folder and (pick_folder / "pick.json").is_file() else None
+    if pick and pick["engine"] != "torch":
+        return {k: pick[k] for k in ("engine", "precision", "bucket", "options")}
+    return {"engine": "onnxruntime", "precision": cfg.precision.name, "bucket": None, "options": {}}
+
+
+def log_served_model(onnx_folder: Path, cfg: DictConfig, pick_folder: Path | None = None) -> dict:
+    """Logs the chosen artifact (an OpenVINO IR with its weights file) and the tokenizer under the active
+    run's `model`; returns the choice."""
+    choice = served_choice(cfg, pick_folder)
+    engine = get_engine(choice["engine"], cfg.engines)
+    path = artifact_path(onnx_folder, engine, choice["precision"])
+    artifacts = {"model": str(path), "tokenizer": str(tokenizer_folder(onnx_folder))}
+    if path.suffix == ".xml":
+        artifacts["weights"] = str(path.with_suffix(".bin"))  # copied beside the .xml, where OpenVINO looks
+    package = {"onnxruntime": "onnxruntime", "openvino": "openvino"}.get(engine.name)
+    requirements = [f"transformers=={transformers.__version__}", "fastformers"]
+    if package:
+        requirements.append(f"{package}=={__import__(package).__version__}")
     mlflow.pyfunc.log_model(
-        name=ARTIFACT_PATH,
-        python_model=OnnxTaskModel(),
-        artifacts={"graph": str(graph_path(onnx_folder)), "tokenizer": str(onnx_folder / GRAPHS)},
-        model_config={"task": cfg.task.name, "max_seq_length": cfg.task.max_seq_length},
-        pip_requirements=[f"onnxruntime=={ort.__version__}", f"transformers=={transformers.__version__}",
-                          "fastformers"],
-    )
+        name=ARTIFACT_PATH, python_model=EngineTaskModel(), artifacts=artifacts, pip_requirements=requirements,
+        model_config={"task": cfg.task.name, "max_seq_length": cfg.task.max_seq_length,
+                      "engine_conf": OmegaConf.to_container(cfg.engines[engine.name], resolve=True)} | choice)
+    mlflow.set_tags({"served.engine": choice["engine"], "served.precision": choice["precision"]})
+    return choice

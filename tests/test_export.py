@@ -1,38 +1,50 @@
 """Export, fusion, int8 quantization and fp16 conversion of tiny random models, checked against PyTorch;
-the export stage and evaluate-on-ONNX through the pipeline."""
+the export stage (onnxruntime and OpenVINO artifacts) and evaluate on an exported engine through the pipeline."""
 import copy
 import inspect
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from fastformers import pipeline
+from fastformers.cli import CONF_DIR
 from fastformers.data import load_examples, make_loader, texts_of
+from fastformers.engines import EngineModel
+from fastformers.engines.onnxruntime_engine import CPU, CUDA, OnnxClassifier, disabled_optimizers
+from fastformers.engines.parity import batch_logits, compare
 from fastformers.errors import FastformersError
-from fastformers.models import build_random, encoder_layers, keep_attention_heads, load_finetuned
-from fastformers.runtime import CPU, CUDA, OnnxClassifier, disabled_optimizers
-from fastformers.stages.export import (
-    attention_shape,
-    batch_logits,
-    compare,
-    convert_fp16,
-    export_onnx,
-    matmul_input_stats,
-    optimize,
-    outlier_matmuls,
-    quantize_int8,
-    sibling,
-    smooth_matmuls,
-)
+from fastformers.models import build_random, encoder_layers, keep_attention_heads, load_finetuned, model_inputs
+from fastformers.onnx import sibling
+from fastformers.onnx.convert import export_onnx
+from fastformers.onnx.optimize import optimize
+from fastformers.onnx.quantize import convert_fp16, matmul_input_stats, outlier_matmuls, quantize_int8, smooth_matmuls
 from fastformers.tasks import TASKS
 
 LAYERS = 2
+
+
+def attention_shape(model) -> tuple[int, int]:
+    """(heads, total head width) of the first layer's attention, what the export stage gives the optimizer."""
+    layer = encoder_layers(model)[0].attention.self
+    return layer.num_attention_heads, layer.all_head_size
+
+
+def on_onnxruntime(path, **kwargs) -> EngineModel:
+    """A graph behind an onnxruntime session, called like a transformers model."""
+    return EngineModel(OnnxClassifier(path, **kwargs).run)
+
+
+def feeds_of(loader) -> list[dict[str, np.ndarray]]:
+    """A loader's batches as the numpy feeds quantizers calibrate on."""
+    return [{k: v.numpy() for k, v in model_inputs(batch).items()} for batch in loader]
 
 
 def tiny_spec(family: str):
@@ -87,8 +99,8 @@ def test_a_graph_fused_without_skip_layer_norm_stays_so_in_every_session(bert, t
         ops = [node.op_type for node in onnx.load(str(dumped)).graph.node]
         assert "SkipLayerNormalization" not in ops and ops.count("LayerNormalization") == 2 * LAYERS
     assert disabled_optimizers(bert["fused"], [CPU]) == []  # default fusions: nothing to hold back
-    reference = batch_logits(OnnxClassifier(bert["fused"]), bert["loader"])
-    assert compare(reference, batch_logits(OnnxClassifier(unfused), bert["loader"]), bert["loader"])["max_abs_diff"] < 1e-4
+    reference = batch_logits(on_onnxruntime(bert["fused"]), bert["loader"])
+    assert compare(reference, batch_logits(on_onnxruntime(unfused), bert["loader"]), bert["loader"])["max_abs_diff"] < 1e-4
     with pytest.raises(FastformersError, match="export.fusion_options.enable_warp_speed: not an onnxruntime FusionOptions"):
         optimize(bert["exported"], 4, 64, {"enable_warp_speed": True})
 
@@ -104,7 +116,7 @@ def test_roberta_graph_takes_only_the_inputs_its_tokenizer_gives(tmp_path, super
 
 @pytest.mark.parametrize("graph", ["exported", "fused"])
 def test_graphs_match_pytorch_on_new_batch_sizes_and_lengths(bert, graph):
-    session = OnnxClassifier(bert[graph])
+    session = on_onnxruntime(bert[graph])
     tokenizer, model = bert["tokenizer"], bert["model"]
     for batch_size, words in [(1, 3), (3, 40), (7, 11)]:
         texts = [" ".join(["the cat sat by the river"] * words)[: 6 * words + i] for i in range(batch_size)]
@@ -118,7 +130,7 @@ def test_graphs_match_pytorch_on_new_batch_sizes_and_lengths(bert, graph):
 
 def test_parity_on_eval_batches_is_tight_for_the_fused_graph(bert):
     reference = batch_logits(bert["model"], bert["loader"])
-    result = compare(reference, batch_logits(OnnxClassifier(bert["fused"]), bert["loader"]), bert["loader"])
+    result = compare(reference, batch_logits(on_onnxruntime(bert["fused"]), bert["loader"]), bert["loader"])
     assert result["max_abs_diff"] < 1e-4 and result["agreement"] == 1.0 and result["examples"] == 18
 
 
@@ -145,7 +157,7 @@ def test_int8_quantizes_dense_weights_and_keeps_predictions(bert, tmp_path, weig
     assert quantized.stat().st_size < 0.75 * bert["fused"].stat().st_size
 
     reference = batch_logits(bert["model"], bert["loader"])
-    result = compare(reference, batch_logits(OnnxClassifier(quantized), bert["loader"]), bert["loader"])
+    result = compare(reference, batch_logits(on_onnxruntime(quantized), bert["loader"]), bert["loader"])
     assert result["agreement"] >= 0.8
     assert 0 < result["max_abs_diff"] < 0.05
 
@@ -163,7 +175,7 @@ def outlier_graph(tmp_path_factory, superglue_root):
     exported = export_onnx(model, tokenizer, folder / "onnx" / "model.onnx", opset=17)
     fused, _ = optimize(exported, *attention_shape(model))
     loader = make_loader(load_examples(TASKS["cb"], superglue_root, "train"), tokenizer, TASKS["cb"], 128, 8)
-    return {"fused": fused, "stats": matmul_input_stats(fused, loader), "folder": folder,
+    return {"fused": fused, "stats": matmul_input_stats(fused, feeds_of(loader)), "folder": folder,
             "loader": make_loader(load_examples(TASKS["cb"], superglue_root, "val"), tokenizer, TASKS["cb"], 128, 8)}
 
 
@@ -182,9 +194,9 @@ def test_smoothing_moves_the_outlier_into_the_weights_without_changing_the_float
     (chosen,) = outlier_matmuls(stats, 1)
     smoothed = smooth_matmuls(fused, stats, [chosen], alpha=0.5)
     loader = outlier_graph["loader"]
-    reference = batch_logits(OnnxClassifier(fused), loader)
-    assert compare(reference, batch_logits(OnnxClassifier(smoothed), loader), loader)["max_abs_diff"] < 1e-4
-    after = matmul_input_stats(smoothed, outlier_graph["loader"])[chosen]
+    reference = batch_logits(on_onnxruntime(fused), loader)
+    assert compare(reference, batch_logits(on_onnxruntime(smoothed), loader), loader)["max_abs_diff"] < 1e-4
+    after = matmul_input_stats(smoothed, feeds_of(outlier_graph["loader"]))[chosen]
 
     def spread(channel_max):  # how far the loudest channel stretches the one per-tensor int8 scale
         return channel_max.max() / np.median(channel_max)
@@ -209,7 +221,7 @@ def test_fp16_conversion_leaves_no_float32_weights_and_keeps_io_types(bert, tmp_
 def test_fp16_graph_predicts_like_pytorch_on_the_gpu(bert, tmp_path):
     source = tmp_path / "model.onnx"
     source.write_bytes(bert["fused"].read_bytes())
-    session = OnnxClassifier(convert_fp16(source), providers=[CUDA])
+    session = on_onnxruntime(convert_fp16(source), providers=[CUDA])
     reference = batch_logits(bert["model"], bert["loader"])
     assert compare(reference, batch_logits(session, bert["loader"]), bert["loader"])["agreement"] >= 0.9
 
@@ -220,13 +232,15 @@ def predictions(folder):
 
 def test_export_stage_then_evaluate_on_onnx_matches_pytorch(make_cfg):
     stages = ["stages=[finetune,export,evaluate]", "finetune.learning_rate=5e-3"]
-    on_onnx = pipeline.run(make_cfg(*stages, "evaluate.backend=onnx"))
+    on_onnx = pipeline.run(make_cfg(*stages, "evaluate.engine=onnxruntime"))
     assert on_onnx["export/fused/Attention"] == LAYERS and on_onnx["export/fused/EmbedLayerNormalization"] == 1
-    assert on_onnx["export/parity/fp32/max_abs_diff"] < 1e-4 and on_onnx["export/parity/fp32/agreement"] == 1.0
-    on_torch = pipeline.run(make_cfg(*stages, "evaluate.backend=torch"))
+    assert on_onnx["export/parity/onnxruntime/fp32/max_abs_diff"] < 1e-4
+    assert on_onnx["export/parity/onnxruntime/fp32/agreement"] == 1.0
+    on_torch = pipeline.run(make_cfg(*stages, "evaluate.engine=torch"))
     assert on_torch["evaluate/val/score"] == on_onnx["evaluate/val/score"]
-    int8 = pipeline.run(make_cfg(*stages, "evaluate.backend=onnx", "precision=int8"))
-    assert int8["export/parity/int8/agreement"] >= 0.9 and int8["export/graph_mb/int8"] < int8["export/graph_mb/fp32"]
+    int8 = pipeline.run(make_cfg(*stages, "evaluate.engine=onnxruntime", "precision=int8"))
+    assert int8["export/parity/onnxruntime/int8/agreement"] >= 0.9
+    assert int8["export/artifact_mb/onnxruntime/int8"] < int8["export/artifact_mb/onnxruntime/fp32"]
     assert abs(int8["evaluate/val/accuracy"] - on_torch["evaluate/val/accuracy"]) <= 2 / 18
 
     from mlflow.tracking import MlflowClient
@@ -241,8 +255,9 @@ def test_export_stage_then_evaluate_on_onnx_matches_pytorch(make_cfg):
     assert tags == [("miss", "miss"), ("hit", "hit"), ("hit", "miss")]  # int8 is a new export, same model
     assert predictions(runs[0].data.tags["cache.evaluate.path"]) == predictions(runs[1].data.tags["cache.evaluate.path"])
     index = json.loads(open(f"{runs[2].data.tags['cache.export.path']}/export.json").read())
-    assert index["precision"] == "int8" and index["graphs"]["int8"] == "model/model_optimized_quantized.onnx"
-    assert index["graphs"]["int8_stock"] == "model/model_optimized_stock_quantized.onnx"  # the reference row's graph
+    assert index["precision"] == "int8"
+    assert index["artifacts"]["onnxruntime/int8"] == "model/model_optimized_quantized.onnx"
+    assert index["artifacts"]["onnxruntime/int8_stock"] == "model/model_optimized_stock_quantized.onnx"  # reference row
 
 
 def test_a_graph_that_disagrees_with_pytorch_fails_the_stage_loudly(make_cfg):
@@ -255,12 +270,13 @@ def test_a_graph_that_disagrees_with_pytorch_fails_the_stage_loudly(make_cfg):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["stages=[finetune,evaluate]", "evaluate.backend=onnx"], "'evaluate' needs the 'onnx' output of an earlier stage"),
+        (["stages=[finetune,evaluate]", "evaluate.engine=onnxruntime"],
+         "'evaluate' needs the 'onnx' output of an earlier stage"),
         (["stages=[finetune,export]", "precision=int8", "precision.weight_type=QInt4"],
          "precision.weight_type='QInt4' must be one of"),
         (["stages=[finetune,export]", "export.opset=11"], "export.opset=11"),
         (["stages=[finetune,export]", "precision=int8", "precision.min_agreement=1.5"], "precision.min_agreement=1.5"),
-        (["stages=[finetune,export,evaluate]", "evaluate.backend=tf"], "evaluate.backend='tf' must be one of"),
+        (["stages=[finetune,export,evaluate]", "evaluate.engine=tf"], r"engine 'tf' is not configured; choose from \["),
         (["stages=[finetune,export]", "precision=int8", "precision.calibration_split='val[:50%]'"],
          r"precision.calibration_split='val\[:50%\]' overlaps the evaluation split"),
         (["stages=[finetune,export]", "precision=int8", "precision.outlier_matmuls=-1"], "precision.outlier_matmuls=-1"),
@@ -277,7 +293,7 @@ def test_bad_export_configs_fail_before_any_work(make_cfg, overrides, message):
 
 @pytest.mark.skipif(CUDA in ort.get_available_providers(), reason="this machine can run fp16")
 def test_fp16_without_a_gpu_is_refused_with_the_reason(make_cfg):
-    with pytest.raises(FastformersError, match="precision=fp16: needs onnxruntime's CUDAExecutionProvider"):
+    with pytest.raises(FastformersError, match=r"precision=fp16: fp16 runs on onnxruntime's CUDAExecutionProvider \(install onnxruntime-gpu"):
         pipeline.run(make_cfg("stages=[finetune,export]", "precision=fp16"))
 
 
@@ -289,7 +305,21 @@ def test_attention_shape_gives_the_optimizer_the_kept_heads_of_a_pruned_model(be
     assert attention_shape(pruned) == (2, 32)  # head size 16 unchanged; the model stays 64 wide
 
 
-def test_static_int8_calibrates_on_the_calibration_split_only_and_keeps_predictions(make_cfg, monkeypatch):
+def compose_cfg(superglue_root, output_dir, *overrides):
+    """The config `make_cfg` (conftest) composes, for a module-scoped fixture (make_cfg is per test)."""
+    base = ["teacher=tiny_bert", f"data.root={superglue_root}", f"paths.output_dir={output_dir}",
+            "finetune.epochs=2", "finetune.batch_size=8"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=base + list(overrides))
+
+
+@pytest.fixture(scope="module")
+def int8_export(superglue_root, tmp_path_factory):
+    """One int8 export (every engine of export.engines; static scales too, one outlier MatMul kept float),
+    shared by the tests that read it, with the split each of the export stage's readers asked for."""
+    from mlflow.tracking import MlflowClient
+
+    from fastformers import tracking
     from fastformers.stages import export
 
     reads = []
@@ -299,26 +329,45 @@ def test_static_int8_calibrates_on_the_calibration_split_only_and_keeps_predicti
         reads.append((inspect.stack()[1].function, split))
         return original(task, root, split, *args)
 
-    monkeypatch.setattr(export, "load_examples", recording)
-    results = pipeline.run(make_cfg("stages=[finetune,export]", "finetune.learning_rate=5e-3", "precision=int8",
-                                    "precision.static=true", "precision.outlier_matmuls=1",
-                                    "precision.outliers=float"))
-    calibration = {split for caller, split in reads if caller == "calibration_loader"}
-    assert calibration == {"train"} and ("check_parity", "val") in reads  # val is read for parity only
-    assert results["export/parity/int8_static/agreement"] >= 0.8
-
-    cfg = make_cfg()
-    from mlflow.tracking import MlflowClient
-
-    from fastformers import tracking
-
+    cfg = compose_cfg(superglue_root, tmp_path_factory.mktemp("int8") / "outputs", "stages=[finetune,export]",
+                      "finetune.learning_rate=5e-3", "precision=int8", "precision.static=true",
+                      "precision.outlier_matmuls=1", "precision.outliers=float")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(export, "load_examples", recording)
+        results = pipeline.run(cfg)
     client = MlflowClient(tracking.tracking_uri(cfg))
     (run,) = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment_name).experiment_id])
     folder = run.data.tags["cache.export.path"]
-    index = json.loads(open(f"{folder}/export.json").read())
-    graph = onnx.load(f"{folder}/{index['graphs']['int8_static']}")
+    return {"cfg": cfg, "results": results, "reads": reads, "folder": folder,
+            "index": json.loads(open(f"{folder}/export.json").read())}
+
+
+def test_static_int8_calibrates_on_the_calibration_split_only_and_keeps_predictions(int8_export):
+    reads, results = int8_export["reads"], int8_export["results"]
+    calibration = {split for caller, split in reads if caller == "calibration_feeds"}
+    assert calibration == {"train"} and ("check_parity", "val") in reads  # val is read for parity only
+    assert results["export/parity/onnxruntime/int8_static/agreement"] >= 0.8
+
+    folder, index = int8_export["folder"], int8_export["index"]
+    graph = onnx.load(f"{folder}/{index['artifacts']['onnxruntime/int8_static']}")
     ops = [node.op_type for node in graph.graph.node]
     assert ops.count("QAttention") == LAYERS and "DequantizeLinear" in ops
     assert ops.count("DynamicQuantizeLinear") == LAYERS  # the Attention inputs only: the MatMuls' scales are fixed
-    kept = index["settings"]["int8_static"]["nodes_kept_float"]
+    kept = index["settings"]["onnxruntime/int8_static"]["nodes_kept_float"]
     assert len(kept) == 1 and kept[0] in [node.name for node in graph.graph.node if node.op_type == "MatMul"]
+
+
+def test_int8_export_builds_openvino_artifacts_whose_fp32_model_matches_pytorch(int8_export):
+    cfg, folder, index, results = (int8_export[k] for k in ("cfg", "folder", "index", "results"))
+    assert index["skipped_engines"] == {}
+    assert index["artifacts"]["openvino/fp32"] == "model/openvino/model.xml"
+    assert index["artifacts"]["openvino/int8"] == "model/openvino/model_int8.xml"
+    for key in ("openvino/fp32", "openvino/int8"):
+        ir = Path(folder) / index["artifacts"][key]
+        assert ir.is_file() and ir.with_suffix(".bin").is_file()  # the IR's weights beside its graph
+        assert results[f"export/artifact_mb/{key}"] > 0
+    assert "FakeQuantize" in (Path(folder) / index["artifacts"]["openvino/int8"]).read_text()  # NNCF's int8
+    fp32 = index["parity"]["openvino/fp32"]
+    assert fp32["max_abs_diff"] < cfg.export.fp32_max_abs_diff and fp32["agreement"] == 1.0
+    assert results["export/parity/openvino/fp32/max_abs_diff"] == fp32["max_abs_diff"]
+    assert "openvino/int8" in index["parity"]  # recorded for the benchmark's gate, not held by the export

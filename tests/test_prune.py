@@ -12,13 +12,20 @@ from fastformers import pipeline
 from fastformers.data import load_examples, make_loader, texts_of
 from fastformers.errors import FastformersError
 from fastformers.models import HEADS_KEPT, build_random, count_parameters, encoder_layers, load_finetuned
-from fastformers.stages.export import attention_shape, export_onnx, optimize
+from fastformers.onnx.convert import export_onnx
+from fastformers.onnx.optimize import optimize
 from fastformers.stages.prune import importance, kept_count, mask_shapes, masks_applied, rewire, top_per_layer
 from fastformers.tasks import TASKS
 from tests.test_pipeline import mlflow_runs
 
 LAYERS, HIDDEN, HEADS, FFN = 2, 64, 4, 128
 HEAD_SIZE = HIDDEN // HEADS
+
+
+def attention_shape(model) -> tuple[int, int]:
+    """(heads, total head width) of the first layer's attention, what the export stage gives the optimizer."""
+    layer = encoder_layers(model)[0].attention.self
+    return layer.num_attention_heads, layer.all_head_size
 
 
 def tiny(family, superglue_root):

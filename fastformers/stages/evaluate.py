@@ -1,7 +1,7 @@
 """Stage `evaluate`: runs the latest model on each configured split; labelled splits get the official
-metrics, unlabelled ones (test) get the leaderboard's submission file `<Task>.jsonl`. With
-`evaluate.backend=onnx` it runs the latest exported graph (in its precision) instead of the PyTorch model,
-so every speed figure of an ONNX variant has its accuracy beside it."""
+metrics, unlabelled ones (test) get the leaderboard's submission file `<Task>.jsonl`. With `evaluate.engine`
+other than torch it runs that engine's exported artifact (in `evaluate.precision`, by default the run's), so
+every engine's speed figure can have its accuracy beside it."""
 from __future__ import annotations
 
 import json
@@ -9,44 +9,77 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from fastformers.data import load_examples, make_loader, parse_split
+from transformers import AutoTokenizer
+
+from fastformers.data import load_examples, make_loader, parse_split, split_label
+from fastformers.engines import EngineModel, artifact_path, check_target, get_engine, read_pick, tokenizer_folder
 from fastformers.errors import FastformersError
 from fastformers.models import load_finetuned, predict
-from fastformers.runtime import load_exported
 from fastformers.tasks import get_task
 
-VERSION = 1  # bump when a code change alters what this stage writes
+VERSION = 2  # bump when a code change alters what this stage writes
 PROVIDES = None
-USES = ("model",)  # with evaluate.backend=onnx: ("onnx",), see uses()
-CONFIG_KEYS = ("task", "evaluate", "data.split_seed")
-BACKENDS = ("torch", "onnx")
+USES = ("model",)  # with an exported engine: ("onnx",); with engine=pick also the benchmark's ("pick"), see uses()
+PICK = "pick"
+CONFIG_KEYS = ("task", "evaluate", "precision.name", "engines", "data.split_seed")
 
 
 def uses(cfg: DictConfig) -> tuple[str, ...]:
-    return ("onnx",) if cfg.evaluate.backend == "onnx" else USES
+    if cfg.evaluate.engine == PICK:
+        return USES + (("onnx",) if "export" in cfg.stages else ()) + (PICK,)
+    return USES if cfg.evaluate.engine == "torch" else ("onnx",)
+
+
+def precision_of(cfg: DictConfig) -> str:
+    """The precision evaluated: `evaluate.precision`, else the run's (fp32 for PyTorch)."""
+    if cfg.evaluate.engine == "torch":
+        return cfg.evaluate.precision or "fp32"
+    return cfg.evaluate.precision or cfg.precision.name
 
 
 def validate(cfg: DictConfig) -> None:
-    if cfg.evaluate.backend not in BACKENDS:
-        raise FastformersError(f"evaluate.backend={cfg.evaluate.backend!r} must be one of {list(BACKENDS)}")
+    if cfg.evaluate.engine == PICK:
+        if cfg.evaluate.precision or cfg.evaluate.bucket:
+            raise FastformersError("evaluate.engine=pick takes the pick's precision and bucket: leave "
+                                   "evaluate.precision and evaluate.bucket null")
+        validate_splits(cfg)
+        return
+    engine = get_engine(cfg.evaluate.engine, cfg.engines)
+    check_target(engine, precision_of(cfg), "evaluate.precision")
+    reason = engine.unavailable(precision_of(cfg))
+    if reason:
+        raise FastformersError(f"evaluate.engine={engine.name} evaluate.precision={precision_of(cfg)}: {reason}")
+    validate_splits(cfg)
+
+
+def validate_splits(cfg: DictConfig) -> None:
     if not cfg.evaluate.splits:
         raise FastformersError("evaluate.splits is empty: name at least one split, e.g. [val]")
     for spec in cfg.evaluate.splits:
         parse_split(spec)
 
 
-def split_label(spec: str) -> str:
-    """A metric-name-safe label: 'val' stays 'val', 'val[60%:]' becomes 'val_60-100pct'."""
-    name, lo, hi = parse_split(spec)
-    return name if (lo, hi) == (0.0, 1.0) else f"{name}_{round(lo * 100)}-{round(hi * 100)}pct"
+def load(cfg: DictConfig, inputs: dict[str, Path], out: Path):
+    """(model, tokenizer) of what is evaluated: the PyTorch model, an engine's artifact, or the benchmark's
+    pick (recorded in `evaluated.json`)."""
+    if cfg.evaluate.engine == PICK:
+        pick = read_pick(inputs[PICK])
+        name, precision, bucket, options = pick["engine"], pick["precision"], pick["bucket"], pick["options"]
+    else:
+        name, precision, bucket, options = cfg.evaluate.engine, precision_of(cfg), cfg.evaluate.bucket, {}
+    (out / "evaluated.json").write_text(json.dumps({"engine": name, "precision": precision, "bucket": bucket,
+                                                    "options": options}))
+    if name == "torch":
+        return load_finetuned(inputs["model"] / "model")
+    engine = get_engine(name, cfg.engines)
+    model = EngineModel(engine.open(artifact_path(inputs["onnx"], engine, precision), precision, None, options,
+                                    bucket))
+    return model, AutoTokenizer.from_pretrained(str(tokenizer_folder(inputs["onnx"])))
 
 
 def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]:
     task = get_task(cfg.task.name)
-    if "onnx" in inputs:
-        model, tokenizer = load_exported(inputs["onnx"])
-    else:
-        model, tokenizer = load_finetuned(inputs["model"] / "model")
+    model, tokenizer = load(cfg, inputs, out)
     results: dict[str, float] = {}
     for spec in cfg.evaluate.splits:
         examples = load_examples(task, cfg.data.root, spec, cfg.data.split_seed, cfg.data.download)

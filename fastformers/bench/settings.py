@@ -1,0 +1,171 @@
+"""Benchmark settings: each names an engine, a precision, padding (and a shape bucket), a model and a layout.
+`benchmark.search` expands to every engine x precision x bucket x layout this machine offers: the candidates
+the pick is made from; a candidate this machine cannot run (bf16 without bf16 arithmetic) stays in the plan
+as a skipped row with its reason."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+from omegaconf import DictConfig
+
+from fastformers.engines import check_target, get_engine
+from fastformers.errors import FastformersError
+from fastformers.instances import Layout, layouts_filling, plan_layout, usable_cores
+
+PADDINGS = ("fixed", "dynamic")
+MODELS = ("latest", "teacher")  # which model a setting runs: the one the stages before made, or the teacher
+LAYOUT = re.compile(r"^(\d+)x(\d+)$")
+SPEC_KEYS = {"name", "engine", "precision", "padding", "bucket", "instances", "threads_per_instance", "model",
+             "options", "gated"}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the table."""
+
+    name: str
+    engine: str
+    precision: str
+    padding: str
+    layout: Layout
+    bucket: int | None = None  # pad each batch to a multiple of this many tokens (static shapes)
+    model: str = "latest"
+    options: tuple[tuple[str, object], ...] = ()  # engine options (e.g. onnxruntime session entries)
+    gated: bool = False      # may change predictions: held to benchmark.gate
+    candidate: bool = False  # one of the pick's candidates
+    skipped: str | None = None  # why this machine cannot run it
+
+    @property
+    def target(self) -> str:
+        return f"{self.engine}/{self.precision}" + (f" b{self.bucket}" if self.bucket else "")
+
+
+def plan_settings(cfg: DictConfig) -> list[Setting]:
+    """The rows: each configured setting (an identical repeat is kept once), the last one again at every
+    extra layout of `benchmark.layouts`, then the search's candidates and the reference at the search's layouts."""
+    if not cfg.benchmark.settings:
+        raise FastformersError("benchmark.settings is empty: name at least one, e.g. ${benchmark.baseline}")
+    rows: list[Setting] = []
+    for i, spec in enumerate(cfg.benchmark.settings):
+        add_row(rows, parse_setting(cfg, spec, f"benchmark.settings[{i}]"), f"benchmark.settings[{i}]")
+    search = cfg.benchmark.search
+    if not search:
+        add_layouts(rows, rows[-1], extra_layouts(cfg, cfg.benchmark.layouts, "benchmark.layouts"), cfg)
+        return rows
+    unknown = sorted(set(search) - {"engines", "buckets", "layouts"})
+    if unknown:
+        raise FastformersError(f"benchmark.search: unknown key {unknown[0]!r}; it takes engines, buckets, layouts")
+    layouts = extra_layouts(cfg, search.get("layouts"), "benchmark.search.layouts") or \
+        [(cfg.hardware.instances, cfg.hardware.threads_per_instance)]
+    if cfg.benchmark.reference:
+        reference = next((row for row in rows if row.name == cfg.benchmark.reference), None)
+        if reference is None:
+            raise FastformersError(f"benchmark.reference={cfg.benchmark.reference!r} is not a setting name "
+                                   f"(have {[row.name for row in rows]})")
+        add_layouts(rows, reference, layouts, cfg)
+    for candidate in search_candidates(cfg, layouts):
+        add_row(rows, candidate, "benchmark.search")
+    return rows
+
+
+def add_row(rows: list[Setting], setting: Setting, field: str) -> None:
+    same_name = [row for row in rows if row.name == setting.name]
+    if same_name and same_name[0] != setting:
+        raise FastformersError(f"{field}: name {setting.name!r} is already used by another setting")
+    if not same_name:
+        rows.append(setting)
+
+
+def add_layouts(rows: list[Setting], setting: Setting, layouts: list[tuple[int, int]], cfg: DictConfig) -> None:
+    """`setting` again at each layout it was not measured at yet, named `<name>_<layout>`."""
+    for instances, threads in layouts:
+        layout = plan_layout(instances, threads, cfg.hardware.cores)
+        if all(row.layout != layout for row in rows if same_work(row, setting)):
+            rows.append(dataclasses.replace(setting, name=f"{setting.name}_{layout.label}", layout=layout))
+
+
+def same_work(a: Setting, b: Setting) -> bool:
+    """Two rows that differ at most in their layout."""
+    return dataclasses.replace(a, name="", layout=b.layout) == dataclasses.replace(b, name="")
+
+
+def search_candidates(cfg: DictConfig, layouts: list[tuple[int, int]]) -> list[Setting]:
+    """engine x precision x bucket x layout from `benchmark.search`, each gated; skipped where unavailable."""
+    search, rows = cfg.benchmark.search, []
+    for engine_name, precisions in (search.get("engines") or {}).items():
+        engine = get_engine(engine_name, cfg.engines)
+        for precision in precisions:
+            check_target(engine, precision, f"benchmark.search.engines.{engine_name}")
+            reason = engine.unavailable(precision)
+            for bucket in (search.get("buckets") or [None]) if engine.static_shapes else [None]:
+                check_bucket(bucket, cfg.task.max_seq_length, "benchmark.search.buckets")
+                for instances, threads in layouts:
+                    layout = plan_layout(instances, threads, cfg.hardware.cores)
+                    name = f"{engine_name}_{precision}" + (f"_b{bucket}" if bucket else "") + f"_{layout.label}"
+                    rows.append(Setting(name, engine_name, precision, "dynamic", layout, bucket, gated=True,
+                                        candidate=True, skipped=reason))
+    if not rows:
+        raise FastformersError("benchmark.search.engines is empty: name at least one engine and its precisions")
+    return rows
+
+
+def check_bucket(bucket, max_length: int, field: str) -> None:
+    if bucket is None:
+        return
+    if not isinstance(bucket, int) or bucket < 1 or max_length % bucket:
+        raise FastformersError(f"{field}: bucket {bucket!r} must be a positive integer that divides "
+                               f"task.max_seq_length={max_length} (or null = dynamic shapes)")
+
+
+def parse_setting(cfg: DictConfig, spec: DictConfig, field: str) -> Setting:
+    unknown = sorted(set(spec) - SPEC_KEYS)
+    if unknown:
+        raise FastformersError(f"{field}: unknown key {unknown[0]!r}; a setting takes {sorted(SPEC_KEYS)}")
+    for key in ("name", "engine", "padding"):
+        if key not in spec:
+            raise FastformersError(f"{field}: missing {key!r}")
+    engine = get_engine(spec.engine, cfg.engines)
+    precision = spec.get("precision") or "fp32"
+    check_target(engine, precision, f"{field}.precision")
+    if spec.padding not in PADDINGS:
+        raise FastformersError(f"{field}.padding={spec.padding!r} must be one of {list(PADDINGS)}")
+    bucket = spec.get("bucket")
+    check_bucket(bucket, cfg.task.max_seq_length, f"{field}.bucket")
+    if bucket and spec.padding == "fixed":
+        raise FastformersError(f"{field}: bucket={bucket} needs padding=dynamic (fixed pads to max_seq_length)")
+    model = spec.get("model", "latest")
+    if model not in MODELS:
+        raise FastformersError(f"{field}.model={model!r} must be one of {list(MODELS)}")
+    if model == "teacher" and engine.name != "torch":
+        raise FastformersError(f"{field}: model=teacher runs on engine torch only (the export stage exports the "
+                               "latest model)")
+    exported_precisions = ("fp32", cfg.precision.name, "bf16", "int8_stock", "int8_static")
+    if engine.name != "torch" and precision not in exported_precisions:
+        raise FastformersError(f"{field}.precision={precision}: the export stage builds fp32 and "
+                               f"precision={cfg.precision.name}'s artifacts; run with precision={precision}")
+    if precision == "int8_static" and not cfg.precision.get("static"):
+        raise FastformersError(f"{field}.precision=int8_static: the export stage builds the static int8 graph "
+                               "only with precision.static=true")
+    options = tuple(sorted((str(k), v) for k, v in (spec.get("options") or {}).items()))
+    engine.check_options(dict(options), f"{field}.options")
+    hardware = cfg.hardware
+    instances = spec.instances if "instances" in spec else hardware.instances
+    threads = spec.threads_per_instance if "threads_per_instance" in spec else hardware.threads_per_instance
+    gated = bool(spec.get("gated", False))
+    return Setting(spec.name, engine.name, precision, spec.padding, plan_layout(instances, threads, hardware.cores),
+                   bucket, model, options, gated, skipped=engine.unavailable(precision))
+
+
+def extra_layouts(cfg: DictConfig, layouts, field: str) -> list[tuple[int, int]]:
+    """`auto` = every instances x threads that fills the cores; else a list like [1x2, 2x1]."""
+    if layouts == "auto":
+        return layouts_filling(cfg.hardware.cores or len(usable_cores()))
+    parsed = []
+    for text in layouts or []:
+        match = LAYOUT.match(str(text))
+        if not match:
+            raise FastformersError(f"{field}: {text!r} is not <instances>x<threads>, e.g. 2x1 (or auto)")
+        parsed.append((int(match[1]), int(match[2])))
+    return parsed

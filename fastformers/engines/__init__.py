@@ -1,0 +1,198 @@
+"""Inference engines behind one seam. An engine turns the exported graph into the artifacts it runs
+(`prepare`, at export time) and loads an artifact as `infer(feeds) -> logits` on N threads (`load`, in a
+benchmark instance, in `evaluate`, in serving, in the export's parity check).
+
+Engines are named by the config group `conf/engines/` (each file: `_target_` = the engine class, plus its
+options); adding one is a module here, a file there and its name in conf/config.yaml's defaults list.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import json
+
+import numpy as np
+
+from fastformers.errors import FastformersError
+
+Infer = Callable[[dict[str, np.ndarray]], np.ndarray]  # int64 feeds in, float32 logits [rows, classes] out
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+INDEX = "export.json"  # written by the export stage: which file holds which engine's artifact
+GRAPHS = "model"       # the export stage's subfolder of artifacts and tokenizer (kept out of MLflow artifacts)
+PICK = "pick.json"     # written by the benchmark stage: the engine, precision, bucket and layout it picked
+
+
+@dataclass
+class ExportContext:
+    """What an engine's `prepare` starts from: the exported float graph and what quantizers need."""
+
+    onnx: Path                 # the raw TorchScript export, opset 13-17, dynamic batch and sequence axes
+    folder: Path               # where artifacts go (the export stage's model/ folder)
+    num_heads: int             # attention heads per layer, and their total width (pruning narrows them)
+    hidden_size: int
+    precision: Any             # the run's precision config node
+    export: Any                # the run's export config node
+    calibration: Callable[[], list[dict[str, np.ndarray]]]  # feeds from the calibration split, built on first call
+
+
+class Engine(ABC):
+    """One inference runtime. Precisions name what the engine runs; an artifact is a file it loads."""
+
+    name: str = ""
+    precisions: tuple[str, ...] = ()
+    float_precisions: tuple[str, ...] = ("fp32",)  # held to allclose in parity; the rest to argmax agreement
+    static_shapes: bool = False  # compiles per input shape: worth searching over shape buckets
+
+    def __init__(self, **options: Any):
+        self.options = options
+
+    def unavailable(self, precision: str) -> str | None:
+        """Why `precision` cannot run on this machine (a missing package, no bf16 in the CPU), or None."""
+        return None
+
+    def artifact_name(self, precision: str) -> str:
+        """The artifact a precision runs on (OpenVINO's bf16 compiles the fp32 model with a bf16 hint)."""
+        return precision
+
+    @abstractmethod
+    def prepare(self, ctx: ExportContext) -> dict[str, Path]:
+        """Builds this engine's artifacts for the run's precision: {artifact name: file}."""
+
+    @abstractmethod
+    def load(self, path: Path, precision: str, threads: int | None, options: Mapping[str, Any],
+             bucket: int | None = None) -> Infer:
+        """The artifact as an infer function on `threads` threads (None = the engine's default). With `bucket`,
+        every call's length is a multiple of it (see `open`), so an engine may compile one static shape each."""
+
+    def open(self, path: Path, precision: str, threads: int | None = None, options: Mapping[str, Any] | None = None,
+             bucket: int | None = None) -> Infer:
+        """`load`, with inputs padded to the next multiple of `bucket` tokens first when one is set: padding
+        is masked, so predictions do not change, and an engine with static shapes sees few distinct ones."""
+        infer = self.load(Path(path), precision, threads, options or {}, bucket)
+        if not bucket:
+            return infer
+
+        def padded(inputs: dict[str, np.ndarray]) -> np.ndarray:
+            return infer(pad_to_bucket(inputs, bucket))
+
+        return padded
+
+    def profile(self, path: Path, precision: str, threads: int, options: Mapping[str, Any],
+                batches: list[dict[str, np.ndarray]], out: Path, bucket: int | None = None) -> dict | None:
+        """Where the time goes, from the engine's own profiler: {"wall_ms", "kernel_ms": {operator type: ms}};
+        None where the engine has none."""
+        return None
+
+    def check_options(self, options: Mapping[str, Any], field: str) -> None:
+        """Refuses per-setting options the engine does not know, before any work."""
+        if options:
+            raise FastformersError(f"{field}: engine {self.name} takes no options (got {sorted(options)})")
+
+
+def engine_names(engines_cfg: Mapping) -> list[str]:
+    return sorted(engines_cfg or {})
+
+
+def get_engine(name: str, engines_cfg: Mapping) -> Engine:
+    """The engine `name` as configured under `engines.<name>` (its `_target_` class and options)."""
+    if name not in (engines_cfg or {}):
+        raise FastformersError(f"engine {name!r} is not configured; choose from {engine_names(engines_cfg)} "
+                               "(an engine is a module in fastformers/engines/ plus conf/engines/<name>.yaml)")
+    spec = dict(engines_cfg[name])
+    target = spec.pop("_target_", None)
+    if not target:
+        raise FastformersError(f"engines.{name}: missing _target_ (the engine class)")
+    from hydra.utils import get_class
+
+    engine = get_class(target)(**spec)
+    if not isinstance(engine, Engine):
+        raise FastformersError(f"engines.{name}._target_={target!r} is not a fastformers Engine")
+    return engine
+
+
+def check_target(engine: Engine, precision: str, field: str) -> None:
+    if precision not in engine.precisions:
+        raise FastformersError(f"{field}: engine {engine.name} runs precisions {list(engine.precisions)}, "
+                               f"not {precision!r}")
+
+
+def artifact_key(engine: str, artifact: str) -> str:
+    return f"{engine}/{artifact}"
+
+
+class EngineModel:
+    """An infer function called like a transformers model (`model(**tensors).logits`), so `predict`, the
+    evaluate stage and the parity check treat every engine alike."""
+
+    def __init__(self, infer: Infer):
+        self.infer = infer
+
+    def eval(self) -> EngineModel:
+        return self  # a compiled artifact has no training mode
+
+    def __call__(self, **inputs) -> SimpleNamespace:
+        import torch
+
+        feeds = {k: v.numpy() for k, v in inputs.items() if k in MODEL_INPUTS}
+        return SimpleNamespace(logits=torch.from_numpy(np.ascontiguousarray(self.infer(feeds), dtype=np.float32)))
+
+
+def pad_to_bucket(inputs: Mapping[str, np.ndarray], bucket: int) -> dict[str, np.ndarray]:
+    """Right-pads every [batch, length] input with zeros (attention_mask 0: masked) to a multiple of `bucket`."""
+    length = np.shape(inputs["input_ids"])[1]
+    extra = -length % bucket
+    if not extra:
+        return dict(inputs)
+    return {k: np.pad(np.asarray(v), ((0, 0), (0, extra))) for k, v in inputs.items()}
+
+
+def feeds_for(input_names: list[str], inputs: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+    """The inputs a graph takes, as int64; a missing `token_type_ids` is fed as zeros (what PyTorch assumes)."""
+    feeds = {}
+    for name in input_names:
+        if name in inputs:
+            feeds[name] = np.asarray(inputs[name], dtype=np.int64)
+        elif name == "token_type_ids":
+            feeds[name] = np.zeros(np.shape(inputs["input_ids"]), dtype=np.int64)
+        else:
+            raise FastformersError(f"{source}: the graph needs input {name!r}, which the batch lacks")
+    return feeds
+
+
+def export_index(folder: Path) -> dict:
+    path = Path(folder) / INDEX
+    if not path.is_file():
+        raise FastformersError(f"{folder} holds no {INDEX}: not an export stage output")
+    return json.loads(path.read_text())
+
+
+def artifact_path(folder: Path, engine: Engine, precision: str) -> Path:
+    """The file `engine` runs `precision` from, in an export stage output."""
+    index = export_index(folder)
+    key = artifact_key(engine.name, engine.artifact_name(precision))
+    if key not in index["artifacts"]:
+        skipped = index.get("skipped_engines", {}).get(engine.name)
+        raise FastformersError(f"{folder}: no {key} artifact was exported "
+                               + (f"({engine.name} was skipped: {skipped})" if skipped else
+                                  f"(have {sorted(index['artifacts'])}); run the export stage with "
+                                  f"precision={precision} and {engine.name} in export.engines"))
+    return Path(folder) / index["artifacts"][key]
+
+
+def tokenizer_folder(folder: Path) -> Path:
+    return Path(folder) / GRAPHS
+
+
+def read_pick(folder: Path) -> dict:
+    """The benchmark's pick: {name, engine, precision, bucket, layout, options, model}."""
+    path = Path(folder) / PICK
+    pick = json.loads(path.read_text()) if path.is_file() else None
+    if not pick:
+        raise FastformersError(f"{path}: the benchmark made no pick (no candidate was timed); set evaluate.engine "
+                               "to an engine name instead of pick")
+    return pick

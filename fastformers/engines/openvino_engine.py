@@ -1,0 +1,172 @@
+"""OpenVINO on the CPU: the raw ONNX export converted to OpenVINO's IR (fp32), run in fp32 or with a bf16
+inference hint where the CPU has bf16 arithmetic (AVX-512 BF16, AMX), or int8 by NNCF's post-training
+quantization calibrated on the train split. With a `bucket`, inputs are padded to a multiple of it and each
+(batch, length) shape gets its own static compiled model: static shapes let the CPU plugin pick faster
+kernels than dynamic ones. Compiled models are made on first use and the least recently used is dropped
+past `max_compiled`: each compiled model repacks the weights for its kernels (measured ~50 MB per bucket
+for MiniLM-L6; OpenVINO has no CPU setting that shares them), so memory grows with the buckets kept. The
+source weights are read once and every bucket is a clone of that model (clones share the constants)."""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastformers.engines import Engine, ExportContext, Infer, feeds_for
+from fastformers.errors import FastformersError
+
+log = logging.getLogger(__name__)
+
+# explicit f32: on a CPU with bf16, OpenVINO runs bf16 unless told otherwise; int8 runs its float parts in f32
+HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+OPTIONS = ("max_compiled", "hint", "cache_dir")
+
+
+def _ov():
+    try:
+        import openvino
+    except ImportError as err:
+        raise FastformersError("engine openvino: the openvino package is not installed (pip install openvino)") \
+            from err
+    return openvino
+
+
+def cpu_capabilities(ov) -> list[str]:
+    """What OpenVINO's CPU plugin says this processor offers, e.g. ['BF16', 'FP32', 'INT8', ...]."""
+    return list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+class OpenVinoEngine(Engine):
+    name = "openvino"
+    precisions = ("fp32", "bf16", "int8")
+    float_precisions = ("fp32",)
+    static_shapes = True
+
+    def __init__(self, max_compiled: int | None = None, hint: str = "LATENCY", nncf: Mapping | None = None, **options):
+        super().__init__(max_compiled=max_compiled, hint=hint, nncf=dict(nncf or {}), **options)
+
+    def unavailable(self, precision: str) -> str | None:
+        try:
+            ov = _ov()
+        except FastformersError as err:
+            return str(err)
+        if precision == "bf16":
+            capabilities = cpu_capabilities(ov)
+            if "BF16" not in capabilities:
+                return f"this CPU offers no bf16 arithmetic (OpenVINO's CPU capabilities: {list(capabilities)})"
+        if precision == "int8":
+            try:
+                import nncf  # noqa: F401
+            except ImportError:
+                return "int8 needs NNCF (pip install nncf)"
+        return None
+
+    def artifact_name(self, precision: str) -> str:
+        return "int8" if precision == "int8" else "fp32"  # bf16 is the fp32 model compiled with a bf16 hint
+
+    def prepare(self, ctx: ExportContext) -> dict[str, Path]:
+        ov = _ov()
+        folder = ctx.folder / "openvino"
+        folder.mkdir(parents=True, exist_ok=True)
+        model = ov.convert_model(str(ctx.onnx))  # unlike read_model, it folds shape subgraphs and fuses Gelu
+        artifacts = {"fp32": folder / "model.xml"}
+        ov.save_model(model, str(artifacts["fp32"]), compress_to_fp16=False)
+        if ctx.precision.name == "int8":
+            artifacts["int8"] = folder / "model_int8.xml"
+            ov.save_model(self.quantize(model, ctx.calibration()), str(artifacts["int8"]), compress_to_fp16=False)
+        return artifacts
+
+    def quantize(self, model, feeds: list[dict[str, np.ndarray]]):
+        """NNCF post-training int8 (its transformer preset: SmoothQuant, bias correction, no quantized
+        softmax inputs) calibrated on `feeds`, which come from the calibration split (never the eval one)."""
+        import nncf
+
+        names = [port.get_any_name() for port in model.inputs]
+        options = self.options["nncf"]
+        ignored = options.get("ignored_types") or []
+        return nncf.quantize(
+            model, nncf.Dataset([feeds_for(names, feed, "calibration") for feed in feeds]),
+            model_type=nncf.ModelType.TRANSFORMER, subset_size=len(feeds),
+            preset=getattr(nncf.QuantizationPreset, str(options.get("preset", "mixed")).upper()),
+            fast_bias_correction=bool(options.get("fast_bias_correction", True)),
+            ignored_scope=nncf.IgnoredScope(types=list(ignored), validate=False) if ignored else None)
+
+    def load(self, path: Path, precision: str, threads: int | None, options: Mapping[str, Any],
+             bucket: int | None = None) -> Infer:
+        self.check_options(options, "options")
+        settings = self.options | dict(options)
+        return CompiledBuckets(path, precision, threads, settings, static=bool(bucket)).infer
+
+    def check_options(self, options: Mapping[str, Any], field: str) -> None:
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise FastformersError(f"{field}: engine openvino takes options {list(OPTIONS)}, not {unknown}")
+
+    def profile(self, path: Path, precision: str, threads: int, options: Mapping[str, Any], batches,
+                out: Path, bucket: int | None = None) -> dict:
+        """OpenVINO's performance counters (PERF_COUNT): real time per executed layer type."""
+        import time
+
+        settings = self.options | dict(options)
+        compiled = CompiledBuckets(path, precision, threads, settings, static=bool(bucket), perf_counters=True)
+        totals: dict[str, float] = {}
+        started = time.perf_counter()
+        for batch in batches:
+            compiled.infer(batch)
+            for info in compiled.last_request.get_profiling_info():
+                kind = f"{info.node_type}" + (f"[{info.exec_type}]" if info.exec_type else "")
+                totals[kind] = totals.get(kind, 0.0) + info.real_time.total_seconds() * 1000
+        wall_ms = (time.perf_counter() - started) * 1000
+        return {"wall_ms": wall_ms, "kernel_ms": dict(sorted(totals.items(), key=lambda item: -item[1]))}
+
+
+class CompiledBuckets:
+    """One compiled model (dynamic shapes), or one per static input shape seen, least recently used dropped
+    past `max_compiled`."""
+
+    def __init__(self, path: Path, precision: str, threads: int | None, settings: Mapping[str, Any],
+                 static: bool, perf_counters: bool = False):
+        ov = _ov()
+        if not Path(path).is_file():
+            raise FastformersError(f"missing OpenVINO model {path}")
+        self.core = ov.Core()
+        if settings.get("cache_dir"):
+            self.core.set_property({"CACHE_DIR": str(settings["cache_dir"])})
+        self.model = self.core.read_model(str(path))
+        self.input_names = [port.get_any_name() for port in self.model.inputs]
+        self.config = {"PERFORMANCE_HINT": str(settings.get("hint", "LATENCY")), "NUM_STREAMS": "1",
+                       "INFERENCE_PRECISION_HINT": HINTS[precision]}
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = str(threads)
+        if perf_counters:
+            self.config["PERF_COUNT"] = "YES"
+        self.static, self.limit = static, settings.get("max_compiled")
+        self.compiled: OrderedDict[tuple, Any] = OrderedDict()
+        self.last_request = None
+        self.path = Path(path)
+
+    def request(self, shape: tuple[int, int]):
+        key = shape if self.static else ()
+        if key in self.compiled:
+            self.compiled.move_to_end(key)
+            return self.compiled[key]
+        model = self.model
+        if self.static:
+            model = self.model.clone()
+            model.reshape({name: list(shape) for name in self.input_names})
+        request = self.core.compile_model(model, "CPU", self.config).create_infer_request()
+        self.compiled[key] = request
+        if self.limit and len(self.compiled) > self.limit:
+            self.compiled.popitem(last=False)
+        return request
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        feeds = feeds_for(self.input_names, inputs, str(self.path))
+        request = self.request(tuple(np.shape(feeds[self.input_names[0]])))
+        request.infer(feeds)
+        self.last_request = request
+        return np.array(request.get_output_tensor(0).data, dtype=np.float32)

@@ -1,0 +1,130 @@
+"""The engine seam: the registry composes from conf/engines/, every engine x precision runs the exported tiny
+model like PyTorch (allclose for float, argmax agreement for bf16/int8), shape buckets change nothing but the
+shapes, and an unknown engine or precision is refused in one line before any work."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from fastformers import pipeline, tracking
+from fastformers.data import load_examples, make_loader
+from fastformers.engines import Engine, EngineModel, artifact_path, engine_names, get_engine, pad_to_bucket
+from fastformers.engines.openvino_engine import OpenVinoEngine
+from fastformers.errors import FastformersError
+from fastformers.models import load_finetuned, model_inputs
+from fastformers.tasks import TASKS
+
+
+def test_the_registry_composes_every_engine_from_its_config_file(make_cfg):
+    cfg = make_cfg()
+    assert engine_names(cfg.engines) == ["onnxruntime", "openvino", "torch"]
+    for name in engine_names(cfg.engines):
+        engine = get_engine(name, cfg.engines)
+        assert isinstance(engine, Engine) and engine.name == name and "fp32" in engine.precisions
+    assert get_engine("openvino", cfg.engines).options["nncf"]["ignored_types"] == ["Gather"]
+    only_ort = make_cfg("engines=[torch,onnxruntime]", "export.engines=[onnxruntime]")
+    assert engine_names(only_ort.engines) == ["onnxruntime", "torch"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, superglue_root):
+    """The export stage's output for a fine-tuned tiny BERT in int8: artifacts of every engine."""
+    from hydra import compose, initialize_config_dir
+
+    from fastformers.cli import CONF_DIR
+
+    out = tmp_path_factory.mktemp("engines")
+    overrides = ["teacher=tiny_bert", f"data.root={superglue_root}", f"paths.output_dir={out}", "finetune.epochs=2",
+                 "finetune.batch_size=8", "finetune.learning_rate=5e-3", "stages=[finetune,export]", "precision=int8",
+                 "precision.calibration_examples=16"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    pipeline.run(cfg)
+    client = MlflowClient(tracking.tracking_uri(cfg))
+    run = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment_name).experiment_id])[0]
+    folder = Path(run.data.tags["cache.export.path"])
+    model, tokenizer = load_finetuned(Path(run.data.tags["cache.finetune.path"]) / "model")
+    loader = make_loader(load_examples(TASKS["cb"], superglue_root, "val"), tokenizer, TASKS["cb"], 64, 5)
+    with torch.no_grad():
+        reference = [model(**model_inputs(batch)).logits for batch in loader]
+    return {"cfg": cfg, "folder": folder, "loader": loader, "reference": reference}
+
+
+def engine_logits(engine: Engine, path: Path, precision: str, loader, bucket=None) -> list[torch.Tensor]:
+    model = EngineModel(engine.open(path, precision, threads=1, bucket=bucket))
+    return [model(**model_inputs(batch)).logits for batch in loader]
+
+
+ENGINE_PRECISIONS = [("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("onnxruntime", "int8_stock"),
+                     ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8")]
+
+
+@pytest.mark.parametrize("name, precision", ENGINE_PRECISIONS)
+def test_every_engine_and_precision_runs_the_export_like_pytorch(exported, name, precision):
+    engine = get_engine(name, exported["cfg"].engines)
+    reason = engine.unavailable(precision)
+    if reason:
+        pytest.skip(reason)
+    got = engine_logits(engine, artifact_path(exported["folder"], engine, precision), precision, exported["loader"])
+    ref, got = torch.cat(exported["reference"]), torch.cat(got)
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    if precision in engine.float_precisions:
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-3)
+    else:  # low precision: the same decisions on (nearly) every example
+        agreement = (got.argmax(1) == ref.argmax(1)).float().mean().item()
+        assert agreement >= 0.8, f"{name}/{precision} agrees with PyTorch on {agreement:.0%}"
+    index = json.loads((exported["folder"] / "export.json").read_text())
+    label = f"{name}/{precision}"
+    assert label in index["parity"] and index["parity"][label]["examples"] == 18
+
+
+@pytest.mark.parametrize("name, precision", [("onnxruntime", "int8"), ("openvino", "fp32"), ("openvino", "int8")])
+def test_bucketed_and_dynamic_shapes_give_the_same_predictions(exported, name, precision):
+    engine = get_engine(name, exported["cfg"].engines)
+    path = artifact_path(exported["folder"], engine, precision)
+    dynamic = torch.cat(engine_logits(engine, path, precision, exported["loader"]))
+    bucketed = torch.cat(engine_logits(engine, path, precision, exported["loader"], bucket=16))
+    assert torch.equal(dynamic.argmax(1), bucketed.argmax(1))
+    if precision == "fp32":
+        torch.testing.assert_close(dynamic, bucketed, atol=1e-4, rtol=1e-3)
+
+
+def test_bucket_padding_is_masked_zeros_up_to_the_next_multiple():
+    inputs = {"input_ids": np.array([[5, 6, 7]]), "attention_mask": np.array([[1, 1, 1]])}
+    padded = pad_to_bucket(inputs, 4)
+    assert padded["input_ids"].tolist() == [[5, 6, 7, 0]] and padded["attention_mask"].tolist() == [[1, 1, 1, 0]]
+    assert pad_to_bucket(padded, 4)["input_ids"].shape == (1, 4)  # already a multiple: unchanged
+
+
+def test_openvino_keeps_at_most_max_compiled_static_models(exported):
+    engine = OpenVinoEngine(max_compiled=2)
+    path = artifact_path(exported["folder"], engine, "fp32")
+    from fastformers.engines.openvino_engine import CompiledBuckets
+
+    compiled = CompiledBuckets(path, "fp32", 1, engine.options, static=True)
+    for length in (8, 16, 24, 8):
+        compiled.infer({"input_ids": np.ones((1, length), dtype=np.int64),
+                        "attention_mask": np.ones((1, length), dtype=np.int64)})
+    assert list(compiled.compiled) == [(1, 24), (1, 8)]  # least recently used dropped
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["evaluate.engine=tensorrt"], r"engine 'tensorrt' is not configured; choose from"),
+        (["evaluate.engine=openvino", "evaluate.precision=fp8"],
+         r"evaluate.precision: engine openvino runs precisions \['fp32', 'bf16', 'int8'\], not 'fp8'"),
+        (["export.engines=[openvino]"], r"export.engines=\['openvino'\] must include onnxruntime"),
+        (["export.engines=[onnxruntime,tvm]"], r"engine 'tvm' is not configured"),
+        (["engines.openvino._target_=builtins.dict"], r"engines.openvino._target_='builtins.dict' is not a fastformers Engine"),
+    ],
+)
+def test_an_unknown_engine_or_precision_is_refused_before_any_work(make_cfg, overrides, message):
+    cfg = make_cfg("stages=[finetune,export,evaluate]", *overrides)
+    with pytest.raises(FastformersError, match=message):
+        pipeline.run(cfg)
+    assert not os.path.exists(cfg.paths.cache_dir)
