@@ -18,7 +18,11 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # the repo's to
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | tuple[float, ...] | None:
     """Returns the run's `sweep_objectives` (by default its main metric), so Hydra sweepers can optimise them."""
-    from fastformers import pipeline  # here, not at the top: spawned benchmark instances re-import this module
+    # imported here, not at the top: spawned benchmark instances re-import this module
+    from fastformers import pipeline
+    from fastformers.quiet import quiet_dependencies
+
+    quiet_dependencies()
 
     signal.signal(signal.SIGTERM, _stop)
     try:

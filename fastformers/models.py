@@ -15,7 +15,15 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -26,13 +34,13 @@ from transformers import (
 )
 
 from fastformers.errors import FastformersError
+from fastformers.pruning import HEADS_KEPT, encoder_layers, keep_attention_heads
 from fastformers.tasks import Task
 
 log = logging.getLogger(__name__)
 
 FAMILIES = {"bert": BertConfig, "roberta": RobertaConfig}
 PACKAGE_PREFIX = "package:"
-HEADS_KEPT = "attention_heads_kept"  # config.json key of a head-pruned model: heads left in every layer
 
 
 def resolve_pretrained(pretrained: str) -> str:
@@ -94,40 +102,6 @@ def load_finetuned(folder: str | Path, attn_implementation: str | None = "eager"
     return model, AutoTokenizer.from_pretrained(str(folder))
 
 
-def encoder_layers(model) -> torch.nn.ModuleList:
-    """The transformer blocks of a BERT or RoBERTa classifier."""
-    return model.base_model.encoder.layer
-
-
-def sliced_linear(linear: torch.nn.Linear, index: torch.Tensor, dim: int) -> torch.nn.Linear:
-    """A Linear keeping only the output rows (dim=0) or input columns (dim=1) listed in `index`."""
-    weight = linear.weight.detach().index_select(dim, index)
-    out = torch.nn.Linear(weight.shape[1], weight.shape[0], dtype=weight.dtype, device=weight.device)
-    out.weight.data.copy_(weight)
-    out.bias.data.copy_(linear.bias.detach() if dim == 1 else linear.bias.detach()[index])
-    return out
-
-
-def keep_attention_heads(attention, heads: list[int]) -> None:
-    """Slices Q, K, V rows and the output projection's columns down to `heads` (indices into the current
-    heads); the head size, hence the attention scaling, is unchanged."""
-    self_attn = attention.self
-    size = self_attn.attention_head_size
-    index = torch.cat([torch.arange(h * size, (h + 1) * size) for h in heads])
-    for name in ("query", "key", "value"):
-        setattr(self_attn, name, sliced_linear(getattr(self_attn, name), index, dim=0))
-    attention.output.dense = sliced_linear(attention.output.dense, index, dim=1)
-    self_attn.num_attention_heads = len(heads)
-    self_attn.all_head_size = len(heads) * size
-
-
-def keep_ffn_neurons(layer, neurons: list[int]) -> None:
-    """Slices the FFN's first projection rows and second projection columns down to `neurons`."""
-    index = torch.tensor(neurons, dtype=torch.long)
-    layer.intermediate.dense = sliced_linear(layer.intermediate.dense, index, dim=0)
-    layer.output.dense = sliced_linear(layer.output.dense, index, dim=1)
-
-
 def build_random(spec: DictConfig, task: Task, texts: Iterable[str]):
     """A randomly initialised model from sizes, with a tokenizer trained on `texts` (tests use this)."""
     tokenizer = train_tokenizer(spec.family, texts, spec.tokenizer_vocab_size)
@@ -162,7 +136,8 @@ def train_tokenizer(family: str, texts: Iterable[str], vocab_size: int) -> PreTr
         tok.normalizer = normalizers.BertNormalizer(lowercase=True)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(specials.values()))
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(specials.values()),
+                                           show_progress=False)
         tok.train_from_iterator(texts, trainer)
         cls, sep = ("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))
         tok.post_processor = processors.TemplateProcessing(
@@ -174,7 +149,7 @@ def train_tokenizer(family: str, texts: Iterable[str], vocab_size: int) -> PreTr
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials.values()),
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials.values()), show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         tok.train_from_iterator(texts, trainer)
         tok.post_processor = processors.RobertaProcessing(("</s>", tok.token_to_id("</s>")),

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import mlflow
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from fastformers import serving, tracking
@@ -18,6 +20,10 @@ from fastformers.tasks import get_task
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
+# Training settings that change what is printed, not what a stage writes: hashed at one fixed value, so
+# changing them reuses the cache (and entries made before they could change keep their keys).
+OUTPUT_NEUTRAL = {"progress_bar": False, "log_every_n_steps": 10}
+HEADLINE = ("score", "accuracy", "f1", "f1a", "em")  # the metrics a stage's line on the terminal shows
 TEACHER = "teacher"  # the first model of a run (the fine-tuned teacher), for stages that compare against it
 
 
@@ -36,7 +42,7 @@ def validate(cfg: DictConfig) -> list:
     stages, provided = [], set()
     for name in cfg.stages:
         stage = get_stage(name)
-        missing = [need for need in stage_uses(stage, cfg) if need not in provided]
+        missing = [need for need in stage.uses(cfg) if need not in provided]
         if missing:
             raise FastformersError(f"stages: {name!r} needs the {missing[0]!r} output of an earlier stage "
                                    f"(e.g. stages=[finetune,{name}]); these run before it: {sorted(provided)}")
@@ -69,36 +75,75 @@ def run(cfg: DictConfig) -> dict[str, float]:
     results: dict[str, float] = {}
     with tracking.start_run(cfg) as active:
         for name, stage in zip(cfg.stages, stages):
-            inputs = {need: provided[need] for need in stage_uses(stage, cfg)}
+            inputs = {need: provided[need] for need in stage.uses(cfg)}
             payload = {
                 "stage": name,
                 "version": stage.VERSION,
-                "config": {key: plain(OmegaConf.select(cfg, key)) for key in stage.CONFIG_KEYS},
+                "config": {key: hashed(OmegaConf.select(cfg, key)) for key in stage.CONFIG_KEYS},
                 "data": data_print,
                 "inputs": {need: key for need, (_, key) in inputs.items()},
             }
-            if not getattr(stage, "CACHED", True):  # a measurement (timings): taken afresh in every run
+            if not stage.CACHED:  # a measurement (timings): taken afresh in every run
                 payload["run"] = active.info.run_id
             key = cache_key(payload)
+            log.info("stage %s: started", name)
+            started = time.perf_counter()
             folder, hit = run_cached(cache, name, key, stage, cfg, inputs, payload, active.info.run_id)
             metrics = json.loads((folder / METRICS_FILE).read_text())
+            print(f"stage {name}: {'from the cache' if hit else 'ran'} in {minutes(time.perf_counter() - started)}"
+                  f"{headline(name, metrics)}", flush=True)
             mlflow.log_metrics({f"{name}/{k}": float(v) for k, v in metrics.items()})
             mlflow.set_tags({f"cache.{name}": "hit" if hit else "miss", f"cache.{name}.path": str(folder)})
             log_stage_artifacts(folder, name, cfg.mlflow.log_models)
             results |= {f"{name}/{k}": float(v) for k, v in metrics.items()}
-            log.info("stage %s (%s): %s", name, "cached" if hit else "ran", metrics)
+            log.debug("stage %s metrics: %s", name, metrics)
             if stage.PROVIDES == "model":
                 provided.setdefault(TEACHER, (folder, key))
             if stage.PROVIDES:
                 provided[stage.PROVIDES] = (folder, key)
         if cfg.mlflow.serve_model and "onnx" in provided:
             serving.log_served_model(provided["onnx"][0], cfg, provided.get("pick", (None,))[0])
+        print(summary(cfg, results, active.info.run_id), flush=True)
     return results
 
 
-def stage_uses(stage, cfg: DictConfig) -> tuple[str, ...]:
-    """What a stage reads: its `USES`, or `uses(cfg)` where that depends on the config (evaluate on ONNX)."""
-    return tuple(stage.uses(cfg)) if hasattr(stage, "uses") else stage.USES
+def headline(stage: str, metrics: dict) -> str:
+    """The few numbers of a stage worth a line on the terminal (its scores); the rest go to MLflow."""
+    if stage == "benchmark":
+        keys = [k for k in ("pick/throughput", "pick/speedup", "pick/score") if k in metrics]
+    else:
+        keys = [k for k in metrics if k == "best_val_score" or (k.count("/") == 1 and k.split("/")[1] in HEADLINE)]
+    return (": " + ", ".join(f"{k} {metrics[k]:.4g}" for k in keys)) if keys else ""
+
+
+def summary(cfg: DictConfig, results: dict[str, float], run_id: str) -> str:
+    """What the user reads last: the scores, where the run is in MLflow, how to open it, where the files are."""
+    uri = tracking.tracking_uri(cfg)
+    scores = {k: v for k, v in results.items() if k.startswith("evaluate/")}
+    lines = ["", "== fastformers: done"]
+    if scores:
+        lines.append("scores: " + ", ".join(f"{k.removeprefix('evaluate/')} {v:.4f}" for k, v in scores.items()))
+    if "benchmark/pick/throughput" in results:
+        lines.append(f"benchmark pick: {results['benchmark/pick/throughput']:.1f} ex/s, "
+                     f"{results.get('benchmark/pick/speedup', float('nan')):.2f}x the baseline")
+    lines += [f"MLflow run {run_id} in experiment '{cfg.mlflow.experiment_name}' ({uri})",
+              f"look at it: mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)"
+              if uri.startswith("sqlite:") else f"look at it: {uri}",
+              f"outputs: {Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else cfg.paths.output_dir}"
+              f" (this run), {Path(cfg.paths.cache_dir).resolve()} (stage cache)"]
+    return "\n".join(lines)
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def hashed(node):
+    """A config node as its cache key sees it: resolved, with output-neutral training settings fixed."""
+    value = plain(node)
+    if isinstance(value, dict) and "progress_bar" in value:
+        value = value | OUTPUT_NEUTRAL
+    return value
 
 
 def plain(node):

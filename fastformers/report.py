@@ -15,8 +15,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from fastformers.errors import FastformersError
-from fastformers.sweep import ROLE_TAG
-from fastformers.tracking import SKIPPED_TAG, absolute_uri
+from fastformers.tracking import ROLE_TAG, SKIPPED_TAG, absolute_uri
 
 SCORE = re.compile(r"^evaluate/(.+)/score$")
 BENCHMARK = re.compile(r"^benchmark/(.+)/latency_p50_ms$")

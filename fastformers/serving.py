@@ -7,6 +7,7 @@ the leaderboard's submission rows (idx and label), so a served model and a submi
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import transformers
@@ -36,7 +37,8 @@ class EngineTaskModel(mlflow.pyfunc.PythonModel):
                                              config["options"], config["bucket"]))
         self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"])
 
-    def predict(self, context, model_input, params=None) -> list[dict]:
+    def predict(self, context, model_input: list[dict[str, Any]], params: dict[str, Any] | None = None
+                ) -> list[dict[str, Any]]:
         from fastformers.data import make_loader
         from fastformers.models import predict
         from fastformers.tasks import RecordError
@@ -77,7 +79,8 @@ def log_served_model(onnx_folder: Path, cfg: DictConfig, pick_folder: Path | Non
     if package:
         requirements.append(f"{package}=={__import__(package).__version__}")
     mlflow.pyfunc.log_model(
-        name=ARTIFACT_PATH, python_model=EngineTaskModel(), artifacts=artifacts, pip_requirements=requirements,
+        name=ARTIFACT_PATH, python_model=str(Path(__file__).with_name("served_model.py")), artifacts=artifacts,
+        pip_requirements=requirements,
         model_config={"task": cfg.task.name, "max_seq_length": cfg.task.max_seq_length,
                       "engine_conf": OmegaConf.to_container(cfg.engines[engine.name], resolve=True)} | choice)
     mlflow.set_tags({"served.engine": choice["engine"], "served.precision": choice["precision"]})

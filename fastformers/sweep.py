@@ -14,9 +14,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from fastformers import tracking
-
-PARENT_ENV = "FASTFORMERS_SWEEP_RUN_ID"
-ROLE_TAG = "fastformers.role"  # `sweep` on the parent run, `report` on a standalone report run
+from fastformers.tracking import PARENT_ENV, ROLE_TAG
 
 
 class MlflowSweepCallback(Callback):
@@ -36,9 +34,3 @@ class MlflowSweepCallback(Callback):
         parent = os.environ.pop(PARENT_ENV, None)
         if parent:
             MlflowClient(tracking.tracking_uri(config)).set_terminated(parent, "FINISHED")
-
-
-def parent_tags() -> dict[str, str]:
-    """Tags that put a job's run under its sweep's parent (the UI nests runs by `mlflow.parentRunId`)."""
-    parent = os.environ.get(PARENT_ENV)
-    return {"mlflow.parentRunId": parent, "sweep": parent} if parent else {}

@@ -9,11 +9,11 @@ import mlflow
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
-from fastformers import sweep
-
 log = logging.getLogger(__name__)
 
 SKIPPED_TAG = "skipped"  # a job that ran no stage (e.g. its task's data is absent here), and why
+PARENT_ENV = "FASTFORMERS_SWEEP_RUN_ID"  # set by the sweep callback (fastformers/sweep.py) for its jobs
+ROLE_TAG = "fastformers.role"  # `sweep` on the parent run, `report` on a standalone report run
 
 
 def tracking_uri(cfg: DictConfig) -> str:
@@ -46,7 +46,7 @@ def start_run(cfg: DictConfig) -> mlflow.ActiveRun:
     if os.environ.pop("MLFLOW_RUN_ID", None):
         log.warning("ignoring MLFLOW_RUN_ID from the environment: each job gets its own run")
     mlflow.set_tracking_uri(tracking_uri(cfg))
-    run = mlflow.start_run(experiment_id=experiment_id(cfg), run_name=cfg.mlflow.run_name, tags=sweep.parent_tags())
+    run = mlflow.start_run(experiment_id=experiment_id(cfg), run_name=cfg.mlflow.run_name, tags=parent_tags())
     mlflow.log_params(flat_params(cfg))
     mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
     return run
@@ -78,3 +78,9 @@ def lightning_logger(cfg: DictConfig) -> PipelineRunLogger:
     run = mlflow.active_run()
     return PipelineRunLogger(tracking_uri=tracking_uri(cfg), run_id=run.info.run_id if run else None,
                              experiment_name=cfg.mlflow.experiment_name)
+
+
+def parent_tags() -> dict[str, str]:
+    """Tags that put a job's run under its sweep's parent (the UI nests runs by `mlflow.parentRunId`)."""
+    parent = os.environ.get(PARENT_ENV)
+    return {"mlflow.parentRunId": parent, "sweep": parent} if parent else {}

@@ -4,7 +4,10 @@ with tiny random models, beside hardware=cpu: `python scripts/gpu_check.py [gpu]
 Written for the lent GPU machines, whose image has torch, lightning and transformers but not mlflow or hydra:
 hydra/omegaconf/antlr4 travel as copied packages in `.gpu/site` (put on sys.path when present), mlflow is stubbed
 and the Lightning logger is off, so this checks training on the device, not tracking."""
-import importlib.machinery, sys, time, tempfile
+import importlib.machinery
+import sys
+import tempfile
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -16,6 +19,7 @@ for name in ("mlflow", "mlflow.exceptions", "mlflow.protos", "mlflow.protos.data
 
 import torch
 from hydra import compose, initialize_config_dir
+
 from fastformers import tracking
 from fastformers.cli import CONF_DIR
 from fastformers.stages import distill, finetune

@@ -11,17 +11,26 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from fastformers import pipeline, tracking
-from fastformers.data import EncodedDataset, load_examples
-from fastformers.energy import EnergyMeter, choose_meter
-from fastformers.errors import FastformersError
 from fastformers.bench.analysis import apply_gate, apply_memory_budget, pick
 from fastformers.bench.timing import measure_interleaved, rotated
 from fastformers.bench.workload import deal, make_batches
+from fastformers.data import EncodedDataset, load_examples
+from fastformers.energy import EnergyMeter, choose_meter
 from fastformers.engines.onnxruntime_engine import operator_times
-from fastformers.instances import Backend, Instances, Work, layouts_filling, physical_cores, plan_layout, serve, usable_cores
-from fastformers.models import encoder_layers
+from fastformers.errors import FastformersError
+from fastformers.instances import (
+    Backend,
+    Instances,
+    Work,
+    layouts_filling,
+    physical_cores,
+    plan_layout,
+    serve,
+    usable_cores,
+)
 from fastformers.onnx.convert import export_onnx
 from fastformers.onnx.optimize import optimize
+from fastformers.pruning import encoder_layers
 from fastformers.tasks import TASKS
 from tests.test_export import saved_tiny
 

@@ -8,15 +8,14 @@ from omegaconf import OmegaConf
 from fastformers import pipeline, tracking
 from fastformers.errors import FastformersError
 from fastformers.models import build_random, task_loss
-from fastformers.stages.distill import (
+from fastformers.stages.distill import build_student, student_from_teacher_layers
+from fastformers.tasks import TASKS, Example
+from fastformers.training import (
     DistillModule,
     augmented,
-    build_student,
     soft_cross_entropy,
-    student_from_teacher_layers,
     uniform_layer_map,
 )
-from fastformers.tasks import TASKS, Example
 
 TEXTS = ["the cat sat on the mat", "a dog ran in the park", "it rained all day long"] * 20
 

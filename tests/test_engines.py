@@ -12,7 +12,14 @@ from mlflow.tracking import MlflowClient
 
 from fastformers import pipeline, tracking
 from fastformers.data import load_examples, make_loader
-from fastformers.engines import Engine, EngineModel, artifact_path, engine_names, get_engine, pad_to_bucket
+from fastformers.engines import (
+    Engine,
+    EngineModel,
+    artifact_path,
+    engine_names,
+    get_engine,
+    pad_to_bucket,
+)
 from fastformers.engines.openvino_engine import OpenVinoEngine
 from fastformers.errors import FastformersError
 from fastformers.models import load_finetuned, model_inputs

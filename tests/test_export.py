@@ -18,14 +18,26 @@ from fastformers import pipeline
 from fastformers.cli import CONF_DIR
 from fastformers.data import load_examples, make_loader, texts_of
 from fastformers.engines import EngineModel
-from fastformers.engines.onnxruntime_engine import CPU, CUDA, OnnxClassifier, disabled_optimizers
+from fastformers.engines.onnxruntime_engine import (
+    CPU,
+    CUDA,
+    OnnxClassifier,
+    disabled_optimizers,
+)
 from fastformers.engines.parity import batch_logits, compare
 from fastformers.errors import FastformersError
-from fastformers.models import build_random, encoder_layers, keep_attention_heads, load_finetuned, model_inputs
+from fastformers.models import build_random, load_finetuned, model_inputs
 from fastformers.onnx import sibling
 from fastformers.onnx.convert import export_onnx
 from fastformers.onnx.optimize import optimize
-from fastformers.onnx.quantize import convert_fp16, matmul_input_stats, outlier_matmuls, quantize_int8, smooth_matmuls
+from fastformers.onnx.quantize import (
+    convert_fp16,
+    matmul_input_stats,
+    outlier_matmuls,
+    quantize_int8,
+    smooth_matmuls,
+)
+from fastformers.pruning import encoder_layers, keep_attention_heads
 from fastformers.tasks import TASKS
 
 LAYERS = 2

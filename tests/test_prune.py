@@ -11,10 +11,26 @@ from omegaconf import OmegaConf
 from fastformers import pipeline
 from fastformers.data import load_examples, make_loader, texts_of
 from fastformers.errors import FastformersError
-from fastformers.models import HEADS_KEPT, build_random, count_parameters, encoder_layers, load_finetuned
+from fastformers.models import (
+    build_random,
+    count_parameters,
+    example_scores,
+    load_finetuned,
+    model_inputs,
+    task_loss,
+)
 from fastformers.onnx.convert import export_onnx
 from fastformers.onnx.optimize import optimize
-from fastformers.stages.prune import importance, kept_count, mask_shapes, masks_applied, rewire, top_per_layer
+from fastformers.pruning import (
+    HEADS_KEPT,
+    encoder_layers,
+    importance,
+    kept_count,
+    mask_shapes,
+    masks_applied,
+    rewire,
+    top_per_layer,
+)
 from fastformers.tasks import TASKS
 from tests.test_pipeline import mlflow_runs
 
@@ -84,7 +100,12 @@ def test_importance_ranks_first_the_head_and_neuron_made_to_matter(superglue_roo
         ffn_out[:, :5] = 0.0
         ffn_out[:, 6:] = 0.0
     examples = load_examples(TASKS["cb"], superglue_root, "train")
-    head_scores, ffn_scores = importance(model, make_loader(examples, tokenizer, TASKS["cb"], 64, 8))
+    loader = make_loader(examples, tokenizer, TASKS["cb"], 64, 8)
+
+    def loss_of(batch):
+        return task_loss(example_scores(model(**model_inputs(batch)).logits, batch["group_sizes"], False), batch)
+
+    head_scores, ffn_scores = importance(model, loader, loss_of)
     assert top_per_layer(head_scores, 1)[0] == [2]
     assert top_per_layer(ffn_scores, 1)[0] == [5]
     assert head_scores[0, 2] > 0 and torch.count_nonzero(head_scores[0]) == 1

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from fastformers.sweep import ROLE_TAG
+from fastformers.tracking import ROLE_TAG
 
 TINY = ["teacher=tiny_bert", "finetune.epochs=1", "finetune.batch_size=8", "distill.epochs=1"]
 QUICK_BENCHMARK = ["benchmark.repeats=1", "benchmark.latency_examples=4", "benchmark.warmup_batches=1",
@@ -211,12 +211,12 @@ def test_the_logged_model_serves_labels_and_rejects_a_malformed_request(superglu
         url = f"http://127.0.0.1:{port}/invocations"
         records = [{"premise": "The cat sat on the mat.", "hypothesis": "A cat sat.", "idx": 7},
                    {"premise": "It rained all day.", "hypothesis": "It was dry.", "idx": 8}]
-        status, answer = post(url, json.dumps({"dataframe_records": records}).encode())
+        status, answer = post(url, json.dumps({"inputs": records}).encode())
         assert status == 200, answer
         assert [p["idx"] for p in answer["predictions"]] == [7, 8]
         assert all(p["label"] in ("entailment", "contradiction", "neutral") for p in answer["predictions"])
 
-        status, answer = post(url, json.dumps({"dataframe_records": [{"premise": "no hypothesis", "idx": 1}]}).encode())
+        status, answer = post(url, json.dumps({"inputs": [{"premise": "no hypothesis", "idx": 1}]}).encode())
         assert 400 <= status < 500 and "hypothesis" in answer["message"]
         status, _ = post(url, b"{not json")
         assert 400 <= status < 500

@@ -7,14 +7,13 @@ options); adding one is a module here, a file there and its name in conf/config.
 """
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
-
-import json
 
 import numpy as np
 

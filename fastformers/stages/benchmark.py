@@ -14,7 +14,8 @@ import mlflow
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoTokenizer
 
-from fastformers.bench import analysis, settings as plan, table
+from fastformers.bench import analysis, table
+from fastformers.bench import settings as plan
 from fastformers.bench.timing import measure_interleaved
 from fastformers.bench.workload import instance_work, make_batches
 from fastformers.data import EncodedDataset, load_examples, parse_split
@@ -28,7 +29,6 @@ log = logging.getLogger(__name__)
 
 VERSION = 2  # bump when a code change alters what this stage writes
 PROVIDES = "pick"  # pick.json: the engine, precision, bucket and layout chosen (evaluate.engine=pick reads it)
-USES = ("model",)  # plus "onnx" when a setting runs an exported artifact, "teacher" for the baseline
 CONFIG_KEYS = ("task", "benchmark", "hardware", "precision", "engines", "data.split_seed")
 CACHED = False  # the pipeline re-measures in every run instead of replaying remembered timings
 GATE_ACTIONS = ("error", "mark")
@@ -38,7 +38,7 @@ def uses(cfg: DictConfig) -> tuple[str, ...]:
     specs = list(cfg.benchmark.settings)
     exported = ("onnx",) if cfg.benchmark.search or any(spec.engine != "torch" for spec in specs) else ()
     teacher = ("teacher",) if any(spec.get("model") == "teacher" for spec in specs) else ()
-    return USES + exported + teacher
+    return ("model",) + exported + teacher  # "teacher": the first model of the run, for the baseline
 
 
 def validate(cfg: DictConfig) -> None:

@@ -8,26 +8,32 @@ import json
 from pathlib import Path
 
 from omegaconf import DictConfig
-
 from transformers import AutoTokenizer
 
 from fastformers.data import load_examples, make_loader, parse_split, split_label
-from fastformers.engines import EngineModel, artifact_path, check_target, get_engine, read_pick, tokenizer_folder
+from fastformers.engines import (
+    EngineModel,
+    artifact_path,
+    check_target,
+    get_engine,
+    read_pick,
+    tokenizer_folder,
+)
 from fastformers.errors import FastformersError
 from fastformers.models import load_finetuned, predict
 from fastformers.tasks import get_task
 
 VERSION = 2  # bump when a code change alters what this stage writes
 PROVIDES = None
-USES = ("model",)  # with an exported engine: ("onnx",); with engine=pick also the benchmark's ("pick"), see uses()
+CACHED = True
 PICK = "pick"
 CONFIG_KEYS = ("task", "evaluate", "precision.name", "engines", "data.split_seed")
 
 
 def uses(cfg: DictConfig) -> tuple[str, ...]:
     if cfg.evaluate.engine == PICK:
-        return USES + (("onnx",) if "export" in cfg.stages else ()) + (PICK,)
-    return USES if cfg.evaluate.engine == "torch" else ("onnx",)
+        return ("model",) + (("onnx",) if "export" in cfg.stages else ()) + (PICK,)
+    return ("model",) if cfg.evaluate.engine == "torch" else ("onnx",)
 
 
 def precision_of(cfg: DictConfig) -> str:

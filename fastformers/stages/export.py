@@ -17,21 +17,26 @@ from fastformers.data import load_examples, make_loader, parse_split
 from fastformers.engines import GRAPHS, INDEX, ExportContext, artifact_key, get_engine
 from fastformers.engines.parity import Target, check
 from fastformers.errors import FastformersError
-from fastformers.models import encoder_layers, load_finetuned, model_inputs
+from fastformers.models import load_finetuned, model_inputs
 from fastformers.onnx import settings_path
 from fastformers.onnx.convert import export_onnx
+from fastformers.pruning import encoder_layers
 from fastformers.tasks import get_task
 
 log = logging.getLogger(__name__)
 
 VERSION = 4  # bump when a code change alters what this stage writes
 PROVIDES = "onnx"
-USES = ("model",)
+CACHED = True
 CONFIG_KEYS = ("task", "export", "precision", "engines", "data.split_seed")
 
 PRECISIONS = ("fp32", "int8", "fp16")
 OUTLIER_TREATMENTS = ("smooth", "float")
 WEIGHT_TYPES = ("QInt8", "QUInt8")
+
+
+def uses(cfg: DictConfig) -> tuple[str, ...]:
+    return ("model",)
 
 
 def validate(cfg: DictConfig) -> None:

@@ -7,42 +7,46 @@
    which ones are kept differs per layer.
 3. Rewiring slices Q/K/V, the attention output and both FFN projections: fewer parameters and FLOPs.
 4. Re-distillation: the pruned model learns from the unpruned one with the distill stage's module.
+The mechanics (1-3) live in fastformers/pruning.py, the training (4) in fastformers/training.py.
 """
 from __future__ import annotations
 
 import copy
 import json
 import time
-from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 
 import lightning as L
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fastformers.data import load_examples, make_loader, parse_split
 from fastformers.errors import FastformersError
 from fastformers.models import (
-    HEADS_KEPT,
     count_parameters,
-    encoder_layers,
     example_scores,
-    keep_attention_heads,
-    keep_ffn_neurons,
     load_finetuned,
     model_inputs,
     task_loss,
 )
-from fastformers.stages.distill import predictions, train_student
+from fastformers.pruning import (
+    importance,
+    kept_count,
+    normalized,
+    rewire,
+    top_per_layer,
+)
 from fastformers.tasks import Task, get_task
+from fastformers.training import predictions, train_student
 
 VERSION = 1  # bump when a code change alters what this stage writes
 PROVIDES = "model"
-USES = ("model",)
+CACHED = True
 CONFIG_KEYS = ("task", "pruning", "distill", "seed", "data.split_seed")
 NORMALIZATIONS = ("none", "layer")
-PRUNING_RECORD = "fastformers_pruning"  # config.json key: what was kept, for the reader of a saved model
+
+
+def uses(cfg: DictConfig) -> tuple[str, ...]:
+    return ("model",)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -59,92 +63,6 @@ def validate(cfg: DictConfig) -> None:
         raise FastformersError(f"pruning.redistill_epochs={opts.redistill_epochs!r} must be >= 0 "
                                "(0 = no re-distillation)")
     parse_split(opts.importance_split)
-
-
-def kept_count(total: int, fraction: float) -> int:
-    return max(1, round(total * fraction))
-
-
-def _scale_heads(mask: torch.Tensor, head_size: int, module, args):
-    context = args[0]
-    return ((context.unflatten(-1, (-1, head_size)) * mask[:, None]).flatten(-2),) + args[1:]
-
-
-def _scale_neurons(mask: torch.Tensor, module, args):
-    return (args[0] * mask,) + args[1:]
-
-
-@contextmanager
-def masks_applied(model, heads: torch.Tensor, ffn: torch.Tensor):
-    """Multiplies head h of layer l by heads[l, h] and FFN neuron n by ffn[l, n] while the context is open."""
-    handles = []
-    for i, layer in enumerate(encoder_layers(model)):
-        size = layer.attention.self.attention_head_size
-        handles.append(layer.attention.output.dense.register_forward_pre_hook(partial(_scale_heads, heads[i], size)))
-        handles.append(layer.output.dense.register_forward_pre_hook(partial(_scale_neurons, ffn[i])))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def mask_shapes(model) -> tuple[tuple[int, int], tuple[int, int]]:
-    """([layers, heads], [layers, FFN neurons]) of the model as it is now (uniform across layers)."""
-    layers = encoder_layers(model)
-    first = layers[0]
-    return (len(layers), first.attention.self.num_attention_heads), (len(layers), first.intermediate.dense.out_features)
-
-
-def importance(model, loader) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum over batches of |d loss / d mask| for every head [L, H] and every FFN neuron [L, I]."""
-    head_shape, ffn_shape = mask_shapes(model)
-    heads, ffn = torch.ones(head_shape, requires_grad=True), torch.ones(ffn_shape, requires_grad=True)
-    head_scores, ffn_scores = torch.zeros(head_shape), torch.zeros(ffn_shape)
-    candidate_scoring = loader.collate_fn.candidate_scoring
-    frozen = [p for p in model.parameters() if p.requires_grad]  # only the masks need gradients
-    model.eval()
-    try:
-        for param in frozen:
-            param.requires_grad_(False)
-        with masks_applied(model, heads, ffn):
-            for batch in loader:
-                logits = model(**model_inputs(batch)).logits
-                loss = task_loss(example_scores(logits, batch["group_sizes"], candidate_scoring), batch)
-                head_grad, ffn_grad = torch.autograd.grad(loss, (heads, ffn), allow_unused=True)
-                head_scores += head_grad.abs() if head_grad is not None else 0
-                ffn_scores += ffn_grad.abs() if ffn_grad is not None else 0
-    finally:
-        for param in frozen:
-            param.requires_grad_(True)
-    return head_scores, ffn_scores
-
-
-def normalized(scores: torch.Tensor, how: str) -> torch.Tensor:
-    """`layer`: each layer's scores divided by their L2 norm (Michel et al.), comparable across layers."""
-    return scores / scores.norm(dim=1, keepdim=True).clamp_min(1e-12) if how == "layer" else scores
-
-
-def top_per_layer(scores: torch.Tensor, k: int) -> list[list[int]]:
-    """The k highest-scoring indices of every layer, in their original order."""
-    return [sorted(row.topk(k).indices.tolist()) for row in scores]
-
-
-def rewire(model, heads: list[list[int]], neurons: list[list[int]]) -> None:
-    """Removes every head and neuron not listed, and records the new shapes in the config so that
-    models.load_finetuned rebuilds them."""
-    (_, head_count), (_, ffn_count) = mask_shapes(model)
-    for layer, layer_heads, layer_neurons in zip(encoder_layers(model), heads, neurons, strict=True):
-        if len(layer_heads) < head_count:
-            keep_attention_heads(layer.attention, layer_heads)
-        if len(layer_neurons) < ffn_count:
-            keep_ffn_neurons(layer, layer_neurons)
-    config = model.config
-    if len(heads[0]) < head_count:
-        setattr(config, HEADS_KEPT, len(heads[0]))  # num_attention_heads stays: it sets the head size
-    config.intermediate_size = len(neurons[0])
-    setattr(config, PRUNING_RECORD, {"kept_heads": heads, "ffn_neurons_kept": len(neurons[0]),
-                                     "heads_before": head_count, "ffn_neurons_before": ffn_count})
 
 
 def val_score(model, tokenizer, task: Task, examples, cfg: DictConfig) -> float:
@@ -176,7 +94,13 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
 
     started = time.perf_counter()
     loader = make_loader(sample, tokenizer, task, cfg.task.max_seq_length, opts.importance_batch_size)
-    head_scores, ffn_scores = (normalized(s, opts.normalize) for s in importance(model, loader))
+
+    def loss_of(batch):
+        scores = example_scores(model(**model_inputs(batch)).logits, batch["group_sizes"],
+                                loader.collate_fn.candidate_scoring)
+        return task_loss(scores, batch)
+
+    head_scores, ffn_scores = (normalized(s, opts.normalize) for s in importance(model, loader, loss_of))
     importance_seconds = time.perf_counter() - started
     heads = top_per_layer(head_scores, kept_count(head_scores.shape[1], opts.heads))
     neurons = top_per_layer(ffn_scores, kept_count(ffn_scores.shape[1], opts.ffn))

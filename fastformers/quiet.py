@@ -1,0 +1,43 @@
+"""Dependencies' noise, silenced where it starts: each line a user sees once, no advertisements, no progress
+bars for loading a few MB, no deprecation notices about the dependencies' own internals. Real warnings stay."""
+from __future__ import annotations
+
+import logging
+import warnings
+
+KNOWN_NOISE = (  # (category, message regex) of warnings about dependencies' internals, not about our code
+    (Warning, r".*isinstance\(treespec, LeafSpec\)` is deprecated.*"),  # lightning's pytree shim, torch 2.13
+    (Warning, r".*The number of training batches \(\d+\) is smaller than the logging interval.*"),
+)
+
+
+class _Drop(logging.Filter):
+    """Drops records whose message contains one of `fragments`."""
+
+    def __init__(self, *fragments: str):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(fragment in str(record.msg) for fragment in self.fragments)
+
+
+def quiet_dependencies() -> None:
+    import lightning.pytorch  # noqa: F401 -- first: its import installs handlers and warning filters of its own
+
+    for category, message in KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):  # their own stderr handlers repeat what Hydra's handler prints
+            logger.removeHandler(handler)
+        logger.propagate = True
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_Drop("litlogger"))
+    # onnxruntime's quantizer asks for shape-inference pre-processing on every call; the fused graphs need none
+    logging.getLogger().addFilter(_Drop("Please consider to run pre-processing before quantization"))
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars for small files
+    except ImportError:
+        pass
