@@ -1,9 +1,10 @@
 # The two commands a newcomer needs: `make run` (the main job) and `make test`. Both install first.
 # Pass Hydra overrides with ARGS, e.g. `make run ARGS="task=rte"`, or use .venv/bin/fastformers directly.
+# `make test-fast` skips what is marked slow (sweeps, servers) for the edit-test loop; `make lint` is what CI checks.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install run test
+.PHONY: install run test test-fast lint
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,3 +21,11 @@ run: install
 
 test: install
 	$(VENV)/bin/pytest $(ARGS)
+
+test-fast: install
+	$(VENV)/bin/pytest -m "not slow" $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check fastformers tests scripts
+	$(VENV)/bin/ruff format --check fastformers tests scripts
+	$(VENV)/bin/mypy

@@ -5,6 +5,7 @@ fingerprint and the keys of the stages it read from, so a changed upstream setti
 A stage builds into a temporary folder that is renamed into place only after `manifest.json` (sizes and
 sha256 of every file) is written: a half-written or corrupted entry is detected and rebuilt, never loaded.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,5 @@
 """Reading the official SuperGLUE jsonl files and turning them into dynamically padded batches."""
+
 from __future__ import annotations
 
 import hashlib
@@ -46,10 +47,15 @@ def split_label(spec: str) -> str:
 
 def task_file(root: str | Path, task: Task, split: str, download: bool = False) -> Path:
     path = Path(root) / task.name / f"{split}.jsonl"
-    if not path.is_file() and download:
+    if not path.exists() and download:
         fetch_official(task, Path(root))
+    if path.exists() and not path.is_file():
+        what = "a directory" if path.is_dir() else "not a regular file"
+        raise FastformersError(f"{path.resolve()} is {what}, not a data file")
     if not path.is_file():
-        hint = "" if download else " (set data.download=true to fetch the official archive, or data.root / $SUPERGLUE_DIR)"
+        hint = (
+            "" if download else " (set data.download=true to fetch the official archive, or data.root / $SUPERGLUE_DIR)"
+        )
         raise FastformersError(f"missing data file {path.resolve()}{hint}")
     return path
 
@@ -70,23 +76,52 @@ def fetch_official(task: Task, root: Path, timeout: float = 30.0) -> None:
             target.write_bytes(archive.read(member))
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, record) of every non-blank line; a line that is not UTF-8, not JSON or not an object
+    is refused as `file:line: what is wrong (where in the line)`."""
     records = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise FastformersError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict):
-                raise FastformersError(f"{path}:{number}: expected a JSON object")
-            records.append((number, record))
+    try:
+        with path.open("rb") as lines:
+            for number, raw in enumerate(lines, start=1):
+                record = _parse_line(path, number, raw)
+                if record is not None:
+                    records.append((number, record))
+    except OSError as err:
+        raise FastformersError(f"cannot read {path}: {err.strerror or err}") from err
     return records
 
 
-def load_examples(task: Task, root: str | Path, spec: str, split_seed: int = 0, download: bool = False) -> list[Example]:
+def _parse_line(path: Path, number: int, raw: bytes) -> dict | None:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        column = len(raw[: err.start].decode("utf-8")) + 1  # in characters, like JSON's columns
+        raise FastformersError(
+            f"{path}:{number}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {column})"
+        ) from None
+    line = line.rstrip("\r\n")  # parsed alone, so JSON's own line is 1 and its column is the line's column
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise FastformersError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
+    except ValueError:  # json's only other refusal: an integer of more digits than Python converts
+        raise FastformersError(f"{path}:{number}: not valid JSON (a number too long to read)") from None
+    except RecursionError:
+        raise FastformersError(f"{path}:{number}: not valid JSON (nested too deeply)") from None
+    if not isinstance(record, dict):
+        raise FastformersError(f"{path}:{number}: expected a JSON object, got {_kind(record)}")
+    return record
+
+
+def _kind(value: object) -> str:
+    return {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+
+
+def load_examples(
+    task: Task, root: str | Path, spec: str, split_seed: int = 0, download: bool = False
+) -> list[Example]:
     """Examples of a split spec, in file order; a share is taken over records after a seeded shuffle."""
     name, lo, hi = parse_split(spec)
     path = task_file(root, task, name, download)
@@ -100,7 +135,7 @@ def load_examples(task: Task, root: str | Path, spec: str, split_seed: int = 0, 
     for number, record in numbered:
         try:
             examples.extend(task.read(record))
-        except (RecordError, TypeError, KeyError) as err:
+        except RecordError as err:  # the one place a record's fault gets its file and line
             raise FastformersError(f"{path}:{number}: {err}") from err
     if not examples:
         raise FastformersError(f"{path}: split {spec!r} has no examples")
@@ -108,11 +143,21 @@ def load_examples(task: Task, root: str | Path, spec: str, split_seed: int = 0, 
 
 
 def fingerprint(root: str | Path, task: Task) -> str:
-    """Content hash of a task's files, so a changed data file invalidates cached stages."""
+    """Content hash of a task's data files, so a changed data file invalidates cached stages.
+
+    Only regular files count: a directory named like a split is no data (a run that reads that split is
+    refused by `task_file`), so it neither crashes the hash nor changes it."""
     digest = hashlib.sha256()
     for path in sorted((Path(root) / task.name).glob("*.jsonl")):
+        if not path.is_file():
+            continue
         digest.update(path.name.encode())
-        digest.update(path.read_bytes())
+        try:
+            with path.open("rb") as stream:
+                for chunk in iter(lambda: stream.read(1 << 20), b""):
+                    digest.update(chunk)
+        except OSError as err:
+            raise FastformersError(f"cannot read {path}: {err.strerror or err}") from err
     return digest.hexdigest()[:16]
 
 
@@ -171,29 +216,48 @@ class Collator:
         else:
             batch["labels"] = torch.tensor([-100 if e.label is None else e.label for e in examples])
         if examples[0].teacher_scores is not None:
-            width = max(len(e.teacher_scores) for e in examples)
-            batch["teacher_scores"] = torch.tensor(
-                [e.teacher_scores + [float("-inf")] * (width - len(e.teacher_scores)) for e in examples]
-            )
+            scores = [e.teacher_scores or [] for e in examples]
+            width = max(len(s) for s in scores)
+            batch["teacher_scores"] = torch.tensor([s + [float("-inf")] * (width - len(s)) for s in scores])
         return batch
 
 
-def make_loader(examples, tokenizer, task: Task, max_length: int, batch_size: int, shuffle: bool = False,
-                seed: int = 0) -> DataLoader:
+def make_loader(
+    examples, tokenizer, task: Task, max_length: int, batch_size: int, shuffle: bool = False, seed: int = 0
+) -> DataLoader:
     dataset = EncodedDataset(examples, tokenizer, max_length)
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      collate_fn=Collator(tokenizer, task.labels is None))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        collate_fn=Collator(tokenizer, task.labels is None),
+    )
 
 
 class TaskDataModule(L.LightningDataModule):
     """Train and validation loaders of one task, for Lightning's Trainer."""
 
-    def __init__(self, task: Task, tokenizer, train: Sequence[Example], val: Sequence[Example], max_length: int,
-                 batch_size: int, eval_batch_size: int, seed: int):
+    def __init__(
+        self,
+        task: Task,
+        tokenizer,
+        train: Sequence[Example],
+        val: Sequence[Example],
+        max_length: int,
+        batch_size: int,
+        eval_batch_size: int,
+        seed: int,
+    ):
         super().__init__()
         self.task, self.tokenizer, self.train, self.val = task, tokenizer, train, val
-        self.max_length, self.batch_size, self.eval_batch_size, self.seed = max_length, batch_size, eval_batch_size, seed
+        self.max_length, self.batch_size, self.eval_batch_size, self.seed = (
+            max_length,
+            batch_size,
+            eval_batch_size,
+            seed,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return make_loader(self.train, self.tokenizer, self.task, self.max_length, self.batch_size, True, self.seed)

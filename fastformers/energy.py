@@ -1,6 +1,7 @@
 """Energy of a timed section, by the best method this machine offers, always named so a reader knows
 what the number is: codecarbon (when installed), the CPU's RAPL counters (when readable), or an
 *estimate* from the configured TDP × time. The meter is picklable: a benchmark instance reads it."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -40,10 +41,10 @@ def choose_meter(tdp_watts: float | None, share: float = 1.0, root: Path = POWER
 
 @dataclass(frozen=True)
 class EnergyMeter:
-    method: str                    # codecarbon | rapl | tdp_estimate | none
-    zones: tuple[str, ...] = ()    # rapl: the package zones read
+    method: str  # codecarbon | rapl | tdp_estimate | none
+    zones: tuple[str, ...] = ()  # rapl: the package zones read
     tdp_watts: float | None = None  # tdp_estimate: power of the whole CPU at full load
-    share: float = 1.0             # tdp_estimate: share of the CPU's cores the measured work used
+    share: float = 1.0  # tdp_estimate: share of the CPU's cores the measured work used
 
     @property
     def estimated(self) -> bool:
@@ -56,8 +57,9 @@ class EnergyMeter:
         if self.method == "codecarbon":
             from codecarbon import OfflineEmissionsTracker
 
-            tracker = OfflineEmissionsTracker(country_iso_code="USA", save_to_file=False, log_level="error",
-                                              measure_power_secs=1)  # the country only affects CO2, not energy
+            tracker = OfflineEmissionsTracker(
+                country_iso_code="USA", save_to_file=False, log_level="error", measure_power_secs=1
+            )  # the country only affects CO2, not energy
             tracker.start()
             return tracker
         return None
@@ -69,7 +71,7 @@ class EnergyMeter:
         if self.method == "codecarbon":
             started.stop()
             return float(started.final_emissions_data.energy_consumed) * 3.6e6  # kWh -> J
-        if self.method == "tdp_estimate":
+        if self.method == "tdp_estimate" and self.tdp_watts is not None:
             return self.tdp_watts * self.share * seconds
         return None
 

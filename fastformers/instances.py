@@ -3,6 +3,7 @@ own physical cores (os.sched_setaffinity), the work sharded across them, timed t
 and the outputs gathered back into the original order. A setting's processes stay up between passes, so the
 benchmark can interleave settings. Processes are spawned, never forked: a forked
 PyTorch/onnxruntime thread pool is not safe to use."""
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -54,7 +55,7 @@ def _cpu_list(path: Path) -> set[int]:
         text = path.read_text().strip()
     except OSError:
         return set()
-    cpus = set()
+    cpus: set[int] = set()
     for part in filter(None, text.split(",")):
         lo, _, hi = part.partition("-")
         cpus.update(range(int(lo), int(hi or lo) + 1))
@@ -66,28 +67,34 @@ def usable_cores() -> list[int]:
     return physical_cores(sorted(os.sched_getaffinity(0)))
 
 
-def plan_layout(instances: int, threads: int | None, cores: int | None = None,
-                usable: list[int] | None = None) -> Layout:
+def plan_layout(
+    instances: int, threads: int | None, cores: int | None = None, usable: list[int] | None = None
+) -> Layout:
     """Consecutive, disjoint core sets, one per instance; never more threads in total than physical cores.
     `threads` None = cores / instances; `cores` None = every usable core."""
     usable = usable_cores() if usable is None else usable
     if cores is not None and not 0 < cores <= len(usable):
-        raise FastformersError(f"hardware.cores={cores} but this process may run on {len(usable)} physical "
-                               f"cores {usable}")
+        raise FastformersError(
+            f"hardware.cores={cores} but this process may run on {len(usable)} physical cores {usable}"
+        )
     total = cores or len(usable)
     if instances < 1 or (threads is not None and threads < 1):
-        raise FastformersError(f"hardware.instances={instances} and hardware.threads_per_instance={threads} "
-                               f"must be at least 1")
+        raise FastformersError(
+            f"hardware.instances={instances} and hardware.threads_per_instance={threads} must be at least 1"
+        )
     if threads is None:
         if instances > total:
-            raise FastformersError(f"hardware.instances={instances} > {total} physical cores: each instance "
-                                   f"needs a core of its own")
+            raise FastformersError(
+                f"hardware.instances={instances} > {total} physical cores: each instance needs a core of its own"
+            )
         threads = total // instances
     if instances * threads > total:
-        raise FastformersError(f"hardware.instances={instances} x hardware.threads_per_instance={threads} = "
-                               f"{instances * threads} threads > {total} physical cores: instances x threads "
-                               f"must not exceed the cores")
-    return Layout(instances, threads, tuple(tuple(usable[i * threads:(i + 1) * threads]) for i in range(instances)))
+        raise FastformersError(
+            f"hardware.instances={instances} x hardware.threads_per_instance={threads} = "
+            f"{instances * threads} threads > {total} physical cores: instances x threads "
+            f"must not exceed the cores"
+        )
+    return Layout(instances, threads, tuple(tuple(usable[i * threads : (i + 1) * threads]) for i in range(instances)))
 
 
 def layouts_filling(total: int) -> list[tuple[int, int]]:
@@ -147,11 +154,11 @@ class Work:
 @dataclass
 class InstanceResult:
     instance: int
-    cpus: list[int]                  # the affinity the instance actually ran with
+    cpus: list[int]  # the affinity the instance actually ran with
     threads: int
     passes: list[tuple[float, float]]  # (start, end) of each timed pass, CLOCK_MONOTONIC (system-wide)
     energy_joules: list[float | None]  # per pass, read by instance 0 only
-    latencies: list[float]           # seconds per batch-size-1 call
+    latencies: list[float]  # seconds per batch-size-1 call
     outputs: list[tuple[list[int], np.ndarray, list[int]]]  # (indices, logits, group_sizes) per batch
     peak_rss_mb: float
 
@@ -167,8 +174,10 @@ class Served:
     @property
     def pass_seconds(self) -> list[float]:
         """Wall time of each timed pass: first instance's start to last instance's end."""
-        return [max(r.passes[i][1] for r in self.results) - min(r.passes[i][0] for r in self.results)
-                for i in range(len(self.results[0].passes))]
+        return [
+            max(r.passes[i][1] for r in self.results) - min(r.passes[i][0] for r in self.results)
+            for i in range(len(self.results[0].passes))
+        ]
 
     @property
     def energy_joules(self) -> list[float | None]:
@@ -197,9 +206,22 @@ class Instances:
         barrier = ctx.Barrier(layout.instances)
         self.commands = [ctx.Queue() for _ in range(layout.instances)]
         self.processes = [
-            ctx.Process(target=_instance_main, name=f"fastformers-instance-{i}", daemon=True,
-                        args=(i, backend, layout.cores[i], layout.threads, work[i], meter, barrier,
-                              self.commands[i], self.results))
+            ctx.Process(
+                target=_instance_main,
+                name=f"fastformers-instance-{i}",
+                daemon=True,
+                args=(
+                    i,
+                    backend,
+                    layout.cores[i],
+                    layout.threads,
+                    work[i],
+                    meter,
+                    barrier,
+                    self.commands[i],
+                    self.results,
+                ),
+            )
             for i in range(layout.instances)
         ]
         for process in self.processes:
@@ -222,7 +244,7 @@ class Instances:
         for result in served.results:
             for indices, logits, sizes in result.outputs:
                 for index, start, size in zip(indices, np.cumsum([0, *sizes[:-1]]), sizes):
-                    served.rows[index] = logits[start:start + size]
+                    served.rows[index] = logits[start : start + size]
         return served
 
     def terminate(self, wait: float = 0.0) -> None:
@@ -239,7 +261,7 @@ class Instances:
 
     def _gather(self) -> list:
         """One reply per instance; a crash or an exception in one fails the whole run loudly."""
-        gathered = []
+        gathered: list = []
         while len(gathered) < len(self.processes):
             try:
                 item = self.results.get(timeout=1.0)
@@ -247,7 +269,9 @@ class Instances:
                 dead = [p for p in self.processes if p.exitcode not in (None, 0)]
                 if dead:
                     self.terminate()
-                    raise RuntimeError(f"benchmark instance {dead[0].name} died with exit code {dead[0].exitcode}")
+                    raise RuntimeError(
+                        f"benchmark instance {dead[0].name} died with exit code {dead[0].exitcode}"
+                    ) from None
                 continue
             if isinstance(item, (FastformersError, str)):
                 self.terminate()
@@ -271,8 +295,17 @@ def serve(backend: Backend, layout: Layout, work: list[Work], meter: EnergyMeter
     return instances.close()
 
 
-def _instance_main(instance: int, backend: Backend, cpus: tuple[int, ...], threads: int, work: Work,
-                   meter: EnergyMeter, barrier, commands, results) -> None:
+def _instance_main(
+    instance: int,
+    backend: Backend,
+    cpus: tuple[int, ...],
+    threads: int,
+    work: Work,
+    meter: EnergyMeter,
+    barrier,
+    commands,
+    results,
+) -> None:
     """One pinned instance: load and warm up, then run what the parent says; each timed pass starts and ends
     in step with the other instances of its layout (barriers), so their timings overlap as in service."""
     try:
@@ -299,12 +332,15 @@ def _instance_main(instance: int, backend: Backend, cpus: tuple[int, ...], threa
                     infer(batch.inputs)
                     latencies.append(time.perf_counter() - started)
             results.put((command, instance))
-        results.put(InstanceResult(instance, sorted(os.sched_getaffinity(0)), threads, passes, energy, latencies,
-                                   outputs, peak_rss_mb()))
+        results.put(
+            InstanceResult(
+                instance, sorted(os.sched_getaffinity(0)), threads, passes, energy, latencies, outputs, peak_rss_mb()
+            )
+        )
     except FastformersError as err:  # bad input: the parent re-raises it as the run's one-line error
         barrier.abort()
         results.put(FastformersError(f"benchmark instance {instance}: {err}"))
-    except BaseException:  # noqa: BLE001 -- a bug: the parent raises it with this traceback
+    except BaseException:
         barrier.abort()
         results.put(f"instance {instance}: {traceback.format_exc()}")
 

@@ -3,6 +3,7 @@
 Every metric is a fraction in [0, 1]. A task's `score` is the mean of its metrics, which is how the
 leaderboard folds two-metric tasks (CB, MultiRC, ReCoRD) into one number.
 """
+
 from __future__ import annotations
 
 import re

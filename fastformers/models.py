@@ -4,6 +4,7 @@ A model spec (conf/teacher, conf/student) names a hub id, a local folder, a mode
 installed package (`package:<module>/<subdir>`, e.g. the MiniLM in ../shared/MODELS.md), or, with
 `pretrained: null`, a randomly initialised architecture whose tokenizer is trained on the task's text.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -47,7 +48,7 @@ def resolve_pretrained(pretrained: str) -> str:
     """Turns `package:<module>/<subdir>` into the folder inside the installed package."""
     if not pretrained.startswith(PACKAGE_PREFIX):
         return pretrained
-    module, _, subdir = pretrained[len(PACKAGE_PREFIX):].partition("/")
+    module, _, subdir = pretrained[len(PACKAGE_PREFIX) :].partition("/")
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         wheel = module.replace("_", "-")
@@ -59,8 +60,10 @@ def model_family(path_or_id: str) -> str:
     try:
         return AutoConfig.from_pretrained(path_or_id).model_type
     except (OSError, ValueError) as err:
-        raise FastformersError(f"cannot load model {path_or_id!r}: not a local model folder, and the hub "
-                               f"is not reachable or has no such model ({type(err).__name__})") from err
+        raise FastformersError(
+            f"cannot load model {path_or_id!r}: not a local model folder, and the hub "
+            f"is not reachable or has no such model ({type(err).__name__})"
+        ) from err
 
 
 def check_family(spec: DictConfig, found: str) -> None:
@@ -107,8 +110,12 @@ def build_random(spec: DictConfig, task: Task, texts: Iterable[str]):
     tokenizer = train_tokenizer(spec.family, texts, spec.tokenizer_vocab_size)
     special = {"pad_token_id": tokenizer.pad_token_id}
     if spec.family == "roberta":
-        special |= {"bos_token_id": tokenizer.cls_token_id, "eos_token_id": tokenizer.sep_token_id, "type_vocab_size": 1}
-    config = FAMILIES[spec.family](
+        special |= {
+            "bos_token_id": tokenizer.cls_token_id,
+            "eos_token_id": tokenizer.sep_token_id,
+            "type_vocab_size": 1,
+        }
+    config = FAMILIES[spec.family](  # type: ignore[call-arg]
         vocab_size=len(tokenizer),
         num_labels=task.num_labels,
         max_position_embeddings=spec.max_position_embeddings,
@@ -130,34 +137,51 @@ def load_model(spec: DictConfig, task: Task, texts: Iterable[str]):
 def train_tokenizer(family: str, texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """WordPiece (BERT) or byte-level BPE (RoBERTa) with the family's special-token template."""
     if family == "bert":
-        specials = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
-                    "mask_token": "[MASK]"}
+        specials = {
+            "pad_token": "[PAD]",
+            "unk_token": "[UNK]",
+            "cls_token": "[CLS]",
+            "sep_token": "[SEP]",
+            "mask_token": "[MASK]",
+        }
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
         tok.normalizer = normalizers.BertNormalizer(lowercase=True)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(specials.values()),
-                                           show_progress=False)
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size, special_tokens=list(specials.values()), show_progress=False
+        )
         tok.train_from_iterator(texts, trainer)
         cls, sep = ("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[cls, sep]
         )
     elif family == "roberta":
-        specials = {"cls_token": "<s>", "pad_token": "<pad>", "sep_token": "</s>", "unk_token": "<unk>",
-                    "mask_token": "<mask>"}
+        specials = {
+            "cls_token": "<s>",
+            "pad_token": "<pad>",
+            "sep_token": "</s>",
+            "unk_token": "<unk>",
+            "mask_token": "<mask>",
+        }
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials.values()), show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(  # type: ignore[assignment]
+            vocab_size=vocab_size,
+            special_tokens=list(specials.values()),
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
         tok.train_from_iterator(texts, trainer)
-        tok.post_processor = processors.RobertaProcessing(("</s>", tok.token_to_id("</s>")),
-                                                          ("<s>", tok.token_to_id("<s>")))
+        tok.post_processor = processors.RobertaProcessing(
+            ("</s>", tok.token_to_id("</s>") or 0), ("<s>", tok.token_to_id("<s>") or 0)
+        )
     else:
         raise FastformersError(f"family={family!r}: no tokenizer recipe; use one of {sorted(FAMILIES)}")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials["cls_token"],
-                                   eos_token=specials["sep_token"], **specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=specials["cls_token"], eos_token=specials["sep_token"], **specials
+    )
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
 """A run: its stages in order, each taken from the cache when the config that defines it is unchanged."""
+
 from __future__ import annotations
 
 import json
@@ -32,20 +33,27 @@ def validate(cfg: DictConfig) -> list:
     get_task(cfg.task.name)
     student_family = cfg.student.get("family")
     if student_family and student_family != cfg.teacher.family:
-        raise FastformersError(f"student.family={student_family!r} differs from teacher.family="
-                               f"{cfg.teacher.family!r}: distillation stays within one family")
+        raise FastformersError(
+            f"student.family={student_family!r} differs from teacher.family="
+            f"{cfg.teacher.family!r}: distillation stays within one family"
+        )
     if (cfg.pruning.heads != 1.0 or cfg.pruning.ffn != 1.0) and "prune" not in cfg.stages:
-        raise FastformersError(f"pruning.heads={cfg.pruning.heads} pruning.ffn={cfg.pruning.ffn} needs the prune "
-                               "stage: add it after the model it prunes, e.g. stages=[finetune,distill,prune,evaluate]")
+        raise FastformersError(
+            f"pruning.heads={cfg.pruning.heads} pruning.ffn={cfg.pruning.ffn} needs the prune "
+            "stage: add it after the model it prunes, e.g. stages=[finetune,distill,prune,evaluate]"
+        )
     if not cfg.stages:
         raise FastformersError("stages is empty: name at least one, e.g. stages=[finetune,evaluate]")
-    stages, provided = [], set()
+    stages: list = []
+    provided: set[str] = set()
     for name in cfg.stages:
         stage = get_stage(name)
         missing = [need for need in stage.uses(cfg) if need not in provided]
         if missing:
-            raise FastformersError(f"stages: {name!r} needs the {missing[0]!r} output of an earlier stage "
-                                   f"(e.g. stages=[finetune,{name}]); these run before it: {sorted(provided)}")
+            raise FastformersError(
+                f"stages: {name!r} needs the {missing[0]!r} output of an earlier stage "
+                f"(e.g. stages=[finetune,{name}]); these run before it: {sorted(provided)}"
+            )
         stage.validate(cfg)
         stages.append(stage)
         if stage.PROVIDES == "model":
@@ -90,8 +98,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
             started = time.perf_counter()
             folder, hit = run_cached(cache, name, key, stage, cfg, inputs, payload, active.info.run_id)
             metrics = json.loads((folder / METRICS_FILE).read_text())
-            print(f"stage {name}: {'from the cache' if hit else 'ran'} in {minutes(time.perf_counter() - started)}"
-                  f"{headline(name, metrics)}", flush=True)
+            print(
+                f"stage {name}: {'from the cache' if hit else 'ran'} in {minutes(time.perf_counter() - started)}"
+                f"{headline(name, metrics)}",
+                flush=True,
+            )
             mlflow.log_metrics({f"{name}/{k}": float(v) for k, v in metrics.items()})
             mlflow.set_tags({f"cache.{name}": "hit" if hit else "miss", f"cache.{name}.path": str(folder)})
             log_stage_artifacts(folder, name, cfg.mlflow.log_models)
@@ -124,13 +135,18 @@ def summary(cfg: DictConfig, results: dict[str, float], run_id: str) -> str:
     if scores:
         lines.append("scores: " + ", ".join(f"{k.removeprefix('evaluate/')} {v:.4f}" for k, v in scores.items()))
     if "benchmark/pick/throughput" in results:
-        lines.append(f"benchmark pick: {results['benchmark/pick/throughput']:.1f} ex/s, "
-                     f"{results.get('benchmark/pick/speedup', float('nan')):.2f}x the baseline")
-    lines += [f"MLflow run {run_id} in experiment '{cfg.mlflow.experiment_name}' ({uri})",
-              f"look at it: mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)"
-              if uri.startswith("sqlite:") else f"look at it: {uri}",
-              f"outputs: {Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else cfg.paths.output_dir}"
-              f" (this run), {Path(cfg.paths.cache_dir).resolve()} (stage cache)"]
+        lines.append(
+            f"benchmark pick: {results['benchmark/pick/throughput']:.1f} ex/s, "
+            f"{results.get('benchmark/pick/speedup', float('nan')):.2f}x the baseline"
+        )
+    lines += [
+        f"MLflow run {run_id} in experiment '{cfg.mlflow.experiment_name}' ({uri})",
+        f"look at it: mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)"
+        if uri.startswith("sqlite:")
+        else f"look at it: {uri}",
+        f"outputs: {Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else cfg.paths.output_dir}"
+        f" (this run), {Path(cfg.paths.cache_dir).resolve()} (stage cache)",
+    ]
     return "\n".join(lines)
 
 
@@ -165,8 +181,9 @@ def objectives(cfg: DictConfig, results: dict[str, float]) -> float | tuple[floa
     for name in cfg.sweep_objectives:
         value = main_metric(cfg, results) if name == "score" else results.get(name)
         if value is None:
-            raise FastformersError(f"sweep_objectives: {name!r} was not measured by this run's stages "
-                                   f"(have e.g. {sorted(results)[:6]})")
+            raise FastformersError(
+                f"sweep_objectives: {name!r} was not measured by this run's stages (have e.g. {sorted(results)[:6]})"
+            )
         values.append(value)
     return values[0] if len(values) == 1 else tuple(values)
 

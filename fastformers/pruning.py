@@ -2,6 +2,7 @@
 2019: a mask of ones scales every head's context vector and every FFN neuron's activation through forward
 pre-hooks, and |d loss / d mask| is summed over a labelled slice), the same number kept in every layer, and the
 model rewired physically smaller. `models.load_finetuned` rebuilds a pruned model's shapes from its config."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -15,8 +16,9 @@ HEADS_KEPT = "attention_heads_kept"  # config.json key of a head-pruned model: h
 PRUNING_RECORD = "fastformers_pruning"  # config.json key: what was kept, for the reader of a saved model
 
 
-def encoder_layers(model) -> torch.nn.ModuleList:
-    """The transformer blocks of a BERT or RoBERTa classifier."""
+def encoder_layers(model) -> Any:
+    """The transformer blocks of a BERT or RoBERTa classifier (typed Any: attribute access on its modules is
+    what the callers do, which torch's stubs cannot check)."""
     return model.base_model.encoder.layer
 
 
@@ -130,5 +132,13 @@ def rewire(model, heads: list[list[int]], neurons: list[list[int]]) -> None:
     if len(heads[0]) < head_count:
         setattr(config, HEADS_KEPT, len(heads[0]))  # num_attention_heads stays: it sets the head size
     config.intermediate_size = len(neurons[0])
-    setattr(config, PRUNING_RECORD, {"kept_heads": heads, "ffn_neurons_kept": len(neurons[0]),
-                                     "heads_before": head_count, "ffn_neurons_before": ffn_count})
+    setattr(
+        config,
+        PRUNING_RECORD,
+        {
+            "kept_heads": heads,
+            "ffn_neurons_kept": len(neurons[0]),
+            "heads_before": head_count,
+            "ffn_neurons_before": ffn_count,
+        },
+    )

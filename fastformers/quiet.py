@@ -1,5 +1,6 @@
 """Dependencies' noise, silenced where it starts: each line a user sees once, no advertisements, no progress
 bars for loading a few MB, no deprecation notices about the dependencies' own internals. Real warnings stay."""
+
 from __future__ import annotations
 
 import logging

@@ -2,6 +2,7 @@
 accuracy vs inference time (Figure 2) and accuracy vs queries/s (Figure 3) plots with the Pareto front marked.
 Everything is read back from the runs' metrics and params (per run name, its latest finished run); nothing is
 typed in. The files are logged to the experiment's latest sweep parent run (or, without one, to a run of their own)."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,12 +16,14 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from fastformers.errors import FastformersError
-from fastformers.tracking import ROLE_TAG, SKIPPED_TAG, absolute_uri
+from fastformers.tracking import ROLE_TAG, SKIPPED_TAG, absolute_uri, sqlite_path, sqlite_problem
 
 SCORE = re.compile(r"^evaluate/(.+)/score$")
 BENCHMARK = re.compile(r"^benchmark/(.+)/latency_p50_ms$")
-PLOTS = {"accuracy_vs_latency.png": ("latency_p50_ms", "latency at batch size 1, p50 (ms)", True),
-         "accuracy_vs_throughput.png": ("throughput", "throughput (examples/s)", False)}  # key, label, lower is better
+PLOTS = {
+    "accuracy_vs_latency.png": ("latency_p50_ms", "latency at batch size 1, p50 (ms)", True),
+    "accuracy_vs_throughput.png": ("throughput", "throughput (examples/s)", False),
+}  # key, label, lower is better
 
 
 @dataclass
@@ -64,28 +67,49 @@ def row_of(run, setting: str | None) -> Row | None:
     if score is None or not settings:
         return None
     if setting is None:
-        setting = fastest(settings, metrics)
+        setting = picked(run) if picked(run) in settings else fastest(settings, metrics)
     elif setting not in settings:
         return None
     get = lambda key: metrics.get(f"benchmark/{setting}/{key}")  # noqa: E731
-    parameters = next((metrics[k] for k in ("prune/parameters", "distill/student_parameters", "finetune/parameters")
-                       if k in metrics), None)
-    return Row(run=run.info.run_name, run_id=run.info.run_id, task=params.get("task.name", ""),
-               student=params.get("student.name", ""), heads=params.get("pruning.heads", ""),
-               ffn=params.get("pruning.ffn", ""), precision=params.get("precision.name", ""), setting=setting,
-               score=score, latency_p50_ms=get("latency_p50_ms"), throughput=get("throughput"),
-               speedup=get("speedup"), usd_per_100m_queries=get("usd_per_100m_queries"), parameters=parameters)
+    parameters = next(
+        (metrics[k] for k in ("prune/parameters", "distill/student_parameters", "finetune/parameters") if k in metrics),
+        None,
+    )
+    return Row(
+        run=run.info.run_name,
+        run_id=run.info.run_id,
+        task=params.get("task.name", ""),
+        student=params.get("student.name", ""),
+        heads=params.get("pruning.heads", ""),
+        ffn=params.get("pruning.ffn", ""),
+        precision=params.get("precision.name", ""),
+        setting=setting or "",
+        score=score,
+        latency_p50_ms=get("latency_p50_ms"),
+        throughput=get("throughput"),
+        speedup=get("speedup"),
+        usd_per_100m_queries=get("usd_per_100m_queries"),
+        parameters=parameters,
+    )
 
 
 def pareto(rows: list[Row], key: str = "latency_p50_ms", lower_is_better: bool = True) -> list[Row]:
     """The rows no other row of the same task beats on both the score and `key` (scores of different tasks do not
     compare)."""
+
     def at_least(o: Row, r: Row) -> bool:
         x, y = getattr(o, key), getattr(r, key)
         return (x <= y if lower_is_better else x >= y) and o.score >= r.score
 
-    return [r for r in rows if not any(at_least(o, r) and (getattr(o, key) != getattr(r, key) or o.score != r.score)
-                                       for o in rows if o is not r and o.task == r.task)]
+    return [
+        r
+        for r in rows
+        if not any(
+            at_least(o, r) and (getattr(o, key) != getattr(r, key) or o.score != r.score)
+            for o in rows
+            if o is not r and o.task == r.task
+        )
+    ]
 
 
 def mark_pareto(rows: list[Row]) -> None:
@@ -100,8 +124,9 @@ def experiment_runs(client: MlflowClient, experiment: str) -> tuple[str, list]:
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise FastformersError(f"report: no MLflow experiment {experiment!r} in this store")
-    return found.experiment_id, client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"],
-                                                   max_results=5000)
+    return found.experiment_id, client.search_runs(
+        [found.experiment_id], order_by=["attributes.start_time ASC"], max_results=5000
+    )
 
 
 def collect(runs: list, experiment: str, setting: str | None, all_runs: bool = False) -> tuple[list[Row], str | None]:
@@ -114,8 +139,10 @@ def collect(runs: list, experiment: str, setting: str | None, all_runs: bool = F
         finished = list({r.info.run_name: r for r in finished}.values())  # oldest first, so the latest wins
     rows = [row for r in finished if (row := row_of(r, setting)) is not None]
     if not rows:
-        raise FastformersError(f"report: experiment {experiment!r} has no finished run with an evaluate score and "
-                               "benchmark timings (stages [..., evaluate, benchmark])")
+        raise FastformersError(
+            f"report: experiment {experiment!r} has no finished run with an evaluate score and "
+            "benchmark timings (stages [..., evaluate, benchmark])"
+        )
     mark_pareto(rows)
     return rows, parents[-1].info.run_id if parents else None
 
@@ -127,8 +154,17 @@ def write_tables(rows: list[Row], out: Path) -> list[Path]:
         writer = csv.DictWriter(stream, fieldnames=fields)
         writer.writeheader()
         writer.writerows(asdict(r) for r in rows)
-    shown = ["run", "setting", "score", "latency_p50_ms", "throughput", "speedup", "usd_per_100m_queries",
-             "parameters", "pareto"]
+    shown = [
+        "run",
+        "setting",
+        "score",
+        "latency_p50_ms",
+        "throughput",
+        "speedup",
+        "usd_per_100m_queries",
+        "parameters",
+        "pareto",
+    ]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for row in sorted(rows, key=lambda r: r.latency_p50_ms):
         values = asdict(row)
@@ -160,12 +196,22 @@ def plot(rows: list[Row], out: Path, title: str) -> list[Path]:
         front = sorted(pareto(rows, key, lower_is_better), key=lambda r: getattr(r, key))
         for i, task in enumerate(sorted({r.task for r in front})):  # one front per task
             points = [r for r in front if r.task == task]
-            ax.plot([getattr(r, key) for r in points], [r.score for r in points], color="tab:red", marker="o",
-                    label=None if i else "Pareto front")
+            ax.plot(
+                [getattr(r, key) for r in points],
+                [r.score for r in points],
+                color="tab:red",
+                marker="o",
+                label=None if i else "Pareto front",
+            )
         several = len({r.task for r in rows}) > 1
         for row in rows:
-            ax.annotate(f"{row.task + ' ' if several else ''}h{row.heads} f{row.ffn} {row.setting}",
-                        (getattr(row, key), row.score), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                f"{row.task + ' ' if several else ''}h{row.heads} f{row.ffn} {row.setting}",
+                (getattr(row, key), row.score),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
         ax.set(xlabel=label, ylabel="task score (official metric)", title=title)
         ax.grid(alpha=0.3)
         ax.legend(loc="best")
@@ -181,8 +227,10 @@ def ablation_table(runs) -> list[str]:
     benchmark's pick where it searched engines and layouts), its speed-up over the baseline timed in the same run
     (cumulative), over the row before (per step), its score and cost."""
     rows = sorted((r for r in runs if "row.order" in r.data.params), key=lambda r: int(r.data.params["row.order"]))
-    lines = ["| row | setting | time (s) | speed-up (step) | speed-up (cumulative) | score | USD / 100M queries |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| row | setting | time (s) | speed-up (step) | speed-up (cumulative) | score | USD / 100M queries |",
+        "|---|---|---|---|---|---|---|",
+    ]
     previous = None
     for run in rows:
         metrics = run.data.metrics
@@ -190,9 +238,22 @@ def ablation_table(runs) -> list[str]:
         cumulative = metrics.get(f"benchmark/{setting}/speedup")
         step = cumulative / previous if cumulative and previous else cumulative
         score = next((v for k, v in sorted(metrics.items()) if SCORE.match(k)), None)
-        lines.append("| " + " | ".join(_cell(v) for v in (
-            run.data.params["row.name"], setting, metrics.get(f"benchmark/{setting}/wall_seconds"), step, cumulative,
-            score, metrics.get(f"benchmark/{setting}/usd_per_100m_queries"))) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                _cell(v)
+                for v in (
+                    run.data.params["row.name"],
+                    setting,
+                    metrics.get(f"benchmark/{setting}/wall_seconds"),
+                    step,
+                    cumulative,
+                    score,
+                    metrics.get(f"benchmark/{setting}/usd_per_100m_queries"),
+                )
+            )
+            + " |"
+        )
         previous = cumulative
     return lines if rows else []
 
@@ -207,8 +268,10 @@ def task_table(client: MlflowClient, runs, out: Path) -> list[Path]:
             latest[run.data.params["task.name"]] = run
     if len(latest) < 2:
         return []
-    lines = ["| task | teacher score | metrics | speed-up | energy saving | test submission |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| task | teacher score | metrics | speed-up | energy saving | test submission |",
+        "|---|---|---|---|---|---|",
+    ]
     archive = out / "superglue_submission.zip"
     with zipfile.ZipFile(archive, "w") as bundle:
         for task, run in sorted(latest.items()):
@@ -216,8 +279,11 @@ def task_table(client: MlflowClient, runs, out: Path) -> list[Path]:
                 lines.append(f"| {task} | not run: {run.data.tags[SKIPPED_TAG]} | | | | |")
                 continue
             metrics = run.data.metrics
-            official = ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in sorted(metrics.items())
-                                 if k.startswith("evaluate/") and not k.endswith("/score"))
+            official = ", ".join(
+                f"{k.split('/')[-1]} {v:.4f}"
+                for k, v in sorted(metrics.items())
+                if k.startswith("evaluate/") and not k.endswith("/score")
+            )
             splits = sorted({k.split("/")[1] for k in metrics if SCORE.match(k)})  # e.g. val_60-100pct: a share
             official += f" ({', '.join(splits)})" if splits else ""
             best = picked(run) or fastest(timed_settings(metrics), metrics)
@@ -228,14 +294,17 @@ def task_table(client: MlflowClient, runs, out: Path) -> list[Path]:
             for path in files:
                 bundle.write(client.download_artifacts(run.info.run_id, path, str(out)), Path(path).name)
             teacher = _cell(metrics.get("finetune/best_val_score"))  # the fine-tuned teacher, on the same split
-            lines.append(f"| {task} | {teacher} | {official} | {_cell(speedup)}{'x' if speedup else ''} ({best}) | {saving} | "
-                         f"{', '.join(Path(f).name for f in files)} |")
+            lines.append(
+                f"| {task} | {teacher} | {official} | {_cell(speedup)}{'x' if speedup else ''} ({best}) | {saving} | "
+                f"{', '.join(Path(f).name for f in files)} |"
+            )
     (out / "tasks.md").write_text("\n".join(lines) + "\n")
     return [out / "tasks.md", archive]
 
 
-def report(tracking_uri: str, experiment: str, out: Path, setting: str | None = None,
-           all_runs: bool = False) -> list[Path]:
+def report(
+    tracking_uri: str, experiment: str, out: Path, setting: str | None = None, all_runs: bool = False
+) -> list[Path]:
     """Writes the tables and plots into `out` and logs them to the experiment's sweep parent run."""
     client = MlflowClient(tracking_uri)
     experiment_id, runs = experiment_runs(client, experiment)
@@ -260,12 +329,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default="sqlite:///outputs/mlflow.db")
     parser.add_argument("--out", type=Path, default=None, help="default: outputs/reports/<experiment>")
     parser.add_argument("--setting", default=None, help="benchmark setting to plot (default: each run's fastest)")
-    parser.add_argument("--all-runs", action="store_true", help="every finished run, not only the latest of each run name")
+    parser.add_argument(
+        "--all-runs", action="store_true", help="every finished run, not only the latest of each run name"
+    )
     args = parser.parse_args(argv)
     try:
         uri = args.tracking_uri
-        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        db = sqlite_path(uri)
+        if db is not None and not db.is_file():
             raise FastformersError(f"report: --tracking-uri {uri}: no such MLflow store (run a job first)")
+        problem = sqlite_problem(db, empty_ok=False) if db else None  # MLflow would fill an empty file
+        if problem:
+            raise FastformersError(f"report: --tracking-uri {uri}: {problem}")
         out = args.out or Path("outputs/reports") / args.experiment
         files = report(absolute_uri(uri), args.experiment, out, args.setting, args.all_runs)
     except FastformersError as err:

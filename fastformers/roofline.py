@@ -5,6 +5,7 @@ The bound of a variant is the time its FLOPs take at those rates: the projection
 FFN) at the int8 rate when the graph is quantized, Q·Kᵀ and attention·V always at the fp32 rate (they stay
 float), so `% of bound` = bound time / measured time.
 """
+
 from __future__ import annotations
 
 import time
@@ -21,9 +22,9 @@ class Shape:
 
     layers: int
     hidden: int
-    heads: int      # heads per layer (kept heads, for a pruned model)
+    heads: int  # heads per layer (kept heads, for a pruned model)
     head_size: int
-    ffn: int        # FFN neurons per layer (kept ones)
+    ffn: int  # FFN neurons per layer (kept ones)
 
     @classmethod
     def of(cls, config) -> Shape:
@@ -51,12 +52,20 @@ def _gemm_graph(m: int, k: int, n: int, integer: bool) -> bytes:
     """A one-node graph: fp32 MatMul, or the uint8 x int8 MatMulInteger that dynamic quantization runs."""
     rng = np.random.default_rng(0)
     if integer:
-        values, kind, out_kind, op = rng.integers(-127, 127, (k, n)).astype(np.int8), TensorProto.INT8, \
-            TensorProto.INT32, "MatMulInteger"
+        values, kind, out_kind, op = (
+            rng.integers(-127, 127, (k, n)).astype(np.int8),
+            TensorProto.INT8,
+            TensorProto.INT32,
+            "MatMulInteger",
+        )
         a = helper.make_tensor_value_info("a", TensorProto.UINT8, [m, k])
     else:
-        values, kind, out_kind, op = rng.standard_normal((k, n)).astype(np.float32), TensorProto.FLOAT, \
-            TensorProto.FLOAT, "MatMul"
+        values, kind, out_kind, op = (
+            rng.standard_normal((k, n)).astype(np.float32),
+            TensorProto.FLOAT,
+            TensorProto.FLOAT,
+            "MatMul",
+        )
         a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [m, k])
     weight = helper.make_tensor("w", kind, [k, n], values.tobytes(), raw=True)
     out = helper.make_tensor_value_info("y", out_kind, [m, n])
@@ -79,8 +88,7 @@ def _sustained(model: bytes, feed: np.ndarray, ops: float, threads: int | None, 
     return ops * calls / elapsed
 
 
-def measure_peaks(threads: int | None = None, seconds: float = 1.0, m: int = 256, k: int = 384,
-                  n: int = 1536) -> Peaks:
+def measure_peaks(threads: int | None = None, seconds: float = 1.0, m: int = 256, k: int = 384, n: int = 1536) -> Peaks:
     """Sustained GEMM rates on a transformer-sized product (tokens x hidden x FFN), `seconds` each."""
     ops = 2.0 * m * k * n
     rng = np.random.default_rng(0)
@@ -98,4 +106,3 @@ def bound_seconds(shape: Shape, lengths: list[int], peaks: Peaks, quantized: boo
         total += projections / ((peaks.int8_gops if quantized else peaks.fp32_gflops) * 1e9)
         total += attention / (peaks.fp32_gflops * 1e9)
     return total
-

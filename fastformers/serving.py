@@ -4,6 +4,7 @@ benchmark's pick when the run made one (engine, precision, bucket), else the run
 Requests carry records in the task's official jsonl shape (e.g. CB: premise, hypothesis, idx); answers are
 the leaderboard's submission rows (idx and label), so a served model and a submission file read alike.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,6 +14,7 @@ import mlflow
 import transformers
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel
 from omegaconf import DictConfig, OmegaConf
 
 from fastformers.engines import artifact_path, get_engine, read_pick, tokenizer_folder
@@ -20,7 +22,7 @@ from fastformers.engines import artifact_path, get_engine, read_pick, tokenizer_
 ARTIFACT_PATH = "model"
 
 
-class EngineTaskModel(mlflow.pyfunc.PythonModel):
+class EngineTaskModel(PythonModel):
     """Official records in, submission rows out, through the engine's artifact and the model's tokenizer."""
 
     def load_context(self, context) -> None:
@@ -33,12 +35,16 @@ class EngineTaskModel(mlflow.pyfunc.PythonModel):
         self.task = get_task(config["task"])
         self.max_length = int(config["max_seq_length"])
         engine = get_engine(config["engine"], {config["engine"]: config["engine_conf"]})
-        self.model = EngineModel(engine.open(Path(context.artifacts["model"]), config["precision"], None,
-                                             config["options"], config["bucket"]))
+        self.model = EngineModel(
+            engine.open(
+                Path(context.artifacts["model"]), config["precision"], None, config["options"], config["bucket"]
+            )
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"])
 
-    def predict(self, context, model_input: list[dict[str, Any]], params: dict[str, Any] | None = None
-                ) -> list[dict[str, Any]]:
+    def predict(
+        self, context, model_input: list[dict[str, Any]], params: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
         from fastformers.data import make_loader
         from fastformers.models import predict
         from fastformers.tasks import RecordError
@@ -47,14 +53,21 @@ class EngineTaskModel(mlflow.pyfunc.PythonModel):
         examples = []
         for number, record in enumerate(records):
             try:
-                examples.extend(self.task.read({k: v for k, v in record.items() if v == v}))  # drop NaN holes
+                examples.extend(self.task.read({k: v for k, v in record.items() if not _is_nan(v)}))
             except (RecordError, TypeError, KeyError, AttributeError) as err:
-                raise MlflowException(f"record {number}: {err} (send {self.task.name} records in the official "
-                                      "jsonl shape)", error_code=INVALID_PARAMETER_VALUE) from err
+                raise MlflowException(
+                    f"record {number}: {err} (send {self.task.name} records in the official jsonl shape)",
+                    error_code=INVALID_PARAMETER_VALUE,
+                ) from err
         if not examples:
             raise MlflowException("no records to predict", error_code=INVALID_PARAMETER_VALUE)
         loader = make_loader(examples, self.tokenizer, self.task, self.max_length, 32)
         return self.task.submit(examples, predict(self.model, loader))
+
+
+def _is_nan(value) -> bool:
+    """A hole a DataFrame request leaves where a record lacks a field (NaN is the one value unequal to itself)."""
+    return isinstance(value, float) and value != value  # noqa: PLR0124
 
 
 def served_choice(cfg: DictConfig, pick_folder: Path | None) -> dict:
@@ -79,9 +92,16 @@ def log_served_model(onnx_folder: Path, cfg: DictConfig, pick_folder: Path | Non
     if package:
         requirements.append(f"{package}=={__import__(package).__version__}")
     mlflow.pyfunc.log_model(
-        name=ARTIFACT_PATH, python_model=str(Path(__file__).with_name("served_model.py")), artifacts=artifacts,
+        name=ARTIFACT_PATH,
+        python_model=str(Path(__file__).with_name("served_model.py")),
+        artifacts=artifacts,
         pip_requirements=requirements,
-        model_config={"task": cfg.task.name, "max_seq_length": cfg.task.max_seq_length,
-                      "engine_conf": OmegaConf.to_container(cfg.engines[engine.name], resolve=True)} | choice)
+        model_config={
+            "task": cfg.task.name,
+            "max_seq_length": cfg.task.max_seq_length,
+            "engine_conf": OmegaConf.to_container(cfg.engines[engine.name], resolve=True),
+        }
+        | choice,
+    )
     mlflow.set_tags({"served.engine": choice["engine"], "served.precision": choice["precision"]})
     return choice

@@ -7,8 +7,11 @@ Two shapes cover all seven tasks:
 - candidate scoring (`labels is None`): one text pair per candidate, the model gives each a score and
   the highest wins (COPA's two choices, ReCoRD's entities filling `@placeholder`).
 """
+
 from __future__ import annotations
 
+import json
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +33,7 @@ class Example:
 
 
 class RecordError(ValueError):
-    """A record the reader cannot use; the data loader adds the file and line."""
+    """A record the reader cannot use, as `field <path>: what is wrong`; the data loader adds the file and line."""
 
 
 @dataclass(frozen=True)
@@ -47,34 +50,105 @@ class Task:
         return len(self.labels) if self.labels else 1
 
 
-def _field(record: dict, name: str) -> Any:
-    if name not in record:
-        raise RecordError(f"missing field {name!r}")
-    return record[name]
+IDX_LIMIT = 2**63  # ids and offsets are non-negative and fit a signed 64-bit integer (submission files, tensors)
 
 
-def _label_index(record: dict, labels: tuple[Any, ...]) -> int | None:
-    if "label" not in record:
-        return None  # test files are unlabelled
-    value = record["label"]
-    if value not in labels:
-        raise RecordError(f"label {value!r} is not one of {list(labels)}")
-    return labels.index(value)
+def _shown(value: Any, width: int = 40) -> str:
+    """A value as the jsonl spells it (null, true, [1], "text", Infinity), cut short for a one-line message."""
+    try:
+        text = json.dumps(value, default=repr)
+    except (ValueError, RecursionError):  # a structure nested too deep to spell
+        text = type(value).__name__
+    return text if len(text) <= width else f"{text[: width - 3]}..."
+
+
+class Fields:
+    """One JSON object of a record, read field by field against the task's official schema.
+
+    Every reader takes its fields through these accessors, so a wrong type, a missing field, an id out of
+    range or a string that is not valid Unicode raises one RecordError naming the field's path
+    (`passage.questions[0].answers[2].label`), and nothing is ever coerced.
+    """
+
+    def __init__(self, value: Any, path: str = ""):
+        if not isinstance(value, dict):
+            raise RecordError(f"{f'field {path}' if path else 'record'}: expected an object, got {_shown(value)}")
+        self.value, self.path = value, path
+
+    def name(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, key: str, what: str) -> RecordError:
+        return RecordError(f"field {self.name(key)}: {what}")
+
+    def has(self, key: str) -> bool:
+        return key in self.value
+
+    def get(self, key: str) -> Any:
+        if key not in self.value:
+            raise self.error(key, "missing")
+        return self.value[key]
+
+    def text(self, key: str) -> str:
+        """A string (empty allowed) of valid Unicode: a lone surrogate (a `\\ud800` escape) is refused."""
+        value = self.get(key)
+        if not isinstance(value, str):
+            raise self.error(key, f"expected a string, got {_shown(value)}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            bad = ascii(value[err.start])[1:-1]
+            raise self.error(key, f"not valid Unicode (lone surrogate {bad} at character {err.start + 1})") from None
+        return str(value)
+
+    def integer(self, key: str) -> int:
+        """An integer (not a boolean, not 3.0) with 0 <= value < 2**63."""
+        value = self.get(key)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise self.error(key, f"expected an integer, got {_shown(value)}")
+        number = int(value)  # a numpy integer from a served DataFrame becomes a plain int
+        if not 0 <= number < IDX_LIMIT:
+            raise self.error(key, f"{_shown(number)} is out of range (0 <= {key} < 2**63)")
+        return number
+
+    def label(self, key: str, labels: tuple[Any, ...]) -> int | None:
+        """Index of the label in `labels` (type and value must match: `1` is no `true`); None when absent."""
+        if key not in self.value:
+            return None  # test files are unlabelled
+        value = self.value[key]
+        for index, option in enumerate(labels):
+            if type(value) is type(option) and value == option:
+                return index
+        raise self.error(key, f"{_shown(value)} is not one of {_shown(list(labels), 80)}")
+
+    def obj(self, key: str) -> Fields:
+        return Fields(self.get(key), self.name(key))
+
+    def objects(self, key: str) -> list[Fields]:
+        value = self.get(key)
+        if not isinstance(value, list):
+            raise self.error(key, f"expected a list, got {_shown(value)}")
+        return [Fields(item, f"{self.name(key)}[{i}]") for i, item in enumerate(value)]
 
 
 def _pair_reader(first: str, second: str, labels: tuple[Any, ...]) -> Callable[[dict], list[Example]]:
     def read(record: dict) -> list[Example]:
-        pair = (str(_field(record, first)), str(_field(record, second)))
-        idx = _field(record, "idx")
-        return [Example(str(idx), [pair], _label_index(record, labels), meta={"idx": idx})]
+        fields = Fields(record)
+        pair = (fields.text(first), fields.text(second))
+        idx = fields.integer("idx")
+        return [Example(str(idx), [pair], fields.label("label", labels), meta={"idx": idx})]
 
     return read
 
 
-def _mark_span(sentence: str, start: int, end: int) -> str:
-    """Puts the target word between asterisks so the model sees which occurrence is meant."""
-    if not 0 <= start < end <= len(sentence):
-        raise RecordError(f"word span {start}:{end} lies outside its sentence")
+def _marked(fields: Fields, number: int) -> str:
+    """sentence<number> with its target word between asterisks, so the model sees which occurrence is meant."""
+    sentence = fields.text(f"sentence{number}")
+    start, end = fields.integer(f"start{number}"), fields.integer(f"end{number}")
+    if not start < end <= len(sentence):
+        raise fields.error(
+            f"end{number}", f"word span {start}:{end} lies outside sentence{number} ({len(sentence)} characters)"
+        )
     return f"{sentence[:start]}*{sentence[start:end]}*{sentence[end:]}"
 
 
@@ -82,66 +156,80 @@ WIC_LABELS = (False, True)
 
 
 def read_wic(record: dict) -> list[Example]:
-    first = _mark_span(_field(record, "sentence1"), _field(record, "start1"), _field(record, "end1"))
-    second = _mark_span(_field(record, "sentence2"), _field(record, "start2"), _field(record, "end2"))
-    idx = _field(record, "idx")
-    return [Example(str(idx), [(first, second)], _label_index(record, WIC_LABELS), meta={"idx": idx})]
+    fields = Fields(record)
+    first, second = _marked(fields, 1), _marked(fields, 2)
+    idx = fields.integer("idx")
+    return [Example(str(idx), [(first, second)], fields.label("label", WIC_LABELS), meta={"idx": idx})]
 
 
 def read_copa(record: dict) -> list[Example]:
     """Each choice is scored after the premise joined by the connective its question asks for."""
-    question = _field(record, "question")
+    fields = Fields(record)
+    question = fields.text("question")
     if question not in ("cause", "effect"):
-        raise RecordError(f"question {question!r} is not 'cause' or 'effect'")
+        raise fields.error("question", f'{_shown(question)} is not "cause" or "effect"')
     connective = "because" if question == "cause" else "so"
-    premise = _field(record, "premise")
-    pairs = []
+    premise = fields.text("premise")
+    pairs: list[tuple[str, str | None]] = []
     for key in ("choice1", "choice2"):
-        choice = _field(record, key)
+        choice = fields.text(key)
         pairs.append((premise, f"{connective} {choice[:1].lower()}{choice[1:]}"))
-    label = _label_index(record, (0, 1))
+    label = fields.label("label", (0, 1))
     golds = () if label is None else (label,)
-    idx = _field(record, "idx")
+    idx = fields.integer("idx")
     return [Example(str(idx), pairs, label, golds, meta={"idx": idx})]
 
 
 def read_multirc(record: dict) -> list[Example]:
     """One binary example per answer option; its question id groups them for EM and submission."""
-    passage = _field(record, "passage")
-    text = _field(passage, "text")
-    p_idx = _field(record, "idx")
+    fields = Fields(record)
+    p_idx = fields.integer("idx")
+    passage = fields.obj("passage")
+    text = passage.text("text")
     examples = []
-    for question in _field(passage, "questions"):
-        q_idx = _field(question, "idx")
-        for answer in _field(question, "answers"):
-            a_idx = _field(answer, "idx")
-            pair = (text, f"{_field(question, 'question')} {_field(answer, 'text')}")
+    for question in passage.objects("questions"):
+        q_idx, asked = question.integer("idx"), question.text("question")
+        for answer in question.objects("answers"):
+            a_idx = answer.integer("idx")
+            pair = (text, f"{asked} {answer.text('text')}")
             meta = {"passage": p_idx, "question": q_idx, "answer": a_idx}
-            examples.append(Example(f"{p_idx}-{q_idx}-{a_idx}", [pair], _label_index(answer, (0, 1)), meta=meta))
+            examples.append(Example(f"{p_idx}-{q_idx}-{a_idx}", [pair], answer.label("label", (0, 1)), meta=meta))
     return examples
+
+
+def _span(fields: Fields, text: str) -> str:
+    """The passage text an entity or answer covers (`end` inclusive), which must lie inside the passage."""
+    start, end = fields.integer("start"), fields.integer("end")
+    if not start <= end < len(text):
+        raise fields.error("end", f"span {start}..{end} lies outside the passage text ({len(text)} characters)")
+    return text[start : end + 1]
 
 
 def read_record(record: dict) -> list[Example]:
     """One example per query; candidates are the passage's distinct entities (end index inclusive)."""
-    passage = _field(record, "passage")
-    text = _field(passage, "text")
+    fields = Fields(record)
+    passage = fields.obj("passage")
+    text = passage.text("text")
     candidates: list[str] = []
-    for entity in _field(passage, "entities"):
-        name = text[_field(entity, "start") : _field(entity, "end") + 1]
+    for entity in passage.objects("entities"):
+        name = _span(entity, text)
         if name not in candidates:
             candidates.append(name)
     if not candidates:
-        raise RecordError("passage has no entities to choose from")
+        raise passage.error("entities", "no entities to choose from")
     examples = []
-    for qa in _field(record, "qas"):
-        query = _field(qa, "query")
+    for qa in fields.objects("qas"):
+        query = qa.text("query")
         if "@placeholder" not in query:
-            raise RecordError("query has no @placeholder")
-        answers = [a["text"] for a in qa.get("answers", [])]
+            raise qa.error("query", "has no @placeholder")
+        answers = []
+        for answer in qa.objects("answers") if qa.has("answers") else []:
+            _span(answer, text)
+            answers.append(answer.text("text"))
         golds = tuple(i for i, c in enumerate(candidates) if c in answers)
-        pairs = [(text, query.replace("@placeholder", c)) for c in candidates]
+        pairs: list[tuple[str, str | None]] = [(text, query.replace("@placeholder", c)) for c in candidates]
         label = golds[0] if golds else None
-        meta = {"idx": _field(qa, "idx"), "candidates": candidates, "answers": answers}
+        meta = {"idx": qa.integer("idx"), "candidates": candidates, "answers": answers}
         examples.append(Example(str(meta["idx"]), pairs, label, golds, meta=meta))
     return examples
 
@@ -204,15 +292,18 @@ CB_LABELS = ("entailment", "contradiction", "neutral")
 RTE_LABELS = ("entailment", "not_entailment")
 
 TASKS: dict[str, Task] = {
-    "boolq": Task("BoolQ", BOOL_LABELS, _pair_reader("question", "passage", BOOL_LABELS), _accuracy,
-                  _submit_labels(BOOL_LABELS)),
-    "cb": Task("CB", CB_LABELS, _pair_reader("premise", "hypothesis", CB_LABELS), _cb_scores,
-               _submit_labels(CB_LABELS)),
+    "boolq": Task(
+        "BoolQ", BOOL_LABELS, _pair_reader("question", "passage", BOOL_LABELS), _accuracy, _submit_labels(BOOL_LABELS)
+    ),
+    "cb": Task(
+        "CB", CB_LABELS, _pair_reader("premise", "hypothesis", CB_LABELS), _cb_scores, _submit_labels(CB_LABELS)
+    ),
     "copa": Task("COPA", None, read_copa, _accuracy, _submit_labels((0, 1))),
     "multirc": Task("MultiRC", (0, 1), read_multirc, _multirc_scores, _submit_multirc),
     "record": Task("ReCoRD", None, read_record, _record_scores, _submit_record),
-    "rte": Task("RTE", RTE_LABELS, _pair_reader("premise", "hypothesis", RTE_LABELS), _accuracy,
-                _submit_labels(RTE_LABELS)),
+    "rte": Task(
+        "RTE", RTE_LABELS, _pair_reader("premise", "hypothesis", RTE_LABELS), _accuracy, _submit_labels(RTE_LABELS)
+    ),
     "wic": Task("WiC", WIC_LABELS, read_wic, _accuracy, _submit_labels(WIC_LABELS)),
 }
 

@@ -1,6 +1,7 @@
 """Training, shared by every stage that trains: the Lightning modules (fine-tuning, and distillation with
 soft targets and TinyBERT-style intermediate losses), `fit_best` (Trainer, best epoch restored), and
 `train_student` (teacher scores, augmentation, then the student trained on them)."""
+
 from __future__ import annotations
 
 import random
@@ -35,8 +36,10 @@ def check_accelerator(hardware: DictConfig) -> None:
     if hardware.accelerator not in ("cpu", "gpu", "auto"):
         raise FastformersError(f"hardware.accelerator={hardware.accelerator!r} must be cpu, gpu or auto")
     if hardware.accelerator == "gpu" and not torch.cuda.is_available():
-        raise FastformersError(f"hardware.accelerator=gpu ({hardware.name}): torch {torch.__version__} sees no CUDA "
-                               "device; install a CUDA build of torch on a GPU machine, or run with hardware=cpu")
+        raise FastformersError(
+            f"hardware.accelerator=gpu ({hardware.name}): torch {torch.__version__} sees no CUDA "
+            "device; install a CUDA build of torch on a GPU machine, or run with hardware=cpu"
+        )
 
 
 class FineTuneModule(L.LightningModule):
@@ -113,30 +116,39 @@ def show_progress_bar(setting) -> bool:
     return sys.stdout.isatty() if setting == "auto" else bool(setting)
 
 
-def fit_best(module: L.LightningModule, data: L.LightningDataModule, opts: DictConfig, cfg: DictConfig, out: Path,
-             monitor: str) -> tuple[float, int, float]:
+def fit_best(
+    module: L.LightningModule, data: L.LightningDataModule, opts: DictConfig, cfg: DictConfig, out: Path, monitor: str
+) -> tuple[float, int, float]:
     """Trains with Lightning, then restores the best epoch's weights into `module`.
 
     Returns (best monitored score, epochs run, seconds). Checkpoints live in `out/checkpoints` only while
     training: the caller saves the model in save_pretrained form.
     """
-    best = ModelCheckpoint(dirpath=out / "checkpoints", monitor=monitor, mode="max", save_top_k=1,
-                           save_weights_only=True)
-    callbacks = [best, EpochLine(monitor.split("/")[0], opts.epochs)]
+    best = ModelCheckpoint(
+        dirpath=out / "checkpoints", monitor=monitor, mode="max", save_top_k=1, save_weights_only=True
+    )
+    callbacks = [best, EpochLine(monitor.split("/", maxsplit=1)[0], opts.epochs)]
     callbacks += [EarlyStopping(monitor=monitor, mode="max", patience=opts.patience)] if opts.patience else []
     trainer = L.Trainer(
-        max_epochs=opts.epochs, accelerator=cfg.hardware.accelerator, devices=1,
-        precision=cfg.hardware.train_precision, logger=tracking.lightning_logger(cfg),
-        callbacks=callbacks, gradient_clip_val=opts.max_grad_norm, num_sanity_val_steps=0,
-        log_every_n_steps=opts.log_every_n_steps, enable_progress_bar=show_progress_bar(opts.progress_bar),
-        enable_model_summary=False, default_root_dir=str(out),
+        max_epochs=opts.epochs,
+        accelerator=cfg.hardware.accelerator,
+        devices=1,
+        precision=cfg.hardware.train_precision,
+        logger=tracking.lightning_logger(cfg),
+        callbacks=callbacks,
+        gradient_clip_val=opts.max_grad_norm,
+        num_sanity_val_steps=0,
+        log_every_n_steps=opts.log_every_n_steps,
+        enable_progress_bar=show_progress_bar(opts.progress_bar),
+        enable_model_summary=False,
+        default_root_dir=str(out),
     )
     started = time.perf_counter()
     trainer.fit(module, datamodule=data)
     seconds = time.perf_counter() - started
     module.load_state_dict(torch.load(best.best_model_path, weights_only=True)["state_dict"])
     shutil.rmtree(out / "checkpoints")
-    return float(best.best_model_score), trainer.current_epoch, seconds
+    return float(best.best_model_score or 0.0), trainer.current_epoch, seconds
 
 
 def soft_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -162,8 +174,9 @@ def masked_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor)
 class DistillModule(FineTuneModule):
     """Fine-tuning with a teacher: soft targets from cached scores, optional intermediate losses."""
 
-    def __init__(self, student, teacher, task, val_examples, opts: DictConfig, layer_map: list[int],
-                 prefix: str = "distill"):
+    def __init__(
+        self, student, teacher, task, val_examples, opts: DictConfig, layer_map: list[int], prefix: str = "distill"
+    ):
         super().__init__(student, task, val_examples, opts)
         self.prefix = prefix  # metric names: `distill/...`, or `prune/...` when re-distilling a pruned model
         self.teacher = teacher.eval().requires_grad_(False)
@@ -174,8 +187,11 @@ class DistillModule(FineTuneModule):
 
     def training_step(self, batch, batch_idx):
         opts = self.opts
-        outputs = self.model(**model_inputs(batch), output_hidden_states=self.intermediate,
-                             output_attentions=self.intermediate and opts.attention_weight > 0)
+        outputs = self.model(
+            **model_inputs(batch),
+            output_hidden_states=self.intermediate,
+            output_attentions=self.intermediate and opts.attention_weight > 0,
+        )
         scores = example_scores(outputs.logits, batch["group_sizes"], self.candidate_scoring)
         hard = task_loss(scores, batch)
         losses = {"hard": hard}
@@ -189,19 +205,24 @@ class DistillModule(FineTuneModule):
         else:
             loss = hard
         size = len(batch["group_sizes"])
-        self.log_dict({f"{self.prefix}/train_{k}_loss": v for k, v in losses.items()}, on_step=False,
-                      on_epoch=True, batch_size=size)
+        self.log_dict(
+            {f"{self.prefix}/train_{k}_loss": v for k, v in losses.items()},
+            on_step=False,
+            on_epoch=True,
+            batch_size=size,
+        )
         self.log(f"{self.prefix}/train_loss", loss, on_step=True, on_epoch=True, batch_size=size)
         return loss
 
     def intermediate_losses(self, batch, outputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states (embeddings + mapped layers, projected to the teacher's width) and attention maps."""
         with torch.no_grad():
-            teacher_out = self.teacher(**model_inputs(batch), output_hidden_states=True,
-                                       output_attentions=self.opts.attention_weight > 0)
+            teacher_out = self.teacher(
+                **model_inputs(batch), output_hidden_states=True, output_attentions=self.opts.attention_weight > 0
+            )
         mask = batch["attention_mask"]
         pairs = [(0, 0)] + [(i + 1, t) for i, t in enumerate(self.layer_map)]
-        hidden = sum(
+        hidden: torch.Tensor = sum(  # type: ignore[assignment]
             masked_mse(self.projection(outputs.hidden_states[s]), teacher_out.hidden_states[t], mask[..., None])
             for s, t in pairs
         ) / len(pairs)
@@ -214,7 +235,7 @@ class DistillModule(FineTuneModule):
                     student_att, teacher_att = student_att.mean(1, keepdim=True), teacher_att.mean(1, keepdim=True)
                 attention = attention + masked_mse(student_att, teacher_att, pair_mask)
             attention = attention / len(self.layer_map)
-        return hidden, attention
+        return torch.as_tensor(hidden), attention
 
     def trained_parameters(self):
         return super().trained_parameters() + [(f"projection.{n}", p) for n, p in self.projection.named_parameters()]
@@ -228,8 +249,8 @@ class DistillModule(FineTuneModule):
         """Checkpoints hold the student (and projection) only; the frozen teacher is never saved."""
         return {k: v for k, v in super().state_dict(*args, **kwargs).items() if not k.startswith("teacher.")}
 
-    def load_state_dict(self, state_dict, strict: bool = True, **kwargs):
-        return super().load_state_dict(state_dict, strict=False, **kwargs)
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
 
 
 def augmented(examples: list[Example], copies: int, rate: float, seed: int) -> list[Example]:
@@ -239,7 +260,7 @@ def augmented(examples: list[Example], copies: int, rate: float, seed: int) -> l
     rng = random.Random(seed)
     vocabulary = sorted({w for e in examples for pair in e.pairs for text in pair if text for w in text.split()})
 
-    def perturb(text: str | None) -> str | None:
+    def perturb(text: str) -> str:
         if not text:
             return text
         kept = []
@@ -251,8 +272,15 @@ def augmented(examples: list[Example], copies: int, rate: float, seed: int) -> l
                 kept.append(rng.choice(vocabulary))
         return " ".join(kept) or text
 
-    return [Example(f"{e.uid}#aug{k}", [(perturb(a), perturb(b)) for a, b in e.pairs], meta=dict(e.meta))
-            for k in range(copies) for e in examples]
+    return [
+        Example(
+            f"{e.uid}#aug{k}",
+            [(perturb(a), perturb(b) if b is not None else None) for a, b in e.pairs],
+            meta=dict(e.meta),
+        )
+        for k in range(copies)
+        for e in examples
+    ]
 
 
 def predictions(model, tokenizer, task: Task, examples, max_length: int, batch_size: int) -> list[int]:
@@ -269,9 +297,20 @@ def attach_teacher_scores(teacher, tokenizer, task: Task, examples, max_length: 
         example.teacher_scores = scores
 
 
-def train_student(student, tokenizer, teacher, teacher_tokenizer, task: Task, train, val, layer_map: list[int],
-                  opts: DictConfig, cfg: DictConfig, out: Path,
-                  prefix: str = "distill") -> tuple[float, int, float, int]:
+def train_student(
+    student,
+    tokenizer,
+    teacher,
+    teacher_tokenizer,
+    task: Task,
+    train,
+    val,
+    layer_map: list[int],
+    opts: DictConfig,
+    cfg: DictConfig,
+    out: Path,
+    prefix: str = "distill",
+) -> tuple[float, int, float, int]:
     """The training both distillations share (this stage's, and the prune stage's from the unpruned model): the
     teacher scores the train set and its augmented copies once, then Lightning trains the student on them.
     Returns (best val score, epochs run, seconds, training examples with the copies); metrics go to `prefix/`."""
@@ -279,7 +318,8 @@ def train_student(student, tokenizer, teacher, teacher_tokenizer, task: Task, tr
         train = train + augmented(train, opts.augment, opts.augment_rate, cfg.seed)
         attach_teacher_scores(teacher, teacher_tokenizer, task, train, cfg.task.max_seq_length, opts.eval_batch_size)
     module = DistillModule(student, teacher, task, val, opts, layer_map, prefix)
-    data = TaskDataModule(task, tokenizer, train, val, cfg.task.max_seq_length, opts.batch_size,
-                          opts.eval_batch_size, cfg.seed)
+    data = TaskDataModule(
+        task, tokenizer, train, val, cfg.task.max_seq_length, opts.batch_size, opts.eval_batch_size, cfg.seed
+    )
     score, epochs, seconds = fit_best(module, data, opts, cfg, out, f"{prefix}/val_score")
     return score, epochs, seconds, len(train)

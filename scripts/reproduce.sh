@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Re-measures every figure of the README's "Measured on this machine" section, in the order they were taken,
+# Re-measures every figure of docs/results.md ("Measured on this machine"), in the order they were taken,
 # into the default MLflow store (outputs/mlflow.db). About 4 hours on 2 CPU cores; stages already in
 # outputs/cache are reused, timings are always taken afresh.
 #   bash scripts/reproduce.sh            (the reports are written along the way, under outputs/reports/)

@@ -1,97 +1,24 @@
-"""Fixture data in the official SuperGLUE jsonl shapes, and the real config tree shrunk for tests."""
+"""What the tests share: fixture data in the official SuperGLUE shapes (fastformers/fixtures.py), the real config
+tree shrunk for tests, tiny models saved the way the stages save them, and the MLflow runs of a config."""
+
 from __future__ import annotations
 
-import json
-import random
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
+from fastformers import tracking
 from fastformers.cli import CONF_DIR
+from fastformers.data import load_examples, texts_of
+from fastformers.fixtures import MAKERS, write_superglue  # noqa: F401 -- MAKERS: imported by the reader tests
+from fastformers.models import build_random, load_finetuned
+from fastformers.pruning import encoder_layers
+from fastformers.tasks import TASKS
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "superglue"
-
-NOUNS = ["cat", "river", "teacher", "market", "engine", "garden", "letter", "storm", "village", "doctor"]
-ADJS = ["quiet", "old", "busy", "bright", "broken", "famous", "small", "cold", "green", "early"]
-
-
-def _cb(rng: random.Random, i: int, labelled: bool) -> dict:
-    """Label follows a keyword: 'never' -> contradiction, 'perhaps' -> neutral, else entailment."""
-    noun, adj = rng.choice(NOUNS), rng.choice(ADJS)
-    label = ("entailment", "contradiction", "neutral")[i % 3]
-    word = {"entailment": "surely", "contradiction": "never", "neutral": "perhaps"}[label]
-    record = {"premise": f"The {noun} near the {rng.choice(NOUNS)} was {adj} that day.",
-              "hypothesis": f"the {noun} was {word} {adj}", "idx": i}
-    return record | ({"label": label} if labelled else {})
-
-
-def _rte(rng, i, labelled):
-    record = _cb(rng, i, True)
-    label = "not_entailment" if record.pop("label") != "entailment" else "entailment"
-    return record | ({"label": label} if labelled else {})
-
-
-def _boolq(rng, i, labelled):
-    noun, adj = rng.choice(NOUNS), rng.choice(ADJS)
-    answer = i % 2 == 0
-    passage = f"{noun.title()} -- The {noun} is {'' if answer else 'not '}{adj}, as everyone in town knows."
-    record = {"question": f"is the {noun} {adj}", "passage": passage, "idx": i}
-    return record | ({"label": answer} if labelled else {})
-
-
-def _wic(rng, i, labelled):
-    word = rng.choice(NOUNS)
-    s1, s2 = f"A {word} stood there.", f"They saw the {word} {'again' if i % 2 else 'elsewhere'}."
-    record = {"word": word, "sentence1": s1, "sentence2": s2, "idx": i, "version": 1.1,
-              "start1": 2, "end1": 2 + len(word), "start2": 13, "end2": 13 + len(word)}
-    return record | ({"label": bool(i % 2)} if labelled else {})
-
-
-def _copa(rng, i, labelled):
-    noun = rng.choice(NOUNS)
-    question = ("cause", "effect")[i % 2]
-    right, wrong = f"The {noun} got wet.", f"The {noun} sang loudly."
-    label = i % 3 % 2
-    choices = (right, wrong) if label == 0 else (wrong, right)
-    record = {"premise": "It rained all day.", "choice1": choices[0], "choice2": choices[1],
-              "question": question, "idx": i}
-    return record | ({"label": label} if labelled else {})
-
-
-def _multirc(rng, i, labelled):
-    questions = []
-    for q in range(2):
-        answers = []
-        for a in range(3):
-            answer = {"text": f"The {rng.choice(NOUNS)} is {'right' if a == q else 'wrong'}.", "idx": 10 * i + 3 * q + a}
-            answers.append(answer | ({"label": int(a == q)} if labelled else {}))
-        questions.append({"question": f"What is question {q}?", "answers": answers, "idx": 2 * i + q})
-    return {"idx": i, "version": 1.1, "passage": {"text": f"Passage {i} about the {rng.choice(NOUNS)}.",
-                                                  "questions": questions}}
-
-
-def _record(rng, i, labelled):
-    text = "Alice met Bob in Paris. Bob then flew to Rome with Alice."
-    entities = [{"start": 0, "end": 4}, {"start": 10, "end": 12}, {"start": 17, "end": 21},
-                {"start": 24, "end": 26}, {"start": 41, "end": 44}]
-    qas = [{"query": "@placeholder flew to Rome.", "idx": i,
-            **({"answers": [{"start": 24, "end": 26, "text": "Bob"}]} if labelled else {})}]
-    return {"source": "fixture", "passage": {"text": text, "entities": entities}, "qas": qas, "idx": i}
-
-
-MAKERS = {"CB": _cb, "RTE": _rte, "BoolQ": _boolq, "WiC": _wic, "COPA": _copa, "MultiRC": _multirc, "ReCoRD": _record}
-SIZES = {"train": 48, "val": 18, "test": 9}
-
-
-def write_superglue(root: Path) -> Path:
-    rng = random.Random(0)
-    for task, make in MAKERS.items():
-        (root / task).mkdir(parents=True, exist_ok=True)
-        for split, size in SIZES.items():
-            rows = [make(rng, i, split != "test") for i in range(size)]
-            (root / task / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
 
 
 @pytest.fixture(scope="session")
@@ -115,3 +42,46 @@ def make_cfg(superglue_root, tmp_path):
             return compose("config", overrides=base + list(overrides))
 
     return make
+
+
+LAYERS = 2
+
+
+def attention_shape(model) -> tuple[int, int]:
+    """(heads, total head width) of the first layer's attention, what the export stage gives the optimizer."""
+    layer = encoder_layers(model)[0].attention.self
+    return layer.num_attention_heads, layer.all_head_size
+
+
+def tiny_spec(family: str):
+    return OmegaConf.create(
+        {
+            "name": "tiny",
+            "pretrained": None,
+            "family": family,
+            "attn_implementation": "eager",
+            "arch": {
+                "num_hidden_layers": LAYERS,
+                "hidden_size": 64,
+                "num_attention_heads": 4,
+                "intermediate_size": 128,
+            },
+            "tokenizer_vocab_size": 500,
+            "max_position_embeddings": 128,
+        }
+    )
+
+
+def saved_tiny(family, superglue_root, folder):
+    """A random tiny model saved like the finetune stage saves one, reloaded the way the export stage does."""
+    texts = texts_of(load_examples(TASKS["cb"], superglue_root, "train"))
+    model, tokenizer = build_random(tiny_spec(family), TASKS["cb"], texts)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return load_finetuned(folder)
+
+
+def mlflow_runs(cfg):
+    client = MlflowClient(tracking.tracking_uri(cfg))
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment_name)
+    return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])

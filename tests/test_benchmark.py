@@ -1,16 +1,17 @@
 """The benchmark's machinery (core layouts, pinned spawned instances, ordered gathering, interleaving, energy
 methods, the pick) and the benchmark stage through the pipeline. Behaviour only: no assertion depends on how
 fast anything ran."""
+
+import itertools
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from fastformers import pipeline, tracking
+from fastformers import pipeline
 from fastformers.bench.analysis import apply_gate, apply_memory_budget, pick
 from fastformers.bench.timing import measure_interleaved, rotated
 from fastformers.bench.workload import deal, make_batches
@@ -32,7 +33,7 @@ from fastformers.onnx.convert import export_onnx
 from fastformers.onnx.optimize import optimize
 from fastformers.pruning import encoder_layers
 from fastformers.tasks import TASKS
-from tests.test_export import saved_tiny
+from tests.conftest import mlflow_runs, saved_tiny
 
 needs_two_cores = pytest.mark.skipif(len(usable_cores()) < 2, reason="needs two physical cores")
 NO_ENERGY = EnergyMeter("none")
@@ -76,8 +77,9 @@ def graph_and_data(tmp_path_factory, superglue_root):
     folder = tmp_path_factory.mktemp("engine")
     model, tokenizer = saved_tiny("bert", superglue_root, folder / "model")
     attention = encoder_layers(model)[0].attention.self
-    fused, _ = optimize(export_onnx(model, tokenizer, folder / "model.onnx", 17), attention.num_attention_heads,
-                        attention.all_head_size)
+    fused, _ = optimize(
+        export_onnx(model, tokenizer, folder / "model.onnx", 17), attention.num_attention_heads, attention.all_head_size
+    )
     examples = load_examples(TASKS["cb"], superglue_root, "val")
     return fused, tokenizer, EncodedDataset(examples, tokenizer, 64)
 
@@ -92,8 +94,10 @@ def ort_backend(path) -> Backend:
 def shares(dataset, tokenizer, instances, batch_size, sort_by_length=False, fixed_length=None, bucket=None):
     batches = make_batches(dataset, range(len(dataset)), batch_size, tokenizer, fixed_length, sort_by_length, bucket)
     singles = make_batches(dataset, range(2 * instances), 1, tokenizer, fixed_length, False, bucket)
-    return [Work(share, latency_share, warmup=1, repeats=2)
-            for share, latency_share in zip(deal(batches, instances), deal(singles, instances))]
+    return [
+        Work(share, latency_share, warmup=1, repeats=2)
+        for share, latency_share in zip(deal(batches, instances), deal(singles, instances))
+    ]
 
 
 @needs_two_cores
@@ -129,8 +133,12 @@ def test_fixed_padding_changes_the_shapes_not_the_outputs(graph_and_data):
 def test_an_instance_that_fails_fails_the_benchmark_with_its_error(graph_and_data, tmp_path):
     _, tokenizer, dataset = graph_and_data
     with pytest.raises(FastformersError, match=r"^benchmark instance 0: missing ONNX graph .*nothing.onnx$"):
-        serve(ort_backend(tmp_path / "nothing.onnx"), plan_layout(1, 1),
-              shares(dataset, tokenizer, 1, batch_size=4), NO_ENERGY)
+        serve(
+            ort_backend(tmp_path / "nothing.onnx"),
+            plan_layout(1, 1),
+            shares(dataset, tokenizer, 1, batch_size=4),
+            NO_ENERGY,
+        )
 
 
 def test_interleaved_rounds_rotate_the_order_and_keep_each_settings_outputs(graph_and_data):
@@ -138,9 +146,12 @@ def test_interleaved_rounds_rotate_the_order_and_keep_each_settings_outputs(grap
     assert [rotated(3, r) for r in range(4)] == [[0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 1, 2]]
     orders = []
     layout = plan_layout(1, 1)
-    starters = [lambda: Instances(ort_backend(graph), layout, shares(dataset, tokenizer, 1, batch_size=4), NO_ENERGY),
-                lambda: Instances(ort_backend(graph), layout, shares(dataset, tokenizer, 1, batch_size=4, bucket=16),
-                                  NO_ENERGY)]
+    starters = [
+        lambda: Instances(ort_backend(graph), layout, shares(dataset, tokenizer, 1, batch_size=4), NO_ENERGY),
+        lambda: Instances(
+            ort_backend(graph), layout, shares(dataset, tokenizer, 1, batch_size=4, bucket=16), NO_ENERGY
+        ),
+    ]
     dynamic, bucketed = measure_interleaved(starters, repeats=3, on_order=orders.append)
     assert orders == [[0, 1], [1, 0], [0, 1]]
     assert len(dynamic.pass_seconds) == len(bucketed.pass_seconds) == 3
@@ -149,7 +160,7 @@ def test_interleaved_rounds_rotate_the_order_and_keep_each_settings_outputs(grap
         np.testing.assert_allclose(dynamic.rows[index], bucketed.rows[index], atol=1e-5)
     # passes of the two settings never overlap: each ran alone on the machine
     spans = sorted(p for served in (dynamic, bucketed) for p in served.results[0].passes)
-    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
+    assert all(end <= next_start for (_, end), (next_start, _) in itertools.pairwise(spans))
 
 
 def fake_rapl(root, energy_uj: int, max_uj: int = 10**9):
@@ -180,17 +191,19 @@ def test_energy_comes_from_rapl_when_readable_else_a_labelled_tdp_estimate(tmp_p
     assert nothing.method == "none" and nothing.stop(nothing.start(), seconds=2.0) is None
 
 
-def mlflow_runs(cfg):
-    client = MlflowClient(tracking.tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(cfg.mlflow.experiment_name)
-    return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
-
-
 @needs_two_cores
 def test_benchmark_stage_measures_every_setting_with_its_accuracy(make_cfg):
-    cfg = make_cfg("stages=[finetune,export,benchmark]", "precision=int8", "finetune.learning_rate=5e-3",
-                   "benchmark.layouts=auto", "benchmark.repeats=2", "benchmark.latency_examples=4",
-                   "benchmark.warmup_batches=1", "hardware.tdp_watts=50", "hardware.usd_per_hour=0.5")
+    cfg = make_cfg(
+        "stages=[finetune,export,benchmark]",
+        "precision=int8",
+        "finetune.learning_rate=5e-3",
+        "benchmark.layouts=auto",
+        "benchmark.repeats=2",
+        "benchmark.latency_examples=4",
+        "benchmark.warmup_batches=1",
+        "hardware.tdp_watts=50",
+        "hardware.usd_per_hour=0.5",
+    )
     results = pipeline.run(cfg)
 
     rows = ["baseline", "dynamic_length", "onnx_fp32", "onnx_int8", f"onnx_int8_{len(usable_cores())}x1"]
@@ -226,33 +239,56 @@ def test_the_search_times_every_engine_and_picks_a_gated_candidate_served_and_ev
     from fastformers.engines import openvino_engine
 
     monkeypatch.setattr(openvino_engine, "cpu_capabilities", lambda ov: ["FP32", "INT8"])  # a CPU without bf16
-    cfg = make_cfg("stages=[finetune,export,benchmark,evaluate]", "precision=int8", "finetune.epochs=1",
-                   "evaluate.engine=pick", "benchmark.repeats=2", "benchmark.latency_examples=2",
-                   "benchmark.roofline_seconds=0", "benchmark.reference=onnx_int8_stock",
-                   "benchmark.gate.on_fail=mark", "precision.calibration_examples=16",
-                   "benchmark.settings=[${benchmark.baseline},"
-                   "{name: onnx_fp32, engine: onnxruntime, precision: fp32, padding: dynamic},"
-                   "{name: onnx_int8_stock, engine: onnxruntime, precision: int8_stock, padding: dynamic}]",
-                   "benchmark.search={engines: {onnxruntime: [int8], openvino: [int8, bf16]}, buckets: [null, 16],"
-                   " layouts: [1x1]}")
+    cfg = make_cfg(
+        "stages=[finetune,export,benchmark,evaluate]",
+        "precision=int8",
+        "finetune.epochs=1",
+        "evaluate.engine=pick",
+        "benchmark.repeats=2",
+        "benchmark.latency_examples=2",
+        "benchmark.roofline_seconds=0",
+        "benchmark.reference=onnx_int8_stock",
+        "benchmark.gate.on_fail=mark",
+        "precision.calibration_examples=16",
+        "benchmark.settings=[${benchmark.baseline},"
+        "{name: onnx_fp32, engine: onnxruntime, precision: fp32, padding: dynamic},"
+        "{name: onnx_int8_stock, engine: onnxruntime, precision: int8_stock, padding: dynamic}]",
+        "benchmark.search={engines: {onnxruntime: [int8], openvino: [int8, bf16]}, buckets: [null, 16],"
+        " layouts: [1x1]}",
+    )
     results = pipeline.run(cfg)
     _, (run,) = mlflow_runs(cfg)
     report = json.loads(open(f"{run.data.tags['cache.benchmark.path']}/benchmark.json").read())
     rows = {row["name"]: row for row in report["rows"]}
-    assert set(rows) >= {"onnxruntime_int8_1x1", "openvino_int8_1x1", "openvino_int8_b16_1x1", "openvino_bf16_1x1",
-                         "openvino_bf16_b16_1x1", "onnx_int8_stock_1x1"}
+    assert set(rows) >= {
+        "onnxruntime_int8_1x1",
+        "openvino_int8_1x1",
+        "openvino_int8_b16_1x1",
+        "openvino_bf16_1x1",
+        "openvino_bf16_b16_1x1",
+        "onnx_int8_stock_1x1",
+    }
     assert "onnxruntime_int8_b16_1x1" not in rows  # onnxruntime has dynamic shapes: no bucket rows
     assert rows["openvino_bf16_1x1"]["skipped"].startswith("this CPU offers no bf16 arithmetic")
     assert rows["openvino_bf16_1x1"]["metrics"] == {} and "benchmark/openvino_bf16_1x1/throughput" not in results
     assert rows["openvino_int8_b16_1x1"]["metrics"]["throughput"] > 0  # OpenVINO ran, static shapes per bucket
     assert report["reference"] in ("onnx_int8_stock", "onnx_int8_stock_1x1")
     chosen = rows[report["pick"]]
-    assert chosen["candidate"] and chosen["metrics"]["gate_passed"] == 1.0 and chosen["metrics"]["within_memory"] == 1.0
-    assert all(chosen["metrics"]["throughput"] >= row["metrics"]["throughput"] for row in rows.values()
-               if row["candidate"] and not row["skipped"] and row["metrics"].get("gate_passed", 1.0)
-               and row["metrics"].get("within_memory", 1.0))
-    assert run.data.tags["pick.engine"] == chosen["engine"] and run.data.tags["served.engine"] in ("onnxruntime",
-                                                                                                   "openvino")
+    assert chosen["candidate"] and chosen["metrics"]["within_memory"] == 1.0
+    assert chosen["metrics"].get("gate_passed", 1.0) == 1.0  # gated and passed, or the gate's own fp32 reference
+    assert rows["onnx_fp32"]["candidate"]  # the float reference keeps its score by definition: always a candidate
+    assert all(
+        chosen["metrics"]["throughput"] >= row["metrics"]["throughput"]
+        for row in rows.values()
+        if row["candidate"]
+        and not row["skipped"]
+        and row["metrics"].get("gate_passed", 1.0)
+        and row["metrics"].get("within_memory", 1.0)
+    )
+    assert run.data.tags["pick.engine"] == chosen["engine"] and run.data.tags["served.engine"] in (
+        "onnxruntime",
+        "openvino",
+    )
     evaluated = json.loads(open(f"{run.data.tags['cache.evaluate.path']}/evaluated.json").read())
     assert (evaluated["engine"], evaluated["precision"]) == (chosen["engine"], chosen["precision"])
     assert results["evaluate/val/score"] == pytest.approx(chosen["metrics"]["score"])  # the same 18 examples
@@ -272,9 +308,13 @@ def rows_for_pick(**rows: tuple[float, float, float | None, bool]) -> list[dict]
 
 
 def test_the_pick_never_takes_a_gated_out_row_nor_one_over_the_memory_budget():
-    rows = rows_for_pick(fast_but_wrong=(900, 100, 0.0, True), fast_but_big=(800, 5000, 1.0, True),
-                         not_a_candidate=(700, 100, None, False), good=(500, 150, 1.0, True),
-                         slow=(100, 90, 1.0, True))
+    rows = rows_for_pick(
+        fast_but_wrong=(900, 100, 0.0, True),
+        fast_but_big=(800, 5000, 1.0, True),
+        not_a_candidate=(700, 100, None, False),
+        good=(500, 150, 1.0, True),
+        slow=(100, 90, 1.0, True),
+    )
     apply_memory_budget(rows, 1000)
     assert [row["metrics"]["within_memory"] for row in rows] == [1.0, 0.0, 1.0, 1.0, 1.0]
     assert pick(rows)["name"] == "good"
@@ -282,9 +322,13 @@ def test_the_pick_never_takes_a_gated_out_row_nor_one_over_the_memory_budget():
 
 
 def test_benchmark_is_measured_afresh_in_every_run(make_cfg):
-    only_onnx = ["stages=[finetune,export,benchmark]", "finetune.epochs=1", "benchmark.repeats=1",
-                 "benchmark.latency_examples=0",
-                 "benchmark.settings=[{name: onnx, engine: onnxruntime, precision: fp32, padding: dynamic}]"]
+    only_onnx = [
+        "stages=[finetune,export,benchmark]",
+        "finetune.epochs=1",
+        "benchmark.repeats=1",
+        "benchmark.latency_examples=0",
+        "benchmark.settings=[{name: onnx, engine: onnxruntime, precision: fp32, padding: dynamic}]",
+    ]
     first = pipeline.run(make_cfg(*only_onnx))
     pipeline.run(make_cfg(*only_onnx))
     _, runs = mlflow_runs(make_cfg())
@@ -295,10 +339,20 @@ def test_benchmark_is_measured_afresh_in_every_run(make_cfg):
 
 
 def test_a_setting_can_time_the_teacher_beside_the_distilled_student(make_cfg):
-    settings = ("benchmark.settings=[{name: teacher, engine: torch, padding: fixed, model: teacher},"
-                "{name: student, engine: torch, padding: dynamic}]")
-    results = pipeline.run(make_cfg("stages=[finetune,evaluate,distill,benchmark]", "student=tiny_random",
-                                    "distill.epochs=1", "benchmark.repeats=1", "benchmark.latency_examples=0", settings))
+    settings = (
+        "benchmark.settings=[{name: teacher, engine: torch, padding: fixed, model: teacher},"
+        "{name: student, engine: torch, padding: dynamic}]"
+    )
+    results = pipeline.run(
+        make_cfg(
+            "stages=[finetune,evaluate,distill,benchmark]",
+            "student=tiny_random",
+            "distill.epochs=1",
+            "benchmark.repeats=1",
+            "benchmark.latency_examples=0",
+            settings,
+        )
+    )
     assert results["benchmark/teacher/score"] == results["evaluate/val/score"]  # evaluate ran on the teacher
     assert results["benchmark/student/score"] == pytest.approx(results["distill/best_val_score"])
     assert results["benchmark/teacher/speedup"] == 1.0 and results["benchmark/student/speedup"] > 0
@@ -307,39 +361,71 @@ def test_a_setting_can_time_the_teacher_beside_the_distilled_student(make_cfg):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["benchmark.settings=[{name: t, engine: onnxruntime, padding: dynamic, model: teacher}]"],
-         r"benchmark.settings\[0\]: model=teacher runs on engine torch only"),
-        (["hardware.instances=64", "hardware.threads_per_instance=2"], r"hardware.instances=64 x "
-                                                                       r"hardware.threads_per_instance=2 = 128 threads"),
+        (
+            ["benchmark.settings=[{name: t, engine: onnxruntime, padding: dynamic, model: teacher}]"],
+            r"benchmark.settings\[0\]: model=teacher runs on engine torch only",
+        ),
+        (
+            ["hardware.instances=64", "hardware.threads_per_instance=2"],
+            r"hardware.instances=64 x "
+            r"hardware.threads_per_instance=2 = 128 threads",
+        ),
         (["benchmark.layouts=[2by1]"], "benchmark.layouts: '2by1' is not <instances>x<threads>"),
-        (["benchmark.settings=[{name: q, engine: onnxruntime, precision: int8, padding: dynamic}]"],
-         r"benchmark.settings\[0\].precision=int8: .* run with precision=int8"),
-        (["benchmark.settings=[{name: t, engine: torch, padding: sometimes}]"],
-         r"benchmark.settings\[0\].padding='sometimes' must be one of"),
-        (["benchmark.settings=[{name: t, engine: tensorflow, padding: dynamic}]"],
-         r"engine 'tensorflow' is not configured; choose from \['onnxruntime', 'openvino', 'torch'\]"),
-        (["benchmark.settings=[{name: t, engine: openvino, precision: fp8, padding: dynamic}]"],
-         r"benchmark.settings\[0\].precision: engine openvino runs precisions \['fp32', 'bf16', 'int8'\], not 'fp8'"),
-        (["benchmark.settings=[{name: t, engine: torch, padding: dynamic, backend: torch}]"],
-         r"benchmark.settings\[0\]: unknown key 'backend'"),
-        (["benchmark.settings=[{name: t, engine: openvino, padding: dynamic, bucket: 30}]"],
-         r"benchmark.settings\[0\].bucket: bucket 30 must be a positive integer that divides task.max_seq_length"),
-        (["benchmark.search={engines: {openvino: [int4]}}"],
-         r"benchmark.search.engines.openvino: engine openvino runs precisions"),
+        (
+            ["benchmark.settings=[{name: q, engine: onnxruntime, precision: int8, padding: dynamic}]"],
+            r"benchmark.settings\[0\].precision=int8: .* run with precision=int8",
+        ),
+        (
+            ["benchmark.settings=[{name: t, engine: torch, padding: sometimes}]"],
+            r"benchmark.settings\[0\].padding='sometimes' must be one of",
+        ),
+        (
+            ["benchmark.settings=[{name: t, engine: tensorflow, padding: dynamic}]"],
+            r"engine 'tensorflow' is not configured; choose from \['onnxruntime', 'openvino', 'torch'\]",
+        ),
+        (
+            ["benchmark.settings=[{name: t, engine: openvino, precision: fp8, padding: dynamic}]"],
+            r"benchmark.settings\[0\].precision: engine openvino runs precisions \['fp32', 'bf16', 'int8'\], not 'fp8'",
+        ),
+        (
+            ["benchmark.settings=[{name: t, engine: torch, padding: dynamic, backend: torch}]"],
+            r"benchmark.settings\[0\]: unknown key 'backend'",
+        ),
+        (
+            ["benchmark.settings=[{name: t, engine: openvino, padding: dynamic, bucket: 30}]"],
+            r"benchmark.settings\[0\].bucket: bucket 30 must be a positive integer that divides task.max_seq_length",
+        ),
+        (
+            ["benchmark.search={engines: {openvino: [int4]}}"],
+            r"benchmark.search.engines.openvino: engine openvino runs precisions",
+        ),
         (["benchmark.repeats=0"], "benchmark.repeats=0 must be a positive integer"),
         (["benchmark.max_memory_mb=0"], "benchmark.max_memory_mb=0 must be positive"),
         (["hardware.usd_per_hour=-1"], "hardware.usd_per_hour=-1"),
-        (["benchmark.settings=[{name: o, engine: onnxruntime, padding: dynamic, options: {spin_fast: 1}}]"],
-         r"benchmark.settings\[0\].options: 'spin_fast' is not an onnxruntime SessionOptions attribute"),
-        (["benchmark.settings=[{name: t, engine: torch, padding: dynamic, options: {enable_cpu_mem_arena: false}}]"],
-         r"benchmark.settings\[0\].options: engine torch takes no options"),
-        (["benchmark.settings=[{name: o, engine: openvino, padding: dynamic, options: {turbo: true}}]"],
-         r"benchmark.settings\[0\].options: engine openvino takes options"),
-        (["benchmark.settings=[{name: o, engine: onnxruntime, padding: dynamic, gated: true}]"],
-         r"benchmark.gate.reference='onnx_fp32' is not a setting name \(have \['o'\]\)"),
+        (
+            ["benchmark.settings=[{name: o, engine: onnxruntime, padding: dynamic, options: {spin_fast: 1}}]"],
+            r"benchmark.settings\[0\].options: 'spin_fast' is not an onnxruntime SessionOptions attribute",
+        ),
+        (
+            ["benchmark.settings=[{name: t, engine: torch, padding: dynamic, options: {enable_cpu_mem_arena: false}}]"],
+            r"benchmark.settings\[0\].options: engine torch takes no options",
+        ),
+        (
+            ["benchmark.settings=[{name: o, engine: openvino, padding: dynamic, options: {turbo: true}}]"],
+            r"benchmark.settings\[0\].options: engine openvino takes options",
+        ),
+        (
+            ["benchmark.settings=[{name: o, engine: onnxruntime, padding: dynamic, gated: true}]"],
+            r"benchmark.gate.reference='onnx_fp32' is not a setting name \(have \['o'\]\)",
+        ),
         (["benchmark.reference=stock"], r"benchmark.reference='stock' is not a setting name"),
-        (["precision=int8", "benchmark.settings=[{name: s, engine: onnxruntime, precision: int8_static, padding: dynamic}]"],
-         r"precision=int8_static: .* only with precision.static=true"),
+        (
+            [
+                "precision=int8",
+                "benchmark.settings=[{name: s, engine: onnxruntime, precision: int8_static, padding: dynamic}]",
+            ],
+            r"precision=int8_static: .* only with precision.static=true",
+        ),
     ],
 )
 def test_bad_benchmark_configs_fail_before_any_work(make_cfg, overrides, message):
@@ -350,38 +436,54 @@ def test_bad_benchmark_configs_fail_before_any_work(make_cfg, overrides, message
 
 
 def test_operator_times_sum_kernel_events_per_operator_type():
-    events = [{"cat": "Session", "name": "model_run", "dur": 900},
-              {"cat": "Node", "name": "Attention_0_kernel_time", "dur": 300, "args": {"op_name": "QAttention"}},
-              {"cat": "Node", "name": "Attention_0_fence_before", "dur": 5, "args": {"op_name": "QAttention"}},
-              {"cat": "Node", "name": "Attention_1_kernel_time", "dur": 200, "args": {"op_name": "QAttention"}},
-              {"cat": "Node", "name": "LayerNorm_0_kernel_time", "dur": 700, "args": {"op_name": "SkipLayerNormalization"}}]
+    events = [
+        {"cat": "Session", "name": "model_run", "dur": 900},
+        {"cat": "Node", "name": "Attention_0_kernel_time", "dur": 300, "args": {"op_name": "QAttention"}},
+        {"cat": "Node", "name": "Attention_0_fence_before", "dur": 5, "args": {"op_name": "QAttention"}},
+        {"cat": "Node", "name": "Attention_1_kernel_time", "dur": 200, "args": {"op_name": "QAttention"}},
+        {"cat": "Node", "name": "LayerNorm_0_kernel_time", "dur": 700, "args": {"op_name": "SkipLayerNormalization"}},
+    ]
     assert operator_times(events) == {"SkipLayerNormalization": 0.7, "QAttention": 0.5}
 
 
 def gate_rows(scores: dict[str, float], gated: set[str]) -> list[dict]:
-    return [{"name": name, "gated": name in gated, "skipped": None, "metrics": {"score": score}}
-            for name, score in scores.items()]
+    return [
+        {"name": name, "gated": name in gated, "skipped": None, "metrics": {"score": score}}
+        for name, score in scores.items()
+    ]
 
 
 def test_a_gated_lever_may_lose_at_most_max_drop_points_against_its_reference():
-    rows = gate_rows({"onnx_fp32": 0.700, "lever_ok": 0.697, "lever_bad": 0.688, "stock": 0.600},
-                     gated={"lever_ok", "lever_bad"})
+    rows = gate_rows(
+        {"onnx_fp32": 0.700, "lever_ok": 0.697, "lever_bad": 0.688, "stock": 0.600}, gated={"lever_ok", "lever_bad"}
+    )
     failed = apply_gate(rows, OmegaConf.create({"reference": "onnx_fp32", "max_drop": 0.5}))
     assert failed == ["lever_bad scores 1.20 points below onnx_fp32"]
     assert [r["metrics"].get("gate_passed") for r in rows] == [None, 1.0, 0.0, None]  # ungated rows are not held
 
 
-GATED = ("benchmark.settings=[{name: onnx_fp32, engine: onnxruntime, precision: fp32, padding: dynamic},"
-         "{name: lever, engine: onnxruntime, precision: fp32, padding: dynamic, gated: true,"
-         " options: {session.intra_op.allow_spinning: '0', enable_cpu_mem_arena: false}}]")
+GATED = (
+    "benchmark.settings=[{name: onnx_fp32, engine: onnxruntime, precision: fp32, padding: dynamic},"
+    "{name: lever, engine: onnxruntime, precision: fp32, padding: dynamic, gated: true,"
+    " options: {session.intra_op.allow_spinning: '0', enable_cpu_mem_arena: false}}]"
+)
 
 
 def test_a_lever_that_fails_its_gate_fails_the_run_loudly_after_writing_its_table(make_cfg):
     # max_drop=-1: the lever must score a point above its reference, which an identical graph cannot
-    cfg = make_cfg("stages=[finetune,export,benchmark]", "finetune.epochs=1", "benchmark.repeats=1",
-                   "benchmark.latency_examples=0", GATED, "benchmark.gate.max_drop=-1")
-    with pytest.raises(FastformersError, match=r"benchmark gate: lever scores -?0.00 points below onnx_fp32 "
-                                               r"\(benchmark.gate.max_drop=-1 points; the table is logged"):
+    cfg = make_cfg(
+        "stages=[finetune,export,benchmark]",
+        "finetune.epochs=1",
+        "benchmark.repeats=1",
+        "benchmark.latency_examples=0",
+        GATED,
+        "benchmark.gate.max_drop=-1",
+    )
+    with pytest.raises(
+        FastformersError,
+        match=r"benchmark gate: lever scores -?0.00 points below onnx_fp32 "
+        r"\(benchmark.gate.max_drop=-1 points; the table is logged",
+    ):
         pipeline.run(cfg)
     client, (run,) = mlflow_runs(cfg)
     assert run.info.status == "FAILED" and run.data.tags["cache.export"] == "miss"  # export's entry is kept
@@ -392,9 +494,18 @@ def test_a_lever_that_fails_its_gate_fails_the_run_loudly_after_writing_its_tabl
 
 
 def test_session_options_reach_each_setting_and_the_profiler_the_pick_and_reference(make_cfg):
-    results = pipeline.run(make_cfg("stages=[finetune,export,benchmark]", "finetune.epochs=1", "benchmark.repeats=1",
-                                    "benchmark.latency_examples=0", GATED, "benchmark.gate.on_fail=mark",
-                                    "benchmark.profile_examples=6", "benchmark.reference=onnx_fp32"))
+    results = pipeline.run(
+        make_cfg(
+            "stages=[finetune,export,benchmark]",
+            "finetune.epochs=1",
+            "benchmark.repeats=1",
+            "benchmark.latency_examples=0",
+            GATED,
+            "benchmark.gate.on_fail=mark",
+            "benchmark.profile_examples=6",
+            "benchmark.reference=onnx_fp32",
+        )
+    )
     assert results["benchmark/lever/gate_passed"] == 1.0  # same graph, other session options: same predictions
     assert results["benchmark/lever/agreement"] == 1.0
     assert results["benchmark/onnx_fp32/vs_reference"] == 1.0 and results["benchmark/lever/vs_reference"] > 0

@@ -1,4 +1,5 @@
 """The stage cache: keyed by config, atomic, and never loads a damaged entry."""
+
 import pytest
 
 from fastformers.cache import StageCache, cache_key
@@ -20,10 +21,9 @@ def test_built_entry_is_found_again(tmp_path):
 
 def test_a_failed_build_leaves_nothing(tmp_path):
     cache = StageCache(tmp_path)
-    with pytest.raises(RuntimeError):
-        with cache.build("finetune", "k1", {}) as scratch:
-            (scratch / "half.bin").write_bytes(b"half")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), cache.build("finetune", "k1", {}) as scratch:
+        (scratch / "half.bin").write_bytes(b"half")
+        raise RuntimeError("killed")
     assert cache.lookup("finetune", "k1") is None
     assert list((tmp_path / "finetune").iterdir()) == []
 

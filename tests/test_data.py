@@ -1,7 +1,10 @@
 """Split shares, dynamic padding and candidate groups in batches."""
+
+import shutil
+
 import pytest
 
-from fastformers.data import load_examples, make_loader, parse_split
+from fastformers.data import fingerprint, load_examples, make_loader, parse_split
 from fastformers.errors import FastformersError
 from fastformers.models import train_tokenizer
 from fastformers.tasks import TASKS
@@ -50,3 +53,25 @@ def test_candidate_batches_keep_groups_and_mark_golds(superglue_root, tokenizer)
     assert batch["input_ids"].shape[0] == 6  # 3 questions x 2 candidates
     assert batch["group_sizes"].tolist() == [2, 2, 2]
     assert batch["gold_mask"].float().argmax(dim=1).tolist() == [e.label for e in examples[:3]]
+
+
+def test_a_directory_is_not_a_data_file(tmp_path, superglue_root):
+    data = shutil.copytree(superglue_root / "CB", tmp_path / "CB")
+    (data / "train.jsonl").unlink()
+    (data / "train.jsonl").mkdir()
+    with pytest.raises(FastformersError) as raised:
+        load_examples(TASKS["cb"], tmp_path, "train", download=True)  # there: nothing to download
+    assert str(raised.value) == f"{(data / 'train.jsonl').resolve()} is a directory, not a data file"
+
+
+def test_the_fingerprint_hashes_data_files_only(tmp_path, superglue_root):
+    """A directory named like a split the run does not read is no data: it neither crashes the hash nor
+    changes it, and the splits the run reads still load."""
+    data = shutil.copytree(superglue_root / "CB", tmp_path / "CB")
+    (data / "test.jsonl").unlink()
+    without_test = fingerprint(tmp_path, TASKS["cb"])
+    (data / "test.jsonl").mkdir()
+    assert fingerprint(tmp_path, TASKS["cb"]) == without_test
+    assert load_examples(TASKS["cb"], tmp_path, "train")
+    (data / "val.jsonl").write_text((data / "val.jsonl").read_text().replace('"idx": 0', '"idx": 100'))
+    assert fingerprint(tmp_path, TASKS["cb"]) != without_test

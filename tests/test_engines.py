@@ -1,6 +1,7 @@
 """The engine seam: the registry composes from conf/engines/, every engine x precision runs the exported tiny
 model like PyTorch (allclose for float, argmax agreement for bf16/int8), shape buckets change nothing but the
 shapes, and an unknown engine or precision is refused in one line before any work."""
+
 import json
 import os
 from pathlib import Path
@@ -45,9 +46,17 @@ def exported(tmp_path_factory, superglue_root):
     from fastformers.cli import CONF_DIR
 
     out = tmp_path_factory.mktemp("engines")
-    overrides = ["teacher=tiny_bert", f"data.root={superglue_root}", f"paths.output_dir={out}", "finetune.epochs=2",
-                 "finetune.batch_size=8", "finetune.learning_rate=5e-3", "stages=[finetune,export]", "precision=int8",
-                 "precision.calibration_examples=16"]
+    overrides = [
+        "teacher=tiny_bert",
+        f"data.root={superglue_root}",
+        f"paths.output_dir={out}",
+        "finetune.epochs=2",
+        "finetune.batch_size=8",
+        "finetune.learning_rate=5e-3",
+        "stages=[finetune,export]",
+        "precision=int8",
+        "precision.calibration_examples=16",
+    ]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     pipeline.run(cfg)
@@ -66,8 +75,14 @@ def engine_logits(engine: Engine, path: Path, precision: str, loader, bucket=Non
     return [model(**model_inputs(batch)).logits for batch in loader]
 
 
-ENGINE_PRECISIONS = [("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("onnxruntime", "int8_stock"),
-                     ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8")]
+ENGINE_PRECISIONS = [
+    ("onnxruntime", "fp32"),
+    ("onnxruntime", "int8"),
+    ("onnxruntime", "int8_stock"),
+    ("openvino", "fp32"),
+    ("openvino", "bf16"),
+    ("openvino", "int8"),
+]
 
 
 @pytest.mark.parametrize("name, precision", ENGINE_PRECISIONS)
@@ -114,8 +129,9 @@ def test_openvino_keeps_at_most_max_compiled_static_models(exported):
 
     compiled = CompiledBuckets(path, "fp32", 1, engine.options, static=True)
     for length in (8, 16, 24, 8):
-        compiled.infer({"input_ids": np.ones((1, length), dtype=np.int64),
-                        "attention_mask": np.ones((1, length), dtype=np.int64)})
+        compiled.infer(
+            {"input_ids": np.ones((1, length), dtype=np.int64), "attention_mask": np.ones((1, length), dtype=np.int64)}
+        )
     assert list(compiled.compiled) == [(1, 24), (1, 8)]  # least recently used dropped
 
 
@@ -123,11 +139,16 @@ def test_openvino_keeps_at_most_max_compiled_static_models(exported):
     "overrides, message",
     [
         (["evaluate.engine=tensorrt"], r"engine 'tensorrt' is not configured; choose from"),
-        (["evaluate.engine=openvino", "evaluate.precision=fp8"],
-         r"evaluate.precision: engine openvino runs precisions \['fp32', 'bf16', 'int8'\], not 'fp8'"),
+        (
+            ["evaluate.engine=openvino", "evaluate.precision=fp8"],
+            r"evaluate.precision: engine openvino runs precisions \['fp32', 'bf16', 'int8'\], not 'fp8'",
+        ),
         (["export.engines=[openvino]"], r"export.engines=\['openvino'\] must include onnxruntime"),
         (["export.engines=[onnxruntime,tvm]"], r"engine 'tvm' is not configured"),
-        (["engines.openvino._target_=builtins.dict"], r"engines.openvino._target_='builtins.dict' is not a fastformers Engine"),
+        (
+            ["engines.openvino._target_=builtins.dict"],
+            r"engines.openvino._target_='builtins.dict' is not a fastformers Engine",
+        ),
     ],
 )
 def test_an_unknown_engine_or_precision_is_refused_before_any_work(make_cfg, overrides, message):

@@ -1,5 +1,6 @@
 """Export, fusion, int8 quantization and fp16 conversion of tiny random models, checked against PyTorch;
 the export stage (onnxruntime and OpenVINO artifacts) and evaluate on an exported engine through the pipeline."""
+
 import copy
 import inspect
 import json
@@ -12,11 +13,10 @@ import onnxruntime as ort
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from fastformers import pipeline
 from fastformers.cli import CONF_DIR
-from fastformers.data import load_examples, make_loader, texts_of
+from fastformers.data import load_examples, make_loader
 from fastformers.engines import EngineModel
 from fastformers.engines.onnxruntime_engine import (
     CPU,
@@ -26,7 +26,7 @@ from fastformers.engines.onnxruntime_engine import (
 )
 from fastformers.engines.parity import batch_logits, compare
 from fastformers.errors import FastformersError
-from fastformers.models import build_random, load_finetuned, model_inputs
+from fastformers.models import model_inputs
 from fastformers.onnx import sibling
 from fastformers.onnx.convert import export_onnx
 from fastformers.onnx.optimize import optimize
@@ -39,14 +39,7 @@ from fastformers.onnx.quantize import (
 )
 from fastformers.pruning import encoder_layers, keep_attention_heads
 from fastformers.tasks import TASKS
-
-LAYERS = 2
-
-
-def attention_shape(model) -> tuple[int, int]:
-    """(heads, total head width) of the first layer's attention, what the export stage gives the optimizer."""
-    layer = encoder_layers(model)[0].attention.self
-    return layer.num_attention_heads, layer.all_head_size
+from tests.conftest import LAYERS, attention_shape, saved_tiny
 
 
 def on_onnxruntime(path, **kwargs) -> EngineModel:
@@ -59,22 +52,6 @@ def feeds_of(loader) -> list[dict[str, np.ndarray]]:
     return [{k: v.numpy() for k, v in model_inputs(batch).items()} for batch in loader]
 
 
-def tiny_spec(family: str):
-    return OmegaConf.create({"name": "tiny", "pretrained": None, "family": family, "attn_implementation": "eager",
-                             "arch": {"num_hidden_layers": LAYERS, "hidden_size": 64, "num_attention_heads": 4,
-                                      "intermediate_size": 128},
-                             "tokenizer_vocab_size": 500, "max_position_embeddings": 128})
-
-
-def saved_tiny(family, superglue_root, folder):
-    """A random tiny model saved like the finetune stage saves one, reloaded the way the export stage does."""
-    texts = texts_of(load_examples(TASKS["cb"], superglue_root, "train"))
-    model, tokenizer = build_random(tiny_spec(family), TASKS["cb"], texts)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return load_finetuned(folder)
-
-
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory, superglue_root):
     """A tiny BERT with its raw and fused graphs."""
@@ -82,8 +59,14 @@ def bert(tmp_path_factory, superglue_root):
     model, tokenizer = saved_tiny("bert", superglue_root, folder / "model")
     exported = export_onnx(model, tokenizer, folder / "onnx" / "model.onnx", opset=17)
     fused, fusions = optimize(exported, *attention_shape(model))
-    return {"model": model, "tokenizer": tokenizer, "exported": exported, "fused": fused, "fusions": fusions,
-            "loader": make_loader(load_examples(TASKS["cb"], superglue_root, "val"), tokenizer, TASKS["cb"], 128, 5)}
+    return {
+        "model": model,
+        "tokenizer": tokenizer,
+        "exported": exported,
+        "fused": fused,
+        "fusions": fusions,
+        "loader": make_loader(load_examples(TASKS["cb"], superglue_root, "val"), tokenizer, TASKS["cb"], 128, 5),
+    }
 
 
 def test_optimizer_fuses_attention_per_layer_and_the_embeddings_once(bert):
@@ -100,8 +83,13 @@ def test_optimizer_fuses_attention_per_layer_and_the_embeddings_once(bert):
 
 
 def test_a_graph_fused_without_skip_layer_norm_stays_so_in_every_session(bert, tmp_path):
-    unfused, fusions = optimize(bert["exported"], 4, 64, {"enable_skip_layer_norm": False,
-                                                          "enable_bias_skip_layer_norm": False}, suffix="plain_ln")
+    unfused, fusions = optimize(
+        bert["exported"],
+        4,
+        64,
+        {"enable_skip_layer_norm": False, "enable_bias_skip_layer_norm": False},
+        suffix="plain_ln",
+    )
     assert fusions["SkipLayerNormalization"] == 0 and fusions["LayerNormalization"] == 2 * LAYERS
     quantized = quantize_int8(unfused, "QInt8", True, False)
     for graph in (unfused, quantized):  # quantization keeps the graph's word on its session
@@ -112,8 +100,12 @@ def test_a_graph_fused_without_skip_layer_norm_stays_so_in_every_session(bert, t
         assert "SkipLayerNormalization" not in ops and ops.count("LayerNormalization") == 2 * LAYERS
     assert disabled_optimizers(bert["fused"], [CPU]) == []  # default fusions: nothing to hold back
     reference = batch_logits(on_onnxruntime(bert["fused"]), bert["loader"])
-    assert compare(reference, batch_logits(on_onnxruntime(unfused), bert["loader"]), bert["loader"])["max_abs_diff"] < 1e-4
-    with pytest.raises(FastformersError, match="export.fusion_options.enable_warp_speed: not an onnxruntime FusionOptions"):
+    assert (
+        compare(reference, batch_logits(on_onnxruntime(unfused), bert["loader"]), bert["loader"])["max_abs_diff"] < 1e-4
+    )
+    with pytest.raises(
+        FastformersError, match=r"export\.fusion_options\.enable_warp_speed: not an onnxruntime FusionOptions"
+    ):
         optimize(bert["exported"], 4, 64, {"enable_warp_speed": True})
 
 
@@ -152,8 +144,10 @@ def weight_inputs(graph: onnx.ModelProto, op_type: str) -> list[bool]:
     return [node.input[1] in stored for node in graph.graph.node if node.op_type == op_type]
 
 
-@pytest.mark.parametrize("weight_type, per_channel, dtype", [("QInt8", False, onnx.TensorProto.INT8),
-                                                              ("QUInt8", True, onnx.TensorProto.UINT8)])
+@pytest.mark.parametrize(
+    "weight_type, per_channel, dtype",
+    [("QInt8", False, onnx.TensorProto.INT8), ("QUInt8", True, onnx.TensorProto.UINT8)],
+)
 def test_int8_quantizes_dense_weights_and_keeps_predictions(bert, tmp_path, weight_type, per_channel, dtype):
     source = tmp_path / "model.onnx"
     source.write_bytes(bert["fused"].read_bytes())
@@ -187,8 +181,12 @@ def outlier_graph(tmp_path_factory, superglue_root):
     exported = export_onnx(model, tokenizer, folder / "onnx" / "model.onnx", opset=17)
     fused, _ = optimize(exported, *attention_shape(model))
     loader = make_loader(load_examples(TASKS["cb"], superglue_root, "train"), tokenizer, TASKS["cb"], 128, 8)
-    return {"fused": fused, "stats": matmul_input_stats(fused, feeds_of(loader)), "folder": folder,
-            "loader": make_loader(load_examples(TASKS["cb"], superglue_root, "val"), tokenizer, TASKS["cb"], 128, 8)}
+    return {
+        "fused": fused,
+        "stats": matmul_input_stats(fused, feeds_of(loader)),
+        "folder": folder,
+        "loader": make_loader(load_examples(TASKS["cb"], superglue_root, "val"), tokenizer, TASKS["cb"], 128, 8),
+    }
 
 
 def test_the_matmul_fed_by_an_outlier_is_found_on_calibration_data_and_kept_float(outlier_graph):
@@ -261,11 +259,15 @@ def test_export_stage_then_evaluate_on_onnx_matches_pytorch(make_cfg):
 
     cfg = make_cfg()
     client = MlflowClient(tracking.tracking_uri(cfg))
-    runs = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment_name).experiment_id],
-                              order_by=["attributes.start_time ASC"])
+    runs = client.search_runs(
+        [client.get_experiment_by_name(cfg.mlflow.experiment_name).experiment_id],
+        order_by=["attributes.start_time ASC"],
+    )
     tags = [(r.data.tags["cache.finetune"], r.data.tags["cache.export"]) for r in runs]
     assert tags == [("miss", "miss"), ("hit", "hit"), ("hit", "miss")]  # int8 is a new export, same model
-    assert predictions(runs[0].data.tags["cache.evaluate.path"]) == predictions(runs[1].data.tags["cache.evaluate.path"])
+    assert predictions(runs[0].data.tags["cache.evaluate.path"]) == predictions(
+        runs[1].data.tags["cache.evaluate.path"]
+    )
     index = json.loads(open(f"{runs[2].data.tags['cache.export.path']}/export.json").read())
     assert index["precision"] == "int8"
     assert index["artifacts"]["onnxruntime/int8"] == "model/model_optimized_quantized.onnx"
@@ -274,26 +276,44 @@ def test_export_stage_then_evaluate_on_onnx_matches_pytorch(make_cfg):
 
 def test_a_graph_that_disagrees_with_pytorch_fails_the_stage_loudly(make_cfg):
     cfg = make_cfg("stages=[finetune,export]", "finetune.epochs=1", "export.fp32_max_abs_diff=1e-12")
-    with pytest.raises(FastformersError, match=r"parity: the exported graph's logits differ from PyTorch's by "
-                                               r"\S+ > export.fp32_max_abs_diff=1e-12 on 18 examples"):
+    with pytest.raises(
+        FastformersError,
+        match=r"parity: the exported graph's logits differ from PyTorch's by "
+        r"\S+ > export.fp32_max_abs_diff=1e-12 on 18 examples",
+    ):
         pipeline.run(cfg)
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["stages=[finetune,evaluate]", "evaluate.engine=onnxruntime"],
-         "'evaluate' needs the 'onnx' output of an earlier stage"),
-        (["stages=[finetune,export]", "precision=int8", "precision.weight_type=QInt4"],
-         "precision.weight_type='QInt4' must be one of"),
+        (
+            ["stages=[finetune,evaluate]", "evaluate.engine=onnxruntime"],
+            "'evaluate' needs the 'onnx' output of an earlier stage",
+        ),
+        (
+            ["stages=[finetune,export]", "precision=int8", "precision.weight_type=QInt4"],
+            "precision.weight_type='QInt4' must be one of",
+        ),
         (["stages=[finetune,export]", "export.opset=11"], "export.opset=11"),
         (["stages=[finetune,export]", "precision=int8", "precision.min_agreement=1.5"], "precision.min_agreement=1.5"),
         (["stages=[finetune,export,evaluate]", "evaluate.engine=tf"], r"engine 'tf' is not configured; choose from \["),
-        (["stages=[finetune,export]", "precision=int8", "precision.calibration_split='val[:50%]'"],
-         r"precision.calibration_split='val\[:50%\]' overlaps the evaluation split"),
-        (["stages=[finetune,export]", "precision=int8", "precision.outlier_matmuls=-1"], "precision.outlier_matmuls=-1"),
-        (["stages=[finetune,export]", "precision=int8", "precision.outliers=drop"], "precision.outliers='drop' must be one"),
-        (["stages=[finetune,export]", "precision=int8", "precision.outliers=smooth", "precision.smooth_alpha=1.5"], r"precision.smooth_alpha=1.5 must be in \(0, 1\)"),
+        (
+            ["stages=[finetune,export]", "precision=int8", "precision.calibration_split='val[:50%]'"],
+            r"precision.calibration_split='val\[:50%\]' overlaps the evaluation split",
+        ),
+        (
+            ["stages=[finetune,export]", "precision=int8", "precision.outlier_matmuls=-1"],
+            "precision.outlier_matmuls=-1",
+        ),
+        (
+            ["stages=[finetune,export]", "precision=int8", "precision.outliers=drop"],
+            "precision.outliers='drop' must be one",
+        ),
+        (
+            ["stages=[finetune,export]", "precision=int8", "precision.outliers=smooth", "precision.smooth_alpha=1.5"],
+            r"precision.smooth_alpha=1.5 must be in \(0, 1\)",
+        ),
     ],
 )
 def test_bad_export_configs_fail_before_any_work(make_cfg, overrides, message):
@@ -305,7 +325,10 @@ def test_bad_export_configs_fail_before_any_work(make_cfg, overrides, message):
 
 @pytest.mark.skipif(CUDA in ort.get_available_providers(), reason="this machine can run fp16")
 def test_fp16_without_a_gpu_is_refused_with_the_reason(make_cfg):
-    with pytest.raises(FastformersError, match=r"precision=fp16: fp16 runs on onnxruntime's CUDAExecutionProvider \(install onnxruntime-gpu"):
+    with pytest.raises(
+        FastformersError,
+        match=r"precision=fp16: fp16 runs on onnxruntime's CUDAExecutionProvider \(install onnxruntime-gpu",
+    ):
         pipeline.run(make_cfg("stages=[finetune,export]", "precision=fp16"))
 
 
@@ -319,8 +342,13 @@ def test_attention_shape_gives_the_optimizer_the_kept_heads_of_a_pruned_model(be
 
 def compose_cfg(superglue_root, output_dir, *overrides):
     """The config `make_cfg` (conftest) composes, for a module-scoped fixture (make_cfg is per test)."""
-    base = ["teacher=tiny_bert", f"data.root={superglue_root}", f"paths.output_dir={output_dir}",
-            "finetune.epochs=2", "finetune.batch_size=8"]
+    base = [
+        "teacher=tiny_bert",
+        f"data.root={superglue_root}",
+        f"paths.output_dir={output_dir}",
+        "finetune.epochs=2",
+        "finetune.batch_size=8",
+    ]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose("config", overrides=base + list(overrides))
 
@@ -341,17 +369,29 @@ def int8_export(superglue_root, tmp_path_factory):
         reads.append((inspect.stack()[1].function, split))
         return original(task, root, split, *args)
 
-    cfg = compose_cfg(superglue_root, tmp_path_factory.mktemp("int8") / "outputs", "stages=[finetune,export]",
-                      "finetune.learning_rate=5e-3", "precision=int8", "precision.static=true",
-                      "precision.outlier_matmuls=1", "precision.outliers=float")
+    cfg = compose_cfg(
+        superglue_root,
+        tmp_path_factory.mktemp("int8") / "outputs",
+        "stages=[finetune,export]",
+        "finetune.learning_rate=5e-3",
+        "precision=int8",
+        "precision.static=true",
+        "precision.outlier_matmuls=1",
+        "precision.outliers=float",
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(export, "load_examples", recording)
         results = pipeline.run(cfg)
     client = MlflowClient(tracking.tracking_uri(cfg))
     (run,) = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment_name).experiment_id])
     folder = run.data.tags["cache.export.path"]
-    return {"cfg": cfg, "results": results, "reads": reads, "folder": folder,
-            "index": json.loads(open(f"{folder}/export.json").read())}
+    return {
+        "cfg": cfg,
+        "results": results,
+        "reads": reads,
+        "folder": folder,
+        "index": json.loads(open(f"{folder}/export.json").read()),
+    }
 
 
 def test_static_int8_calibrates_on_the_calibration_split_only_and_keeps_predictions(int8_export):

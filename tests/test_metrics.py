@@ -1,4 +1,5 @@
 """The official metrics on hand-computed cases."""
+
 import pytest
 
 from fastformers import metrics
@@ -32,8 +33,13 @@ def test_multirc_em_groups_by_question_not_by_position():
 
 @pytest.mark.parametrize(
     "raw, normal",
-    [("The  Eiffel Tower!", "eiffel tower"), ("an apple, a pear", "apple pear"), ("U.S.", "us"),
-     ("Theatre", "theatre"), ("  A  ", "")],
+    [
+        ("The  Eiffel Tower!", "eiffel tower"),
+        ("an apple, a pear", "apple pear"),
+        ("U.S.", "us"),
+        ("Theatre", "theatre"),
+        ("  A  ", ""),
+    ],
 )
 def test_record_normalization(raw, normal):
     assert metrics.normalize_answer(raw) == normal

@@ -1,4 +1,5 @@
 """Model sources, tokenizer training, family checks and the per-example losses."""
+
 import math
 
 import pytest
@@ -30,10 +31,17 @@ def test_trained_tokenizers_use_the_family_template(family, cls_token):
 
 @pytest.mark.parametrize("family", ["bert", "roberta"])
 def test_random_models_save_and_reload_with_plain_transformers(tmp_path, family):
-    spec = OmegaConf.create({"name": "tiny", "pretrained": None, "family": family, "attn_implementation": "eager",
-                             "arch": {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2,
-                                      "intermediate_size": 64}, "tokenizer_vocab_size": 200,
-                             "max_position_embeddings": 128})
+    spec = OmegaConf.create(
+        {
+            "name": "tiny",
+            "pretrained": None,
+            "family": family,
+            "attn_implementation": "eager",
+            "arch": {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64},
+            "tokenizer_vocab_size": 200,
+            "max_position_embeddings": 128,
+        }
+    )
     model, tok = build_random(spec, TASKS["cb"], TEXTS)
     assert model.config.model_type == family and model.config.num_labels == 3
     model.save_pretrained(tmp_path)
@@ -45,10 +53,17 @@ def test_random_models_save_and_reload_with_plain_transformers(tmp_path, family)
 
 
 def test_family_in_config_must_match_the_model(tmp_path):
-    spec = OmegaConf.create({"name": "tiny", "pretrained": None, "family": "bert", "attn_implementation": "eager",
-                             "arch": {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2,
-                                      "intermediate_size": 64}, "tokenizer_vocab_size": 200,
-                             "max_position_embeddings": 128})
+    spec = OmegaConf.create(
+        {
+            "name": "tiny",
+            "pretrained": None,
+            "family": "bert",
+            "attn_implementation": "eager",
+            "arch": {"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64},
+            "tokenizer_vocab_size": 200,
+            "max_position_embeddings": 128,
+        }
+    )
     model, tok = build_random(spec, TASKS["rte"], TEXTS)
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
@@ -58,8 +73,9 @@ def test_family_in_config_must_match_the_model(tmp_path):
 
 
 def test_unknown_models_and_packages_get_clear_errors(tmp_path):
-    spec = OmegaConf.create({"name": "x", "pretrained": str(tmp_path / "nowhere"), "family": "bert",
-                             "attn_implementation": "eager"})
+    spec = OmegaConf.create(
+        {"name": "x", "pretrained": str(tmp_path / "nowhere"), "family": "bert", "attn_implementation": "eager"}
+    )
     with pytest.raises(FastformersError, match="cannot load model"):
         load_model(spec, TASKS["rte"], [])
     with pytest.raises(FastformersError, match="pip install --no-deps no-such-pkg"):

@@ -1,4 +1,5 @@
 """End to end on fixture data with a tiny model: fine-tune, evaluate, MLflow, cache, failures, CLI."""
+
 import json
 import os
 import shutil
@@ -6,16 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from mlflow.tracking import MlflowClient
 
-from fastformers import pipeline, tracking
+from fastformers import pipeline
 from fastformers.errors import FastformersError
-
-
-def mlflow_runs(cfg):
-    client = MlflowClient(tracking.tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(cfg.mlflow.experiment_name)
-    return client, client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+from tests.conftest import mlflow_runs
 
 
 def test_finetune_lowers_the_loss_and_logs_everything_to_mlflow(make_cfg):
@@ -58,9 +53,14 @@ def test_stage_cache_is_reused_and_invalidated_by_upstream_settings(make_cfg):
     assert runs[1].data.metrics["finetune/best_val_score"] == runs[0].data.metrics["finetune/best_val_score"]
 
 
-@pytest.mark.parametrize("task, teacher", [("copa", "tiny_roberta"), ("record", "tiny_bert"), ("multirc", "tiny_roberta")])
+@pytest.mark.parametrize(
+    "task, teacher", [("copa", "tiny_roberta"), ("record", "tiny_bert"), ("multirc", "tiny_roberta")]
+)
 def test_candidate_and_grouped_tasks_run_end_to_end(make_cfg, task, teacher):
-    whole_splits = ["task.train_split=train", "task.eval_split=val"]  # the fixture files are tiny: not scale=cpu's shares
+    whole_splits = [
+        "task.train_split=train",
+        "task.eval_split=val",
+    ]  # the fixture files are tiny: not scale=cpu's shares
     results = pipeline.run(make_cfg(f"task={task}", f"teacher={teacher}", "finetune.epochs=1", *whole_splits))
     assert 0.0 <= results["evaluate/val/score"] <= 1.0
     metric = {"copa": "accuracy", "record": "f1", "multirc": "f1a"}[task]
@@ -101,8 +101,9 @@ def test_bad_configs_fail_before_any_work(make_cfg, overrides, message):
 
 def _cli(*args, cwd):
     env = {**os.environ, "MLFLOW_RUN_ID": "stray-run-id"}
-    return subprocess.run([sys.executable, "-m", "fastformers.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "fastformers.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_runs_a_job_and_reports_bad_input_in_one_line(superglue_root, tmp_path):
@@ -114,8 +115,10 @@ def test_cli_runs_a_job_and_reports_bad_input_in_one_line(superglue_root, tmp_pa
     missing = _cli("teacher=tiny_bert", f"data.root={tmp_path / 'nowhere'}", cwd=tmp_path)
     assert missing.returncode == 2
     error_lines = [line for line in missing.stderr.splitlines() if line.startswith("fastformers: error:")]
-    assert error_lines == [f"fastformers: error: missing data file {tmp_path}/nowhere/CB/train.jsonl "
-                           "(set data.download=true to fetch the official archive, or data.root / $SUPERGLUE_DIR)"]
+    assert error_lines == [
+        f"fastformers: error: missing data file {tmp_path}/nowhere/CB/train.jsonl "
+        "(set data.download=true to fetch the official archive, or data.root / $SUPERGLUE_DIR)"
+    ]
 
     unknown = _cli("task=glue", cwd=tmp_path)
     assert unknown.returncode != 0 and "task" in unknown.stderr and "glue" in unknown.stderr
@@ -133,6 +136,7 @@ def test_learning_rate_is_the_models_unless_the_task_pins_one():
     from fastformers.cli import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+
         def rates(*overrides):
             cfg = compose("config", overrides=list(overrides))
             return cfg.finetune.learning_rate, cfg.distill.learning_rate
@@ -149,6 +153,7 @@ def test_the_cpu_scale_sizes_the_big_tasks_down_and_the_paper_scale_uses_the_off
     from fastformers.cli import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+
         def sizes(*overrides):
             cfg = compose("config", overrides=list(overrides))
             return cfg.task.train_split, cfg.task.eval_split, cfg.task.max_seq_length, cfg.finetune.epochs
@@ -169,8 +174,16 @@ def test_the_paper_scale_composes_with_its_hub_models_and_a_gpu_and_says_so_with
     from fastformers.cli import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=boolq_ablation", "+ablation=int8", "scale=paper",
-                                           f"data.root={superglue_root}", f"paths.output_dir={tmp_path}"])
+        cfg = compose(
+            "config",
+            overrides=[
+                "experiment=boolq_ablation",
+                "+ablation=int8",
+                "scale=paper",
+                f"data.root={superglue_root}",
+                f"paths.output_dir={tmp_path}",
+            ],
+        )
     assert (cfg.teacher.pretrained, cfg.student.name) == ("roberta-base", "distilroberta")
     assert (cfg.hardware.accelerator, cfg.hardware.train_precision) == ("gpu", "16-mixed")
     if not torch.cuda.is_available():

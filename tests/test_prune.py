@@ -1,5 +1,6 @@
 """Structured pruning: masks, first-order importance, uniform selection, physical rewiring, reload, ONNX
 fusion and parity, and the stage in the pipeline (re-distillation, cache reuse, bad configs)."""
+
 import os
 
 import numpy as np
@@ -32,7 +33,7 @@ from fastformers.pruning import (
     top_per_layer,
 )
 from fastformers.tasks import TASKS
-from tests.test_pipeline import mlflow_runs
+from tests.conftest import mlflow_runs
 
 LAYERS, HIDDEN, HEADS, FFN = 2, 64, 4, 128
 HEAD_SIZE = HIDDEN // HEADS
@@ -45,18 +46,36 @@ def attention_shape(model) -> tuple[int, int]:
 
 
 def tiny(family, superglue_root):
-    spec = OmegaConf.create({"name": "tiny", "pretrained": None, "family": family, "attn_implementation": "eager",
-                             "arch": {"num_hidden_layers": LAYERS, "hidden_size": HIDDEN, "num_attention_heads": HEADS,
-                                      "intermediate_size": FFN},
-                             "tokenizer_vocab_size": 300, "max_position_embeddings": 128})
+    spec = OmegaConf.create(
+        {
+            "name": "tiny",
+            "pretrained": None,
+            "family": family,
+            "attn_implementation": "eager",
+            "arch": {
+                "num_hidden_layers": LAYERS,
+                "hidden_size": HIDDEN,
+                "num_attention_heads": HEADS,
+                "intermediate_size": FFN,
+            },
+            "tokenizer_vocab_size": 300,
+            "max_position_embeddings": 128,
+        }
+    )
     torch.manual_seed(0)
     model, tokenizer = build_random(spec, TASKS["cb"], texts_of(load_examples(TASKS["cb"], superglue_root, "train")))
     return model.eval(), tokenizer
 
 
 def inputs(tokenizer):
-    return dict(tokenizer(["the cat sat on the mat", "a dog ran in the park all day"], ["yes", "no it did not"],
-                          padding=True, return_tensors="pt"))
+    return dict(
+        tokenizer(
+            ["the cat sat on the mat", "a dog ran in the park all day"],
+            ["yes", "no it did not"],
+            padding=True,
+            return_tensors="pt",
+        )
+    )
 
 
 def masks_keeping(heads, neurons):
@@ -207,8 +226,7 @@ def test_bad_pruning_configs_fail_before_any_work(make_cfg, overrides, message):
 
 
 def test_importance_on_an_unlabelled_split_fails_with_the_field_named(make_cfg):
-    cfg = make_cfg("stages=[finetune,prune]", "pruning.heads=0.5", "pruning.importance_split=test",
-                   "finetune.epochs=1")
+    cfg = make_cfg("stages=[finetune,prune]", "pruning.heads=0.5", "pruning.importance_split=test", "finetune.epochs=1")
     with pytest.raises(FastformersError, match=r"pruning.importance_split='test' has no labels"):
         pipeline.run(cfg)
     _, (run,) = mlflow_runs(cfg)

@@ -1,5 +1,6 @@
 """The report's paper layouts read back from MLflow runs: Table 3 (cumulative ablation rows) and Table 4 (one row
 per task, a skipped task saying why, the submission files in one archive)."""
+
 import shutil
 import zipfile
 
@@ -31,18 +32,28 @@ def store(tmp_path):
 
 
 def bench(setting, wall, speedup, joules=None):
-    values = {f"benchmark/{setting}/wall_seconds": wall, f"benchmark/{setting}/speedup": speedup,
-              f"benchmark/{setting}/throughput": 100 / wall, f"benchmark/{setting}/latency_p50_ms": wall}
+    values = {
+        f"benchmark/{setting}/wall_seconds": wall,
+        f"benchmark/{setting}/speedup": speedup,
+        f"benchmark/{setting}/throughput": 100 / wall,
+        f"benchmark/{setting}/latency_p50_ms": wall,
+    }
     return values | ({f"benchmark/{setting}/joules_per_example": joules} if joules else {})
 
 
 def test_ablation_rows_read_cumulative_and_per_step_speedups(store, tmp_path):
     mlflow.set_experiment("ablation")
-    rows = [(1, "baseline", "baseline", 10.0, 1.0), (2, "dynamic_length", "dynamic_length", 5.0, 2.0),
-            (3, "distillation", "distilled", 2.5, 4.0)]
+    rows = [
+        (1, "baseline", "baseline", 10.0, 1.0),
+        (2, "dynamic_length", "dynamic_length", 5.0, 2.0),
+        (3, "distillation", "distilled", 2.5, 4.0),
+    ]
     for order, name, setting, wall, speedup in reversed(rows):  # logged out of order: the table sorts by row
-        log_run(f"boolq/{order}", {"row.order": order, "row.name": name, "row.setting": setting, "task.name": "boolq"},
-                {"evaluate/val_60-100pct/score": 0.7 - order / 100} | bench(setting, wall, speedup))
+        log_run(
+            f"boolq/{order}",
+            {"row.order": order, "row.name": name, "row.setting": setting, "task.name": "boolq"},
+            {"evaluate/val_60-100pct/score": 0.7 - order / 100} | bench(setting, wall, speedup),
+        )
     client = MlflowClient(store)
     runs = client.search_runs([client.get_experiment_by_name("ablation").experiment_id])
     table = ablation_table(runs)
@@ -54,11 +65,15 @@ def test_ablation_rows_read_cumulative_and_per_step_speedups(store, tmp_path):
 def test_a_multi_task_experiment_gets_a_task_table_with_skips_and_one_submission_archive(store, tmp_path):
     mlflow.set_experiment("tasks")
     for task, joules in (("cb", 0.5), ("rte", 0.25)):
-        log_run(task, {"task.name": task}, {"finetune/best_val_score": 0.85, "evaluate/val/accuracy": 0.8,
-                                            "evaluate/val/score": 0.8}
-                | bench("baseline", 10.0, 1.0, 1.0) | bench("system", 2.0, 5.0, joules),
-                files={f"evaluate/submission/{task.upper()}.jsonl": '{"idx": 0, "label": "entailment"}\n'},
-                tmp_path=tmp_path)
+        log_run(
+            task,
+            {"task.name": task},
+            {"finetune/best_val_score": 0.85, "evaluate/val/accuracy": 0.8, "evaluate/val/score": 0.8}
+            | bench("baseline", 10.0, 1.0, 1.0)
+            | bench("system", 2.0, 5.0, joules),
+            files={f"evaluate/submission/{task.upper()}.jsonl": '{"idx": 0, "label": "entailment"}\n'},
+            tmp_path=tmp_path,
+        )
     log_run("record", {"task.name": "record"}, {}, tags={SKIPPED_TAG: "missing data file /x/ReCoRD/train.jsonl"})
     files = report(store, "tasks", tmp_path / "out")
     table = (tmp_path / "out" / "tasks.md").read_text().splitlines()

@@ -1,5 +1,6 @@
 """Roofline arithmetic: FLOP counts of known shapes by hand, a pruned shape read from its config, and this
 machine's GEMM rates measured as positive, finite numbers."""
+
 import math
 
 from transformers import BertConfig

@@ -1,6 +1,7 @@
 """Sweeps as a user runs them (the CLI in a subprocess): a tiny pruning_sweep grouped under one MLflow parent
 run, its report from MLflow, a killed sweep resumed from the cache, the joblib and submitit launchers, the
 Optuna sweeper, a remote tracking server, and the served model answering HTTP requests."""
+
 import csv
 import json
 import os
@@ -20,9 +21,15 @@ from mlflow.tracking import MlflowClient
 
 from fastformers.tracking import ROLE_TAG
 
+pytestmark = pytest.mark.slow  # subprocess runs, sweeps and servers: `make test-fast` skips them
+
 TINY = ["teacher=tiny_bert", "finetune.epochs=1", "finetune.batch_size=8", "distill.epochs=1"]
-QUICK_BENCHMARK = ["benchmark.repeats=1", "benchmark.latency_examples=4", "benchmark.warmup_batches=1",
-                   "precision.min_agreement=0.5"]  # random tiny models: int8 parity is not what is tested here
+QUICK_BENCHMARK = [
+    "benchmark.repeats=1",
+    "benchmark.latency_examples=4",
+    "benchmark.warmup_batches=1",
+    "precision.min_agreement=0.5",
+]  # random tiny models: int8 parity is not what is tested here
 TINY_SWEEP = TINY + ["experiment=pruning_sweep", "student.layers=[1]", "pruning.ffn=0.5"] + QUICK_BENCHMARK
 
 
@@ -32,8 +39,7 @@ def cli(*args, cwd: Path, timeout=600, wait=True):
     command = [sys.executable, "-m", "fastformers.cli", *args]
     if not wait:  # output to a file: an unread pipe fills up and blocks the job
         log = (cwd / "job.log").open("w")
-        return subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -62,14 +68,18 @@ def test_pruning_sweep_is_grouped_in_mlflow_reuses_the_cache_and_reports(supergl
     jobs = [r for r in runs if ROLE_TAG not in r.data.tags]
     assert parent.info.status == "FINISHED" and len(jobs) == 2
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in jobs)
-    assert [r.info.run_name for r in jobs] == ["cb/tiny_bert/minilm_l3/h1.0-f0.5/int8", "cb/tiny_bert/minilm_l3/h0.5-f0.5/int8"]
+    assert [r.info.run_name for r in jobs] == [
+        "cb/tiny_bert/minilm_l3/h1.0-f0.5/int8",
+        "cb/tiny_bert/minilm_l3/h0.5-f0.5/int8",
+    ]
     first, second = jobs
     assert [second.data.tags[f"cache.{s}"] for s in ("finetune", "distill", "prune")] == ["hit", "hit", "miss"]
     assert second.data.metrics["prune/heads_kept"] == 2 and first.data.metrics["prune/heads_kept"] == 4
 
     out = tmp_path / "report"
-    done = cli("report", "--experiment", "pruning_sweep", "--tracking-uri", store(tmp_path), "--out", str(out),
-               cwd=tmp_path)
+    done = cli(
+        "report", "--experiment", "pruning_sweep", "--tracking-uri", store(tmp_path), "--out", str(out), cwd=tmp_path
+    )
     assert str(out / "report.md") in done.stdout
     rows = list(csv.DictReader((out / "report.csv").open()))
     assert [r["run_id"] for r in rows] == [r.info.run_id for r in jobs]
@@ -110,8 +120,16 @@ def test_a_killed_sweep_run_again_redoes_only_the_unfinished_point(superglue_roo
 
 
 def test_joblib_launcher_runs_two_jobs_in_parallel_on_a_fresh_store_and_loses_nothing(superglue_root, tmp_path):
-    cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY, f"data.root={superglue_root}", "seed=1,2",
-        "mlflow.experiment_name=parallel", cwd=tmp_path)
+    cli(
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        *TINY,
+        f"data.root={superglue_root}",
+        "seed=1,2",
+        "mlflow.experiment_name=parallel",
+        cwd=tmp_path,
+    )
     client, runs = runs_of(store(tmp_path), "parallel")
     jobs = [r for r in runs if ROLE_TAG not in r.data.tags]
     assert sorted(r.data.params["seed"] for r in jobs) == ["1", "2"]
@@ -122,23 +140,41 @@ def test_joblib_launcher_runs_two_jobs_in_parallel_on_a_fresh_store_and_loses_no
 
 
 def test_submitit_local_launcher_runs_a_job(superglue_root, tmp_path):
-    cli("-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", *TINY,
-        f"data.root={superglue_root}", "mlflow.experiment_name=submitit", cwd=tmp_path)
+    cli(
+        "-m",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=10",
+        *TINY,
+        f"data.root={superglue_root}",
+        "mlflow.experiment_name=submitit",
+        cwd=tmp_path,
+    )
     _, runs = runs_of(store(tmp_path), "submitit")
     (job,) = [r for r in runs if ROLE_TAG not in r.data.tags]
     assert job.info.status == "FINISHED" and "evaluate/val/score" in job.data.metrics
 
 
 def test_optuna_searches_heads_and_ffn_on_score_and_latency(superglue_root, tmp_path):
-    cli("-m", "experiment=pruning_search", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.seed=0",
-        *TINY, "student.layers=[1]", *QUICK_BENCHMARK, f"data.root={superglue_root}", cwd=tmp_path)
+    cli(
+        "-m",
+        "experiment=pruning_search",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.seed=0",
+        *TINY,
+        "student.layers=[1]",
+        *QUICK_BENCHMARK,
+        f"data.root={superglue_root}",
+        cwd=tmp_path,
+    )
     _, runs = runs_of(store(tmp_path), "pruning_search")
     jobs = [r for r in runs if ROLE_TAG not in r.data.tags]
     assert len(jobs) == 2 and all(r.info.status == "FINISHED" for r in jobs)
     assert all(r.data.params["pruning.heads"] in ("1.0", "0.75", "0.5", "0.25") for r in jobs)
     (results,) = (tmp_path / "outputs" / "multiruns").glob("*/*/optimization_results.yaml")
     front = yaml.safe_load(results.read_text())["solutions"]  # the Pareto front of (score, latency)
-    measured = {(r.data.metrics["evaluate/val/score"], r.data.metrics["benchmark/onnx_int8/latency_p50_ms"]) for r in jobs}
+    measured = {
+        (r.data.metrics["evaluate/val/score"], r.data.metrics["benchmark/onnx_int8/latency_p50_ms"]) for r in jobs
+    }
     assert front and all(tuple(s["values"]) in measured for s in front)
 
 
@@ -162,8 +198,9 @@ def wait_for(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
 
 def background(*command, cwd: Path, **env_vars: str) -> subprocess.Popen:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **env_vars}  # uvicorn by name
-    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -173,14 +210,31 @@ def stop(process: subprocess.Popen) -> None:
 
 def test_a_job_logs_to_a_remote_tracking_server(superglue_root, tmp_path):
     port = free_port()
-    server = background(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                        "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                        "--default-artifact-root", str(tmp_path / "server-artifacts"), cwd=tmp_path)
+    server = background(
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path / 'server.db'}",
+        "--default-artifact-root",
+        str(tmp_path / "server-artifacts"),
+        cwd=tmp_path,
+    )
     try:
         wait_for(f"http://127.0.0.1:{port}/health", server)
         uri = f"http://127.0.0.1:{port}"
-        cli(*TINY, f"data.root={superglue_root}", f"mlflow.tracking_uri={uri}", "mlflow.experiment_name=remote",
-            cwd=tmp_path)
+        cli(
+            *TINY,
+            f"data.root={superglue_root}",
+            f"mlflow.tracking_uri={uri}",
+            "mlflow.experiment_name=remote",
+            cwd=tmp_path,
+        )
         client, (run,) = runs_of(uri, "remote")
         assert run.info.status == "FINISHED" and "evaluate/val/score" in run.data.metrics
         assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -199,18 +253,41 @@ def post(url: str, body: bytes) -> tuple[int, dict]:
 
 
 def test_the_logged_model_serves_labels_and_rejects_a_malformed_request(superglue_root, tmp_path):
-    cli(*TINY, f"data.root={superglue_root}", "stages=[finetune,export]", "precision=int8",
-        "precision.min_agreement=0.5", "mlflow.experiment_name=serve", cwd=tmp_path)
+    cli(
+        *TINY,
+        f"data.root={superglue_root}",
+        "stages=[finetune,export]",
+        "precision=int8",
+        "precision.min_agreement=0.5",
+        "mlflow.experiment_name=serve",
+        cwd=tmp_path,
+    )
     _, (run,) = runs_of(store(tmp_path), "serve")
     port = free_port()
-    server = background(sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run.info.run_id}/model",
-                        "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), cwd=tmp_path,
-                        MLFLOW_TRACKING_URI=store(tmp_path))
+    server = background(
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        f"runs:/{run.info.run_id}/model",
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        cwd=tmp_path,
+        MLFLOW_TRACKING_URI=store(tmp_path),
+    )
     try:
         wait_for(f"http://127.0.0.1:{port}/ping", server)
         url = f"http://127.0.0.1:{port}/invocations"
-        records = [{"premise": "The cat sat on the mat.", "hypothesis": "A cat sat.", "idx": 7},
-                   {"premise": "It rained all day.", "hypothesis": "It was dry.", "idx": 8}]
+        records = [
+            {"premise": "The cat sat on the mat.", "hypothesis": "A cat sat.", "idx": 7},
+            {"premise": "It rained all day.", "hypothesis": "It was dry.", "idx": 8},
+        ]
         status, answer = post(url, json.dumps({"inputs": records}).encode())
         assert status == 200, answer
         assert [p["idx"] for p in answer["predictions"]] == [7, 8]
@@ -225,8 +302,14 @@ def test_the_logged_model_serves_labels_and_rejects_a_malformed_request(superglu
 
 
 def test_a_terminated_job_ends_its_mlflow_run_failed(superglue_root, tmp_path):
-    job = cli(*TINY, f"data.root={superglue_root}", "finetune.epochs=50", "mlflow.experiment_name=stopped",
-              cwd=tmp_path, wait=False)
+    job = cli(
+        *TINY,
+        f"data.root={superglue_root}",
+        "finetune.epochs=50",
+        "mlflow.experiment_name=stopped",
+        cwd=tmp_path,
+        wait=False,
+    )
     deadline = time.time() + 120
     while not list((tmp_path / "outputs" / "cache" / "finetune").glob(".*.tmp/checkpoints/*")):  # an epoch is done
         assert job.poll() is None and time.time() < deadline, (tmp_path / "job.log").read_text()[-2000:]

@@ -1,6 +1,7 @@
 """From passes to a result: speed, latency, memory, energy, cost and the task's metrics of each row; ratios
 over the baseline and the like-for-like reference; the accuracy gate; the memory budget; and the pick, the
 fastest candidate that keeps accuracy within budget."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,10 +35,19 @@ def predictions(served: Served, count: int, candidate_scoring: bool) -> list[int
 
 
 def describe(setting: Setting) -> dict:
-    return {"name": setting.name, "model": setting.model, "engine": setting.engine, "precision": setting.precision,
-            "padding": setting.padding, "bucket": setting.bucket, "layout": setting.layout.label,
-            "options": dict(setting.options), "gated": setting.gated, "candidate": setting.candidate,
-            "cores": [list(c) for c in setting.layout.cores]}
+    return {
+        "name": setting.name,
+        "model": setting.model,
+        "engine": setting.engine,
+        "precision": setting.precision,
+        "padding": setting.padding,
+        "bucket": setting.bucket,
+        "layout": setting.layout.label,
+        "options": dict(setting.options),
+        "gated": setting.gated,
+        "candidate": setting.candidate,
+        "cores": [list(c) for c in setting.layout.cores],
+    }
 
 
 def skipped_row(setting: Setting) -> dict:
@@ -66,14 +76,22 @@ def summarize(setting: Setting, served: Served, examples, task: Task, cfg: DictC
         metrics |= {"latency_p50_ms": p50, "latency_p90_ms": p90, "latency_p99_ms": p99}
     energy = served.energy_joules[median]
     if energy is not None:
-        metrics |= {"energy_joules": energy, "joules_per_example": energy / count,
-                    "energy_estimated": float(meter.estimated)}
+        metrics |= {
+            "energy_joules": energy,
+            "joules_per_example": energy / count,
+            "energy_estimated": float(meter.estimated),
+        }
     if cfg.hardware.usd_per_hour:
         metrics["usd_per_100m_queries"] = cfg.hardware.usd_per_hour / 3600 * wall / count * 1e8
     preds = predictions(served, count, task.labels is None)
     scores = task.score(examples, preds) if all(e.label is not None for e in examples) else {}
-    return describe(setting) | {"skipped": None, "instance_cpus": [r.cpus for r in served.results],
-                                "task_metrics": list(scores), "predictions": preds, "metrics": metrics | scores}
+    return describe(setting) | {
+        "skipped": None,
+        "instance_cpus": [r.cpus for r in served.results],
+        "task_metrics": list(scores),
+        "predictions": preds,
+        "metrics": metrics | scores,
+    }
 
 
 def timed(rows: list[dict]) -> list[dict]:
@@ -94,8 +112,12 @@ def compare_with_baseline(rows: list[dict], agreement_reference: str | None) -> 
 def compare_with_reference(rows: list[dict], reference: str) -> dict:
     """Throughput over the reference at its own best layout among those tried (rows named `<reference>` or
     `<reference>_<layout>`), so `vs ref` never sets our best layout against its worst. Returns that row."""
-    family = [row for row in timed(rows) if row["name"] == reference or row["name"].startswith(f"{reference}_")
-              and row["name"][len(reference) + 1:] == row["layout"]]
+    family = [
+        row
+        for row in timed(rows)
+        if row["name"] == reference
+        or (row["name"].startswith(f"{reference}_") and row["name"][len(reference) + 1 :] == row["layout"])
+    ]
     best = max(family, key=lambda row: row["metrics"]["throughput"])
     for row in timed(rows):
         row["metrics"]["vs_reference"] = row["metrics"]["throughput"] / best["metrics"]["throughput"]
@@ -131,8 +153,11 @@ def apply_memory_budget(rows: list[dict], budget_mb: float) -> None:
 
 def pick(rows: list[dict]) -> dict | None:
     """The fastest candidate row that passed its gate and fits the memory budget."""
-    eligible = [row for row in timed(rows) if row["candidate"] and row["metrics"].get("gate_passed", 1.0)
-                and row["metrics"].get("within_memory", 1.0)]
+    eligible = [
+        row
+        for row in timed(rows)
+        if row["candidate"] and row["metrics"].get("gate_passed", 1.0) and row["metrics"].get("within_memory", 1.0)
+    ]
     return max(eligible, key=lambda row: row["metrics"]["throughput"]) if eligible else None
 
 
@@ -145,10 +170,16 @@ def end_to_end(examples, tokenizer, setting: Setting, cfg: DictConfig, wall: flo
     for _ in range(3):
         started = time.perf_counter()
         for start in range(0, len(examples), opts.batch_size):
-            pairs = [pair for e in examples[start:start + opts.batch_size] for pair in e.pairs]
+            pairs = [pair for e in examples[start : start + opts.batch_size] for pair in e.pairs]
             seconds = [b for _, b in pairs]
-            tokenizer([a for a, _ in pairs], seconds if all(b is not None for b in seconds) else None,
-                      truncation=True, max_length=length, padding=padding, return_tensors="np")
+            tokenizer(
+                [a for a, _ in pairs],
+                seconds if all(b is not None for b in seconds) else None,
+                truncation=True,
+                max_length=length,
+                padding=padding,
+                return_tensors="np",
+            )
         times.append(time.perf_counter() - started)
     tokenize = sorted(times)[1] / setting.layout.instances
     return {"tokenize_seconds": tokenize, "e2e_throughput": len(examples) / (wall + tokenize)}
@@ -160,4 +191,8 @@ def roofline_metrics(shape: Shape, dataset: EncodedDataset, peaks: Peaks, quanti
     lengths = [len(row["input_ids"]) for rows in dataset.rows for row in rows]
     total = sum(sum(flops(shape, tokens)) for tokens in lengths)
     bound = bound_seconds(shape, lengths, peaks, quantized)
-    return {"gflops_per_example": total / len(dataset) / 1e9, "bound_seconds": bound, "pct_of_bound": 100 * bound / wall}
+    return {
+        "gflops_per_example": total / len(dataset) / 1e9,
+        "bound_seconds": bound,
+        "pct_of_bound": 100 * bound / wall,
+    }

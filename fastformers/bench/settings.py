@@ -2,6 +2,7 @@
 `benchmark.search` expands to every engine x precision x bucket x layout this machine offers: the candidates
 the pick is made from; a candidate this machine cannot run (bf16 without bf16 arithmetic) stays in the plan
 as a skipped row with its reason."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,8 +18,18 @@ from fastformers.instances import Layout, layouts_filling, plan_layout, usable_c
 PADDINGS = ("fixed", "dynamic")
 MODELS = ("latest", "teacher")  # which model a setting runs: the one the stages before made, or the teacher
 LAYOUT = re.compile(r"^(\d+)x(\d+)$")
-SPEC_KEYS = {"name", "engine", "precision", "padding", "bucket", "instances", "threads_per_instance", "model",
-             "options", "gated"}
+SPEC_KEYS = {
+    "name",
+    "engine",
+    "precision",
+    "padding",
+    "bucket",
+    "instances",
+    "threads_per_instance",
+    "model",
+    "options",
+    "gated",
+}
 
 
 @dataclass(frozen=True)
@@ -33,7 +44,7 @@ class Setting:
     bucket: int | None = None  # pad each batch to a multiple of this many tokens (static shapes)
     model: str = "latest"
     options: tuple[tuple[str, object], ...] = ()  # engine options (e.g. onnxruntime session entries)
-    gated: bool = False      # may change predictions: held to benchmark.gate
+    gated: bool = False  # may change predictions: held to benchmark.gate
     candidate: bool = False  # one of the pick's candidates
     skipped: str | None = None  # why this machine cannot run it
 
@@ -54,16 +65,24 @@ def plan_settings(cfg: DictConfig) -> list[Setting]:
     if not search:
         add_layouts(rows, rows[-1], extra_layouts(cfg, cfg.benchmark.layouts, "benchmark.layouts"), cfg)
         return rows
+    if cfg.benchmark.layouts:
+        raise FastformersError(
+            "benchmark.layouts applies without a search; with benchmark.search, set "
+            "benchmark.search.layouts (e.g. auto)"
+        )
     unknown = sorted(set(search) - {"engines", "buckets", "layouts"})
     if unknown:
         raise FastformersError(f"benchmark.search: unknown key {unknown[0]!r}; it takes engines, buckets, layouts")
-    layouts = extra_layouts(cfg, search.get("layouts"), "benchmark.search.layouts") or \
-        [(cfg.hardware.instances, cfg.hardware.threads_per_instance)]
+    layouts = extra_layouts(cfg, search.get("layouts"), "benchmark.search.layouts") or [
+        (cfg.hardware.instances, cfg.hardware.threads_per_instance)
+    ]
     if cfg.benchmark.reference:
         reference = next((row for row in rows if row.name == cfg.benchmark.reference), None)
         if reference is None:
-            raise FastformersError(f"benchmark.reference={cfg.benchmark.reference!r} is not a setting name "
-                                   f"(have {[row.name for row in rows]})")
+            raise FastformersError(
+                f"benchmark.reference={cfg.benchmark.reference!r} is not a setting name "
+                f"(have {[row.name for row in rows]})"
+            )
         add_layouts(rows, reference, layouts, cfg)
     for candidate in search_candidates(cfg, layouts):
         add_row(rows, candidate, "benchmark.search")
@@ -104,8 +123,19 @@ def search_candidates(cfg: DictConfig, layouts: list[tuple[int, int]]) -> list[S
                 for instances, threads in layouts:
                     layout = plan_layout(instances, threads, cfg.hardware.cores)
                     name = f"{engine_name}_{precision}" + (f"_b{bucket}" if bucket else "") + f"_{layout.label}"
-                    rows.append(Setting(name, engine_name, precision, "dynamic", layout, bucket, gated=True,
-                                        candidate=True, skipped=reason))
+                    rows.append(
+                        Setting(
+                            name,
+                            engine_name,
+                            precision,
+                            "dynamic",
+                            layout,
+                            bucket,
+                            gated=True,
+                            candidate=True,
+                            skipped=reason,
+                        )
+                    )
     if not rows:
         raise FastformersError("benchmark.search.engines is empty: name at least one engine and its precisions")
     return rows
@@ -115,8 +145,10 @@ def check_bucket(bucket, max_length: int, field: str) -> None:
     if bucket is None:
         return
     if not isinstance(bucket, int) or bucket < 1 or max_length % bucket:
-        raise FastformersError(f"{field}: bucket {bucket!r} must be a positive integer that divides "
-                               f"task.max_seq_length={max_length} (or null = dynamic shapes)")
+        raise FastformersError(
+            f"{field}: bucket {bucket!r} must be a positive integer that divides "
+            f"task.max_seq_length={max_length} (or null = dynamic shapes)"
+        )
 
 
 def parse_setting(cfg: DictConfig, spec: DictConfig, field: str) -> Setting:
@@ -139,23 +171,38 @@ def parse_setting(cfg: DictConfig, spec: DictConfig, field: str) -> Setting:
     if model not in MODELS:
         raise FastformersError(f"{field}.model={model!r} must be one of {list(MODELS)}")
     if model == "teacher" and engine.name != "torch":
-        raise FastformersError(f"{field}: model=teacher runs on engine torch only (the export stage exports the "
-                               "latest model)")
+        raise FastformersError(
+            f"{field}: model=teacher runs on engine torch only (the export stage exports the latest model)"
+        )
     exported_precisions = ("fp32", cfg.precision.name, "bf16", "int8_stock", "int8_static")
     if engine.name != "torch" and precision not in exported_precisions:
-        raise FastformersError(f"{field}.precision={precision}: the export stage builds fp32 and "
-                               f"precision={cfg.precision.name}'s artifacts; run with precision={precision}")
+        raise FastformersError(
+            f"{field}.precision={precision}: the export stage builds fp32 and "
+            f"precision={cfg.precision.name}'s artifacts; run with precision={precision}"
+        )
     if precision == "int8_static" and not cfg.precision.get("static"):
-        raise FastformersError(f"{field}.precision=int8_static: the export stage builds the static int8 graph "
-                               "only with precision.static=true")
+        raise FastformersError(
+            f"{field}.precision=int8_static: the export stage builds the static int8 graph "
+            "only with precision.static=true"
+        )
     options = tuple(sorted((str(k), v) for k, v in (spec.get("options") or {}).items()))
     engine.check_options(dict(options), f"{field}.options")
     hardware = cfg.hardware
     instances = spec.instances if "instances" in spec else hardware.instances
     threads = spec.threads_per_instance if "threads_per_instance" in spec else hardware.threads_per_instance
     gated = bool(spec.get("gated", False))
-    return Setting(spec.name, engine.name, precision, spec.padding, plan_layout(instances, threads, hardware.cores),
-                   bucket, model, options, gated, skipped=engine.unavailable(precision))
+    return Setting(
+        spec.name,
+        engine.name,
+        precision,
+        spec.padding,
+        plan_layout(instances, threads, hardware.cores),
+        bucket,
+        model,
+        options,
+        gated,
+        skipped=engine.unavailable(precision),
+    )
 
 
 def extra_layouts(cfg: DictConfig, layouts, field: str) -> list[tuple[int, int]]:

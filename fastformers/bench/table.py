@@ -1,5 +1,6 @@
 """The benchmark's printed table: every row's speed beside its accuracy, all measured in one run, the
 machine named, the reference and the pick marked."""
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,12 @@ def machine() -> dict:
             versions[package] = __import__(package).__version__
         except ImportError:
             versions[package] = None
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "usable_physical_cores": len(usable_cores()),
-            "python": platform.python_version()} | versions
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "usable_physical_cores": len(usable_cores()),
+        "python": platform.python_version(),
+    } | versions
 
 
 def padding_label(row: dict) -> str:
@@ -37,7 +42,7 @@ def padding_label(row: dict) -> str:
 
 def format_table(report: dict, cfg: DictConfig) -> str:
     rows, opts = report["rows"], cfg.benchmark
-    scored = next((row["task_metrics"] for row in rows if not row["skipped"]), [])
+    scored: list[str] = next((row["task_metrics"] for row in rows if not row["skipped"]), [])
     task_keys = [k for k in scored if k != "score"] + (["score"] if len(scored) > 2 else [])
     estimate = " (ESTIMATE: hardware.tdp_watts x time)" if report["energy_estimated"] else ""
     lines = [
@@ -48,18 +53,24 @@ def format_table(report: dict, cfg: DictConfig) -> str:
         f"energy: {report['energy_method']}{estimate}",
     ]
     if report.get("peaks"):
-        lines.append(f"roofline: sustained GEMM {report['peaks']['fp32_gflops']:.0f} GFLOP/s fp32, "
-                     f"{report['peaks']['int8_gops']:.0f} GOP/s int8 (onnxruntime, all cores); %bound = least time "
-                     "of the useful FLOPs at those rates / measured time (bf16 rows held to the fp32 rate)")
+        lines.append(
+            f"roofline: sustained GEMM {report['peaks']['fp32_gflops']:.0f} GFLOP/s fp32, "
+            f"{report['peaks']['int8_gops']:.0f} GOP/s int8 (onnxruntime, all cores); %bound = least time "
+            "of the useful FLOPs at those rates / measured time (bf16 rows held to the fp32 rate)"
+        )
     has_ref = bool(report.get("reference"))
     reference = f"{'vs ref':>7} " if has_ref else ""
-    header = (f"{'setting':<26} {'model':<7} {'engine/precision':<22} {'padding':<8} {'layout':<6} {'ex/s':>8} "
-              f"{'speed-up':>8} {reference}{'e2e ex/s':>8} {'spread':>6} {'%bound':>6} {'p50 ms':>7} {'p99 ms':>7} "
-              f"{'peak MB':>8} {'J/ex':>6} {'$/100M':>8} " + " ".join(f"{k:>9}" for k in task_keys) + f" {'agree':>6}")
+    header = (
+        f"{'setting':<26} {'model':<7} {'engine/precision':<22} {'padding':<8} {'layout':<6} {'ex/s':>8} "
+        f"{'speed-up':>8} {reference}{'e2e ex/s':>8} {'spread':>6} {'%bound':>6} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'peak MB':>8} {'J/ex':>6} {'$/100M':>8} " + " ".join(f"{k:>9}" for k in task_keys) + f" {'agree':>6}"
+    )
     lines += [header, "-" * len(header)]
     for row in rows:
-        head = (f"{row['name']:<26} {row['model']:<7} {row['engine'] + '/' + row['precision']:<22} "
-                f"{padding_label(row):<8} {row['layout']:<6} ")
+        head = (
+            f"{row['name']:<26} {row['model']:<7} {row['engine'] + '/' + row['precision']:<22} "
+            f"{padding_label(row):<8} {row['layout']:<6} "
+        )
         if row["skipped"]:
             lines.append(head + f"skipped: {row['skipped']}")
             continue
@@ -75,26 +86,36 @@ def format_table(report: dict, cfg: DictConfig) -> str:
         if m.get("within_memory") == 0.0 and row["candidate"]:
             flags.append("over memory budget")
         lines.append(
-            head + f"{m['throughput']:>8.2f} {m['speedup']:>7.2f}x "
+            head
+            + f"{m['throughput']:>8.2f} {m['speedup']:>7.2f}x "
             + (f"{m['vs_reference']:>6.2f}x " if has_ref else "")
             + f"{_fmt(m.get('e2e_throughput'), 8, 2)} {spread:>6.0%} "
             f"{_fmt(m.get('pct_of_bound'), 6, 1)} {_fmt(m.get('latency_p50_ms'), 7, 1)} "
             f"{_fmt(m.get('latency_p99_ms'), 7, 1)} {m['peak_rss_mb']:>8.0f} {_fmt(m.get('joules_per_example'), 6, 2)} "
             f"{_fmt(m.get('usd_per_100m_queries'), 8, 2)} "
             + " ".join(f"{m[k]:>9.4f}" for k in task_keys)
-            + f" {m['agreement']:>6.1%}" + ("  " + ", ".join(flags) if flags else ""))
+            + f" {m['agreement']:>6.1%}"
+            + ("  " + ", ".join(flags) if flags else "")
+        )
     agree = report.get("agreement_reference") or rows[0]["name"]
-    lines.append(f"speed-up: median wall time of {rows[0]['name']} / this row's; e2e: with tokenizing from text; "
-                 f"spread: (slowest - fastest pass) / median; agree: predictions equal to {agree}'s")
+    lines.append(
+        f"speed-up: median wall time of {rows[0]['name']} / this row's; e2e: with tokenizing from text; "
+        f"spread: (slowest - fastest pass) / median; agree: predictions equal to {agree}'s"
+    )
     if has_ref:
         lines.append(f"vs ref: throughput / {report['reference']}'s (the stock reference at its best layout tried)")
     if report.get("pick"):
         pick = next(row for row in rows if row["name"] == report["pick"])
-        gate = (f" within {cfg.benchmark.gate.max_drop} points of {cfg.benchmark.gate.reference}"
-                if report.get("agreement_reference") else "")
+        gate = (
+            f" within {cfg.benchmark.gate.max_drop} points of {cfg.benchmark.gate.reference}"
+            if report.get("agreement_reference")
+            else ""
+        )
         memory = f" and {report['memory_budget_mb']:.0f} MB peak memory" if report.get("memory_budget_mb") else ""
-        lines.append(f"pick: {pick['name']} = {pick['engine']} {pick['precision']}, {padding_label(pick)}, "
-                     f"{pick['layout']}: the fastest candidate{gate}{memory}")
+        lines.append(
+            f"pick: {pick['name']} = {pick['engine']} {pick['precision']}, {padding_label(pick)}, "
+            f"{pick['layout']}: the fastest candidate{gate}{memory}"
+        )
     elif report.get("candidates"):
         lines.append("pick: none (no candidate passed the accuracy gate within the memory budget)")
     lines += profile_lines(rows)
@@ -106,14 +127,19 @@ def profile_lines(rows: list[dict]) -> list[str]:
     profiled = [row for row in rows if row.get("profile")]
     if not profiled:
         return []
-    lines = [f"profile (the engine's own profiler, first {profiled[0]['profile']['examples']} examples, one "
-             "instance): share of wall time per operator type"]
+    lines = [
+        f"profile (the engine's own profiler, first {profiled[0]['profile']['examples']} examples, one "
+        "instance): share of wall time per operator type"
+    ]
     for row in profiled:
         prof = row["profile"]
         shares = [f"{op} {100 * ms / prof['wall_ms']:.1f}%" for op, ms in list(prof["kernel_ms"].items())[:6]]
         outside = max(0.0, 100 * (1 - sum(prof["kernel_ms"].values()) / prof["wall_ms"]))
-        lines.append(f"  {row['name']:<26} {prof['wall_ms'] / prof['examples']:.2f} ms/ex: " + ", ".join(shares)
-                     + f", outside kernels {outside:.1f}%")
+        lines.append(
+            f"  {row['name']:<26} {prof['wall_ms'] / prof['examples']:.2f} ms/ex: "
+            + ", ".join(shares)
+            + f", outside kernels {outside:.1f}%"
+        )
     return lines
 
 

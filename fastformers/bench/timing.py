@@ -1,6 +1,7 @@
 """Timed passes interleaved round-robin: every setting's processes are loaded first, then round r runs one
 pass of each setting in an order rotated by r, so a neighbour that slows the machine for a while, or a warm
 cache that favours whoever runs second, falls on every setting alike."""
+
 from __future__ import annotations
 
 import logging
@@ -17,8 +18,9 @@ def rotated(count: int, round_: int) -> list[int]:
     return list(range(start, count)) + list(range(start))
 
 
-def measure_interleaved(starters: list[Callable[[], Instances]], repeats: int,
-                        on_order: Callable[[list[int]], None] | None = None) -> list[Served]:
+def measure_interleaved(
+    starters: list[Callable[[], Instances]], repeats: int, on_order: Callable[[list[int]], None] | None = None
+) -> list[Served]:
     """Starts every setting's instances (load and warm-up, untimed), then `repeats` rounds of one timed pass
     each, then one round of latency calls; returns each setting's measurements in the order given."""
     pools: list[Instances] = []

@@ -1,6 +1,7 @@
 """What each instance of a setting runs: the sample tokenized once, padded as the setting says (to
 max_seq_length, to each batch's longest row, or to a multiple of a bucket), dealt out whole batches at a
 time. Tokenizing and padding happen here, before any timing."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,12 +18,16 @@ def instance_work(cfg: DictConfig, setting: Setting, dataset: EncodedDataset, to
     `latency_examples` are dealt out the same way as batch-size-1 calls."""
     opts, instances = cfg.benchmark, setting.layout.instances
     length = cfg.task.max_seq_length if setting.padding == "fixed" else None
-    batches = make_batches(dataset, range(len(dataset)), opts.batch_size, tokenizer, length, opts.sort_by_length,
-                           setting.bucket)
-    singles = make_batches(dataset, range(min(opts.latency_examples, len(dataset))), 1, tokenizer, length, False,
-                           setting.bucket)
-    return [Work(share, latency_share, opts.warmup_batches, opts.repeats, every_shape=bool(setting.bucket))
-            for share, latency_share in zip(deal(batches, instances), deal(singles, instances))]
+    batches = make_batches(
+        dataset, range(len(dataset)), opts.batch_size, tokenizer, length, opts.sort_by_length, setting.bucket
+    )
+    singles = make_batches(
+        dataset, range(min(opts.latency_examples, len(dataset))), 1, tokenizer, length, False, setting.bucket
+    )
+    return [
+        Work(share, latency_share, opts.warmup_batches, opts.repeats, every_shape=bool(setting.bucket))
+        for share, latency_share in zip(deal(batches, instances), deal(singles, instances))
+    ]
 
 
 def deal(batches: list[Batch], instances: int) -> list[list[Batch]]:
@@ -32,8 +37,15 @@ def deal(batches: list[Batch], instances: int) -> list[list[Batch]]:
     return [batches[i::instances] for i in range(instances)]
 
 
-def make_batches(dataset: EncodedDataset, positions, batch_size: int, tokenizer, fixed_length: int | None,
-                 sort_by_length: bool, bucket: int | None = None) -> list[Batch]:
+def make_batches(
+    dataset: EncodedDataset,
+    positions,
+    batch_size: int,
+    tokenizer,
+    fixed_length: int | None,
+    sort_by_length: bool,
+    bucket: int | None = None,
+) -> list[Batch]:
     """The examples at `positions` as padded batches: to `fixed_length` (what an out-of-the-box pipeline
     does), or each to its own longest row (rounded up to a multiple of `bucket`); sorted by length first, a
     batch wastes little on padding."""

@@ -5,6 +5,7 @@ benchmark instance, in `evaluate`, in serving, in the export's parity check).
 Engines are named by the config group `conf/engines/` (each file: `_target_` = the engine class, plus its
 options); adding one is a module here, a file there and its name in conf/config.yaml's defaults list.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,20 +23,20 @@ from fastformers.errors import FastformersError
 Infer = Callable[[dict[str, np.ndarray]], np.ndarray]  # int64 feeds in, float32 logits [rows, classes] out
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 INDEX = "export.json"  # written by the export stage: which file holds which engine's artifact
-GRAPHS = "model"       # the export stage's subfolder of artifacts and tokenizer (kept out of MLflow artifacts)
-PICK = "pick.json"     # written by the benchmark stage: the engine, precision, bucket and layout it picked
+GRAPHS = "model"  # the export stage's subfolder of artifacts and tokenizer (kept out of MLflow artifacts)
+PICK = "pick.json"  # written by the benchmark stage: the engine, precision, bucket and layout it picked
 
 
 @dataclass
 class ExportContext:
     """What an engine's `prepare` starts from: the exported float graph and what quantizers need."""
 
-    onnx: Path                 # the raw TorchScript export, opset 13-17, dynamic batch and sequence axes
-    folder: Path               # where artifacts go (the export stage's model/ folder)
-    num_heads: int             # attention heads per layer, and their total width (pruning narrows them)
+    onnx: Path  # the raw TorchScript export, opset 13-17, dynamic batch and sequence axes
+    folder: Path  # where artifacts go (the export stage's model/ folder)
+    num_heads: int  # attention heads per layer, and their total width (pruning narrows them)
     hidden_size: int
-    precision: Any             # the run's precision config node
-    export: Any                # the run's export config node
+    precision: Any  # the run's precision config node
+    export: Any  # the run's export config node
     calibration: Callable[[], list[dict[str, np.ndarray]]]  # feeds from the calibration split, built on first call
 
 
@@ -63,13 +64,20 @@ class Engine(ABC):
         """Builds this engine's artifacts for the run's precision: {artifact name: file}."""
 
     @abstractmethod
-    def load(self, path: Path, precision: str, threads: int | None, options: Mapping[str, Any],
-             bucket: int | None = None) -> Infer:
+    def load(
+        self, path: Path, precision: str, threads: int | None, options: Mapping[str, Any], bucket: int | None = None
+    ) -> Infer:
         """The artifact as an infer function on `threads` threads (None = the engine's default). With `bucket`,
         every call's length is a multiple of it (see `open`), so an engine may compile one static shape each."""
 
-    def open(self, path: Path, precision: str, threads: int | None = None, options: Mapping[str, Any] | None = None,
-             bucket: int | None = None) -> Infer:
+    def open(
+        self,
+        path: Path,
+        precision: str,
+        threads: int | None = None,
+        options: Mapping[str, Any] | None = None,
+        bucket: int | None = None,
+    ) -> Infer:
         """`load`, with inputs padded to the next multiple of `bucket` tokens first when one is set: padding
         is masked, so predictions do not change, and an engine with static shapes sees few distinct ones."""
         infer = self.load(Path(path), precision, threads, options or {}, bucket)
@@ -81,8 +89,16 @@ class Engine(ABC):
 
         return padded
 
-    def profile(self, path: Path, precision: str, threads: int, options: Mapping[str, Any],
-                batches: list[dict[str, np.ndarray]], out: Path, bucket: int | None = None) -> dict | None:
+    def profile(
+        self,
+        path: Path,
+        precision: str,
+        threads: int,
+        options: Mapping[str, Any],
+        batches: list[dict[str, np.ndarray]],
+        out: Path,
+        bucket: int | None = None,
+    ) -> dict | None:
         """Where the time goes, from the engine's own profiler: {"wall_ms", "kernel_ms": {operator type: ms}};
         None where the engine has none."""
         return None
@@ -100,8 +116,10 @@ def engine_names(engines_cfg: Mapping) -> list[str]:
 def get_engine(name: str, engines_cfg: Mapping) -> Engine:
     """The engine `name` as configured under `engines.<name>` (its `_target_` class and options)."""
     if name not in (engines_cfg or {}):
-        raise FastformersError(f"engine {name!r} is not configured; choose from {engine_names(engines_cfg)} "
-                               "(an engine is a module in fastformers/engines/ plus conf/engines/<name>.yaml)")
+        raise FastformersError(
+            f"engine {name!r} is not configured; choose from {engine_names(engines_cfg)} "
+            "(an engine is a module in fastformers/engines/ plus conf/engines/<name>.yaml)"
+        )
     spec = dict(engines_cfg[name])
     target = spec.pop("_target_", None)
     if not target:
@@ -116,8 +134,9 @@ def get_engine(name: str, engines_cfg: Mapping) -> Engine:
 
 def check_target(engine: Engine, precision: str, field: str) -> None:
     if precision not in engine.precisions:
-        raise FastformersError(f"{field}: engine {engine.name} runs precisions {list(engine.precisions)}, "
-                               f"not {precision!r}")
+        raise FastformersError(
+            f"{field}: engine {engine.name} runs precisions {list(engine.precisions)}, not {precision!r}"
+        )
 
 
 def artifact_key(engine: str, artifact: str) -> str:
@@ -176,10 +195,15 @@ def artifact_path(folder: Path, engine: Engine, precision: str) -> Path:
     key = artifact_key(engine.name, engine.artifact_name(precision))
     if key not in index["artifacts"]:
         skipped = index.get("skipped_engines", {}).get(engine.name)
-        raise FastformersError(f"{folder}: no {key} artifact was exported "
-                               + (f"({engine.name} was skipped: {skipped})" if skipped else
-                                  f"(have {sorted(index['artifacts'])}); run the export stage with "
-                                  f"precision={precision} and {engine.name} in export.engines"))
+        raise FastformersError(
+            f"{folder}: no {key} artifact was exported "
+            + (
+                f"({engine.name} was skipped: {skipped})"
+                if skipped
+                else f"(have {sorted(index['artifacts'])}); run the export stage with "
+                f"precision={precision} and {engine.name} in export.engines"
+            )
+        )
     return Path(folder) / index["artifacts"][key]
 
 
@@ -192,6 +216,8 @@ def read_pick(folder: Path) -> dict:
     path = Path(folder) / PICK
     pick = json.loads(path.read_text()) if path.is_file() else None
     if not pick:
-        raise FastformersError(f"{path}: the benchmark made no pick (no candidate was timed); set evaluate.engine "
-                               "to an engine name instead of pick")
+        raise FastformersError(
+            f"{path}: the benchmark made no pick (no candidate was timed); set evaluate.engine "
+            "to an engine name instead of pick"
+        )
     return pick

@@ -2,6 +2,7 @@
 MatMuls kept float; `int8_stock`: quantize_dynamic as shipped, the reference every speed-up is held to;
 `int8_static`: calibrated MatMul scales), fp16 on the CUDA provider. onnxruntime and PyTorch are imported
 where used: an instance serving a graph never loads PyTorch, so its memory is the graph's."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -23,8 +24,10 @@ class OnnxRuntimeEngine(Engine):
 
     def unavailable(self, precision: str) -> str | None:
         if precision == "fp16" and CUDA not in _ort().get_available_providers():
-            return (f"fp16 runs on onnxruntime's {CUDA} (install onnxruntime-gpu on a CUDA machine); this "
-                    f"onnxruntime offers {_ort().get_available_providers()}")
+            return (
+                f"fp16 runs on onnxruntime's {CUDA} (install onnxruntime-gpu on a CUDA machine); this "
+                f"onnxruntime offers {_ort().get_available_providers()}"
+            )
         return None
 
     def prepare(self, ctx: ExportContext) -> dict[str, Path]:
@@ -40,12 +43,14 @@ class OnnxRuntimeEngine(Engine):
                 stats = quantize.matmul_input_stats(fp32, ctx.calibration())
                 outliers = quantize.outlier_matmuls(stats, precision.outlier_matmuls)
                 if precision.outliers == "smooth":
-                    source = artifacts["smoothed"] = quantize.smooth_matmuls(fp32, stats, outliers,
-                                                                             precision.smooth_alpha)
+                    source = artifacts["smoothed"] = quantize.smooth_matmuls(
+                        fp32, stats, outliers, precision.smooth_alpha
+                    )
                 else:
                     float_matmuls = outliers
-            artifacts["int8"] = quantize.quantize_int8(source, precision.weight_type, precision.per_channel,
-                                                       precision.reduce_range, float_matmuls)
+            artifacts["int8"] = quantize.quantize_int8(
+                source, precision.weight_type, precision.per_channel, precision.reduce_range, float_matmuls
+            )
             # the stock pipeline's graph too (default fusions, quantize_dynamic as shipped), for the reference row
             stock, _ = optimize(ctx.onnx, ctx.num_heads, ctx.hidden_size, {}, suffix="optimized_stock")
             artifacts["int8_stock"] = quantize.quantize_int8(stock, "QInt8", True, False)
@@ -57,13 +62,22 @@ class OnnxRuntimeEngine(Engine):
             artifacts["fp16"] = quantize.convert_fp16(fp32)
         return artifacts
 
-    def load(self, path: Path, precision: str, threads: int | None, options: Mapping[str, Any],
-             bucket: int | None = None) -> Infer:
+    def load(
+        self, path: Path, precision: str, threads: int | None, options: Mapping[str, Any], bucket: int | None = None
+    ) -> Infer:
         providers = [CUDA] if precision == "fp16" else [CPU]
         return OnnxClassifier(path, threads, providers, dict(options)).run
 
-    def profile(self, path: Path, precision: str, threads: int, options: Mapping[str, Any], batches,
-                out: Path, bucket: int | None = None) -> dict:
+    def profile(
+        self,
+        path: Path,
+        precision: str,
+        threads: int,
+        options: Mapping[str, Any],
+        batches,
+        out: Path,
+        bucket: int | None = None,
+    ) -> dict:
         return profile(path, precision, threads, options, batches, out)
 
     def check_options(self, options: Mapping[str, Any], field: str) -> None:
@@ -96,8 +110,10 @@ def session_options(threads: int | None, extra: dict | None = None):
         elif hasattr(options, key) and not key.startswith("_"):
             setattr(options, key, value)
         else:
-            raise FastformersError(f"{key!r} is not an onnxruntime SessionOptions attribute nor a dotted session "
-                                   "config entry (e.g. session.intra_op.allow_spinning)")
+            raise FastformersError(
+                f"{key!r} is not an onnxruntime SessionOptions attribute nor a dotted session "
+                "config entry (e.g. session.intra_op.allow_spinning)"
+            )
     return options
 
 
@@ -117,15 +133,24 @@ def disabled_optimizers(path: Path, providers: list[str]) -> list[str]:
 class OnnxClassifier:
     """An exported sequence classifier behind an InferenceSession."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, providers: list[str] | None = None,
-                 session: dict | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        threads: int | None = None,
+        providers: list[str] | None = None,
+        session: dict | None = None,
+    ):
         self.path = Path(path)
         if not self.path.is_file():
             raise FastformersError(f"missing ONNX graph {self.path}")
         providers = providers or [CPU]
         ort = _ort()
-        self.session = ort.InferenceSession(str(self.path), session_options(threads, session), providers=providers,
-                                            disabled_optimizers=disabled_optimizers(self.path, providers))
+        self.session = ort.InferenceSession(
+            str(self.path),
+            session_options(threads, session),
+            providers=providers,
+            disabled_optimizers=disabled_optimizers(self.path, providers),
+        )
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -140,8 +165,9 @@ def profile(path: Path, precision: str, threads: int, options: Mapping[str, Any]
     import time
 
     providers = [CUDA] if precision == "fp16" else [CPU]
-    model = OnnxClassifier(path, threads, providers,
-                           dict(options) | {"enable_profiling": True, "profile_file_prefix": str(out / "ort")})
+    model = OnnxClassifier(
+        path, threads, providers, dict(options) | {"enable_profiling": True, "profile_file_prefix": str(out / "ort")}
+    )
     started = time.perf_counter()
     for batch in batches:
         model.run(batch)

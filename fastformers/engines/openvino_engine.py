@@ -6,6 +6,7 @@ kernels than dynamic ones. Compiled models are made on first use and the least r
 past `max_compiled`: each compiled model repacks the weights for its kernels (measured ~50 MB per bucket
 for MiniLM-L6; OpenVINO has no CPU setting that shares them), so memory grows with the buckets kept. The
 source weights are read once and every bucket is a clone of that model (clones share the constants)."""
+
 from __future__ import annotations
 
 import logging
@@ -30,8 +31,7 @@ def _ov():
     try:
         import openvino
     except ImportError as err:
-        raise FastformersError("engine openvino: the openvino package is not installed (pip install openvino)") \
-            from err
+        raise FastformersError("engine openvino: the openvino package is not installed (pip install openvino)") from err
     return openvino
 
 
@@ -89,14 +89,18 @@ class OpenVinoEngine(Engine):
         options = self.options["nncf"]
         ignored = options.get("ignored_types") or []
         return nncf.quantize(
-            model, nncf.Dataset([feeds_for(names, feed, "calibration") for feed in feeds]),
-            model_type=nncf.ModelType.TRANSFORMER, subset_size=len(feeds),
+            model,
+            nncf.Dataset([feeds_for(names, feed, "calibration") for feed in feeds]),
+            model_type=nncf.ModelType.TRANSFORMER,
+            subset_size=len(feeds),
             preset=getattr(nncf.QuantizationPreset, str(options.get("preset", "mixed")).upper()),
             fast_bias_correction=bool(options.get("fast_bias_correction", True)),
-            ignored_scope=nncf.IgnoredScope(types=list(ignored), validate=False) if ignored else None)
+            ignored_scope=nncf.IgnoredScope(types=list(ignored), validate=False) if ignored else None,
+        )
 
-    def load(self, path: Path, precision: str, threads: int | None, options: Mapping[str, Any],
-             bucket: int | None = None) -> Infer:
+    def load(
+        self, path: Path, precision: str, threads: int | None, options: Mapping[str, Any], bucket: int | None = None
+    ) -> Infer:
         self.check_options(options, "options")
         settings = self.options | dict(options)
         return CompiledBuckets(path, precision, threads, settings, static=bool(bucket)).infer
@@ -106,8 +110,16 @@ class OpenVinoEngine(Engine):
         if unknown:
             raise FastformersError(f"{field}: engine openvino takes options {list(OPTIONS)}, not {unknown}")
 
-    def profile(self, path: Path, precision: str, threads: int, options: Mapping[str, Any], batches,
-                out: Path, bucket: int | None = None) -> dict:
+    def profile(
+        self,
+        path: Path,
+        precision: str,
+        threads: int,
+        options: Mapping[str, Any],
+        batches,
+        out: Path,
+        bucket: int | None = None,
+    ) -> dict:
         """OpenVINO's performance counters (PERF_COUNT): real time per executed layer type."""
         import time
 
@@ -117,6 +129,7 @@ class OpenVinoEngine(Engine):
         started = time.perf_counter()
         for batch in batches:
             compiled.infer(batch)
+            assert compiled.last_request is not None
             for info in compiled.last_request.get_profiling_info():
                 kind = f"{info.node_type}" + (f"[{info.exec_type}]" if info.exec_type else "")
                 totals[kind] = totals.get(kind, 0.0) + info.real_time.total_seconds() * 1000
@@ -128,8 +141,15 @@ class CompiledBuckets:
     """One compiled model (dynamic shapes), or one per static input shape seen, least recently used dropped
     past `max_compiled`."""
 
-    def __init__(self, path: Path, precision: str, threads: int | None, settings: Mapping[str, Any],
-                 static: bool, perf_counters: bool = False):
+    def __init__(
+        self,
+        path: Path,
+        precision: str,
+        threads: int | None,
+        settings: Mapping[str, Any],
+        static: bool,
+        perf_counters: bool = False,
+    ):
         ov = _ov()
         if not Path(path).is_file():
             raise FastformersError(f"missing OpenVINO model {path}")
@@ -138,8 +158,11 @@ class CompiledBuckets:
             self.core.set_property({"CACHE_DIR": str(settings["cache_dir"])})
         self.model = self.core.read_model(str(path))
         self.input_names = [port.get_any_name() for port in self.model.inputs]
-        self.config = {"PERFORMANCE_HINT": str(settings.get("hint", "LATENCY")), "NUM_STREAMS": "1",
-                       "INFERENCE_PRECISION_HINT": HINTS[precision]}
+        self.config = {
+            "PERFORMANCE_HINT": str(settings.get("hint", "LATENCY")),
+            "NUM_STREAMS": "1",
+            "INFERENCE_PRECISION_HINT": HINTS[precision],
+        }
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = str(threads)
         if perf_counters:

@@ -1,6 +1,7 @@
 """Every artifact of the export, loaded through its engine, against PyTorch on real inputs: float artifacts
 must match closely, the run's precision on onnxruntime must agree on enough predictions; the rest (bf16,
 other engines' int8) is recorded for the benchmark's accuracy gate to judge."""
+
 from __future__ import annotations
 
 import logging
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 class Target:
     """One thing to compare: an engine running an artifact in a precision."""
 
-    label: str        # e.g. onnxruntime/int8, openvino/bf16
+    label: str  # e.g. onnxruntime/int8, openvino/bf16
     engine: Engine
     precision: str
     path: Path
@@ -41,13 +42,18 @@ def compare(reference, candidate, loader) -> dict[str, float]:
     diffs, same = [], []
     for (ref, sizes), (got, _) in zip(reference, candidate, strict=True):
         diffs.append(float((ref - got).abs().max()))
-        same.extend((example_scores(ref, sizes, candidate_scoring).argmax(1)
-                     == example_scores(got, sizes, candidate_scoring).argmax(1)).tolist())
+        same.extend(
+            (
+                example_scores(ref, sizes, candidate_scoring).argmax(1)
+                == example_scores(got, sizes, candidate_scoring).argmax(1)
+            ).tolist()
+        )
     return {"max_abs_diff": max(diffs), "agreement": float(np.mean(same)), "examples": len(same)}
 
 
-def check(model, loader, targets: list[Target], max_abs_diff: float, gated: str, min_agreement: float
-          ) -> dict[str, dict[str, float]]:
+def check(
+    model, loader, targets: list[Target], max_abs_diff: float, gated: str, min_agreement: float
+) -> dict[str, dict[str, float]]:
     """Compares every target with `model`; raises when a float one drifts or the `gated` one disagrees."""
     reference = batch_logits(model, loader)
     results = {}
@@ -56,10 +62,14 @@ def check(model, loader, targets: list[Target], max_abs_diff: float, gated: str,
         results[target.label] = compare(reference, batch_logits(engine_model, loader), loader)
         log.info("parity %s: %s", target.label, results[target.label])
         if target.is_float and results[target.label]["max_abs_diff"] > max_abs_diff:
-            raise FastformersError(f"parity: the {target.label} graph's logits differ from PyTorch's by "
-                                   f"{results[target.label]['max_abs_diff']:.3g} > export.fp32_max_abs_diff="
-                                   f"{max_abs_diff} on {results[target.label]['examples']} examples")
+            raise FastformersError(
+                f"parity: the {target.label} graph's logits differ from PyTorch's by "
+                f"{results[target.label]['max_abs_diff']:.3g} > export.fp32_max_abs_diff="
+                f"{max_abs_diff} on {results[target.label]['examples']} examples"
+            )
     if gated in results and results[gated]["agreement"] < min_agreement:
-        raise FastformersError(f"parity: {gated} predicts like PyTorch on only {results[gated]['agreement']:.1%} "
-                               f"of {results[gated]['examples']} examples < precision.min_agreement={min_agreement}")
+        raise FastformersError(
+            f"parity: {gated} predicts like PyTorch on only {results[gated]['agreement']:.1%} "
+            f"of {results[gated]['examples']} examples < precision.min_agreement={min_agreement}"
+        )
     return results

@@ -1,5 +1,6 @@
 """PyTorch as transformers ships it: the saved model folder, SDPA attention, no export. The baseline every
 speed-up is measured from, and the torch side of every parity check."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -18,8 +19,9 @@ class TorchEngine(Engine):
     def prepare(self, ctx: ExportContext) -> dict[str, Path]:
         return {}  # runs the model folder a training stage saved
 
-    def load(self, path: Path, precision: str, threads: int | None, options: Mapping[str, Any],
-             bucket: int | None = None) -> Infer:
+    def load(
+        self, path: Path, precision: str, threads: int | None, options: Mapping[str, Any], bucket: int | None = None
+    ) -> Infer:
         import torch
 
         from fastformers.models import load_finetuned

@@ -2,6 +2,7 @@
 (onnxruntime's transformer fusions), `quantize` (int8 dynamic/static, outliers, fp16). Each step writes
 `<stem>_<suffix>.onnx` with a json of its settings beside it: model.onnx -> model_optimized.onnx ->
 model_optimized_quantized.onnx."""
+
 import json
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """PyTorch -> ONNX: the TorchScript exporter with dynamic batch and sequence axes."""
+
 from __future__ import annotations
 
 import inspect
@@ -41,11 +42,28 @@ def export_onnx(model, tokenizer, path: Path, opset: int) -> Path:
     wrapper = _LogitsOnly(model, names).eval()  # export restores the wrapper's mode: eval keeps dropout off
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about python branches on shapes that never change
-        torch.onnx.export(wrapper, tuple(sample[n] for n in names), str(path), input_names=names,
-                          output_names=["logits"], dynamic_axes=axes, opset_version=opset, dynamo=False)
+        torch.onnx.export(
+            wrapper,
+            tuple(sample[n] for n in names),
+            str(path),
+            input_names=names,
+            output_names=["logits"],
+            dynamic_axes=axes,
+            opset_version=opset,
+            dynamo=False,
+        )
     model.eval()
-    write_settings(path, {"exporter": "torch.onnx.export (TorchScript, dynamo=False)", "torch": torch.__version__,
-                          "opset": opset, "inputs": names, "outputs": ["logits"], "dynamic_axes": axes,
-                          "attn_implementation": model.config._attn_implementation,
-                          "model_type": model.config.model_type})
+    write_settings(
+        path,
+        {
+            "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
+            "torch": torch.__version__,
+            "opset": opset,
+            "inputs": names,
+            "outputs": ["logits"],
+            "dynamic_axes": axes,
+            "attn_implementation": model.config._attn_implementation,
+            "model_type": model.config.model_type,
+        },
+    )
     return path

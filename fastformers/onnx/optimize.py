@@ -1,4 +1,5 @@
 """onnxruntime's transformer optimizer: Attention, EmbedLayerNormalization, Gelu and LayerNorm fusions."""
+
 from __future__ import annotations
 
 import logging
@@ -17,8 +18,9 @@ log = logging.getLogger(__name__)
 DISABLED_OPTIMIZERS = "fastformers.disabled_optimizers"  # graph metadata: session fusions the graph must not get
 
 
-def optimize(path: Path, num_heads: int, hidden_size: int, fusion_options: dict | None = None,
-             suffix: str = "optimized") -> tuple[Path, dict[str, int]]:
+def optimize(
+    path: Path, num_heads: int, hidden_size: int, fusion_options: dict | None = None, suffix: str = "optimized"
+) -> tuple[Path, dict[str, int]]:
     """onnxruntime's transformer optimizer (BERT and RoBERTa share model_type bert) with `fusion_options`
     (FusionOptions attributes) changed from its defaults; returns the fused graph and how many of each fused
     operator it holds. A graph left without SkipLayerNormalization records that onnxruntime's session must not
@@ -26,20 +28,32 @@ def optimize(path: Path, num_heads: int, hidden_size: int, fusion_options: dict 
     options = FusionOptions("bert")
     for key, value in (fusion_options or {}).items():
         if not hasattr(options, key):
-            raise FastformersError(f"export.fusion_options.{key}: not an onnxruntime FusionOptions attribute "
-                                   f"(have {sorted(vars(options))})")
+            raise FastformersError(
+                f"export.fusion_options.{key}: not an onnxruntime FusionOptions attribute "
+                f"(have {sorted(vars(options))})"
+            )
         setattr(options, key, value)
-    optimized = optimize_model(str(path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
-                               optimization_options=options)
+    optimized = optimize_model(
+        str(path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, optimization_options=options
+    )
     fusions = {op: int(n) for op, n in optimized.get_fused_operator_statistics().items()}
     disabled = [] if options.enable_skip_layer_norm else ["SkipLayerNormFusion"]
     if disabled:
         onnx.helper.set_model_props(optimized.model, {DISABLED_OPTIMIZERS: ",".join(disabled)})
     target = sibling(path, suffix)
     optimized.save_model_to_file(str(target))
-    write_settings(target, {"optimizer": "onnxruntime.transformers.optimizer.optimize_model", "model_type": "bert",
-                            "num_heads": num_heads, "hidden_size": hidden_size, "onnxruntime": ort.__version__,
-                            "fusion_options": fusion_options or {}, "session_disabled_optimizers": disabled,
-                            "fused_operators": fusions})
+    write_settings(
+        target,
+        {
+            "optimizer": "onnxruntime.transformers.optimizer.optimize_model",
+            "model_type": "bert",
+            "num_heads": num_heads,
+            "hidden_size": hidden_size,
+            "onnxruntime": ort.__version__,
+            "fusion_options": fusion_options or {},
+            "session_disabled_optimizers": disabled,
+            "fused_operators": fusions,
+        },
+    )
     log.info("fused operators: %s", {op: n for op, n in fusions.items() if n})
     return target, fusions

@@ -1,9 +1,11 @@
 """int8 for onnxruntime: dynamic quantization (weights per channel, activations per call), static
 MatMul scales calibrated ahead of time, the MatMuls with outlying inputs kept float or smoothed; and fp16 for
 CUDA. Calibration feeds come from the train split, never the one the metric is reported on."""
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,22 +30,44 @@ QUANTIZED_OPS = ["MatMul", "Attention"]  # weights of the dense layers; Q·Kᵀ 
 CUDA = "CUDAExecutionProvider"
 
 
-def quantize_int8(path: Path, weight_type: str, per_channel: bool, reduce_range: bool,
-                  float_nodes: list[str] = (), suffix: str = "quantized") -> Path:
+def quantize_int8(
+    path: Path,
+    weight_type: str,
+    per_channel: bool,
+    reduce_range: bool,
+    float_nodes: Sequence[str] = (),
+    suffix: str = "quantized",
+) -> Path:
     """Dynamic quantization: int8 weights for MatMul/Attention, activations quantized on the fly;
     `float_nodes` stay fp32."""
     target = sibling(path, suffix)
-    options = {"MatMulConstBOnly": True,  # only MatMuls with a weight side: Q·Kᵀ and attention·V stay float
-               "DefaultTensorType": onnx.TensorProto.FLOAT}  # fused ops lack type info the quantizer needs
-    quantize_dynamic(str(path), str(target), op_types_to_quantize=QUANTIZED_OPS, per_channel=per_channel,
-                     reduce_range=reduce_range, weight_type=WEIGHT_TYPES[weight_type],
-                     nodes_to_exclude=list(float_nodes),
-                     extra_options=dict(options))  # quantize_dynamic mutates the dict it gets
-    write_settings(target, {"quantizer": "onnxruntime.quantization.quantize_dynamic", "op_types": QUANTIZED_OPS,
-                            "weight_type": weight_type, "per_channel": per_channel, "reduce_range": reduce_range,
-                            "nodes_kept_float": list(float_nodes),
-                            "extra_options": {"MatMulConstBOnly": True, "DefaultTensorType": "FLOAT"},
-                            "onnxruntime": ort.__version__})
+    options = {
+        "MatMulConstBOnly": True,  # only MatMuls with a weight side: Q·Kᵀ and attention·V stay float
+        "DefaultTensorType": onnx.TensorProto.FLOAT,
+    }  # fused ops lack type info the quantizer needs
+    quantize_dynamic(
+        str(path),
+        str(target),
+        op_types_to_quantize=QUANTIZED_OPS,
+        per_channel=per_channel,
+        reduce_range=reduce_range,
+        weight_type=WEIGHT_TYPES[weight_type],
+        nodes_to_exclude=list(float_nodes),
+        extra_options=dict(options),
+    )  # quantize_dynamic mutates the dict it gets
+    write_settings(
+        target,
+        {
+            "quantizer": "onnxruntime.quantization.quantize_dynamic",
+            "op_types": QUANTIZED_OPS,
+            "weight_type": weight_type,
+            "per_channel": per_channel,
+            "reduce_range": reduce_range,
+            "nodes_kept_float": list(float_nodes),
+            "extra_options": {"MatMulConstBOnly": True, "DefaultTensorType": "FLOAT"},
+            "onnxruntime": ort.__version__,
+        },
+    )
     return target
 
 
@@ -58,23 +82,47 @@ class _Calibration(CalibrationDataReader):
         return next(self.feeds, None)
 
 
-def quantize_int8_static(path: Path, feeds: list[dict[str, np.ndarray]], float_nodes: list[str] = ()) -> Path:
+def quantize_int8_static(path: Path, feeds: list[dict[str, np.ndarray]], float_nodes: Sequence[str] = ()) -> Path:
     """Static int8: each MatMul's activation scale fixed from the calibration sample (MinMax), so no min/max
     pass runs per call; the fused Attention ops, which the static quantizer does not handle, are then
     quantized dynamically as in `quantize_int8`."""
     staged = sibling(path, "static_matmuls")
     options = {"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT}
-    quantize_static(str(path), str(staged), _Calibration(path, feeds), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=["MatMul"], per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, nodes_to_exclude=list(float_nodes), extra_options=dict(options))
+    quantize_static(
+        str(path),
+        str(staged),
+        _Calibration(path, feeds),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["MatMul"],
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=list(float_nodes),
+        extra_options=dict(options),
+    )
     target = sibling(path, "quantized_static")
-    quantize_dynamic(str(staged), str(target), op_types_to_quantize=["Attention"], per_channel=True,
-                     weight_type=QuantType.QInt8, extra_options=dict(options))
+    quantize_dynamic(
+        str(staged),
+        str(target),
+        op_types_to_quantize=["Attention"],
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        extra_options=dict(options),
+    )
     staged.unlink()
-    write_settings(target, {"quantizer": "onnxruntime.quantization.quantize_static (QDQ, MinMax) for MatMul, "
-                            "quantize_dynamic for Attention", "per_channel": True, "activations": "QUInt8",
-                            "weights": "QInt8", "nodes_kept_float": list(float_nodes),
-                            "calibration_batches": "precision.calibration_split", "onnxruntime": ort.__version__})
+    write_settings(
+        target,
+        {
+            "quantizer": "onnxruntime.quantization.quantize_static (QDQ, MinMax) for MatMul, "
+            "quantize_dynamic for Attention",
+            "per_channel": True,
+            "activations": "QUInt8",
+            "weights": "QInt8",
+            "nodes_kept_float": list(float_nodes),
+            "calibration_batches": "precision.calibration_split",
+            "onnxruntime": ort.__version__,
+        },
+    )
     return target
 
 
@@ -82,8 +130,8 @@ def quantize_int8_static(path: Path, feeds: list[dict[str, np.ndarray]], float_n
 class InputStats:
     """What the calibration sample puts into one weight MatMul."""
 
-    input: str               # the activation tensor's name
-    outlier_ratio: float     # max|x| / std over real tokens, mean over batches
+    input: str  # the activation tensor's name
+    outlier_ratio: float  # max|x| / std over real tokens, mean over batches
     channel_max: np.ndarray  # max|x| per input channel
 
 
@@ -91,22 +139,27 @@ def matmul_input_stats(path: Path, feeds: list[dict[str, np.ndarray]]) -> dict[s
     """Every weight MatMul's input on the calibration sample (real tokens only), by node name."""
     graph = onnx.load(str(path))
     weights = {init.name for init in graph.graph.initializer}
-    nodes = {node.input[0]: node.name for node in graph.graph.node
-             if node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in weights}
+    nodes = {
+        node.input[0]: node.name
+        for node in graph.graph.node
+        if node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in weights
+    }
     outputs = {o.name for o in graph.graph.output}
-    graph.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-                              for name in nodes if name not in outputs)
+    graph.graph.output.extend(
+        onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in nodes if name not in outputs
+    )
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-    ratios = {name: [] for name in nodes}
-    maxima = {name: 0.0 for name in nodes}
+    ratios: dict[str, list[float]] = {name: [] for name in nodes}
+    maxima: dict[str, np.ndarray] = {name: np.zeros(0) for name in nodes}
     for batch in feeds:
         values = session.run(list(nodes), {k: batch[k] for k in names if k in batch})
         real = batch["attention_mask"].astype(bool)
         for name, value in zip(nodes, values):
             tokens = np.abs(value[real])
             ratios[name].append(float(tokens.max() / max(tokens.std(), 1e-12)))
-            maxima[name] = np.maximum(maxima[name], tokens.max(axis=0))
+            peak = tokens.max(axis=0)
+            maxima[name] = np.maximum(maxima[name], peak) if maxima[name].size else peak
     return {nodes[name]: InputStats(name, float(np.mean(ratios[name])), maxima[name]) for name in nodes}
 
 
@@ -136,8 +189,9 @@ def smooth_matmuls(path: Path, stats: dict[str, InputStats], nodes: list[str], a
             inverse = onnx.numpy_helper.from_array(1 / scale, f"{node.name}/smooth_scale")
             graph.graph.initializer.append(inverse)
             smoothed = f"{node.input[0]}/smoothed_for/{node.name}"
-            ordered.append(onnx.helper.make_node("Mul", [node.input[0], inverse.name], [smoothed],
-                                                 name=f"{node.name}/smooth"))
+            ordered.append(
+                onnx.helper.make_node("Mul", [node.input[0], inverse.name], [smoothed], name=f"{node.name}/smooth")
+            )
             node.input[0] = smoothed
         ordered.append(node)
     del graph.graph.node[:]
@@ -154,6 +208,13 @@ def convert_fp16(path: Path) -> Path:
     model.convert_float_to_float16(keep_io_types=True)
     target = sibling(path, "fp16")
     model.save_model_to_file(str(target))
-    write_settings(target, {"converter": "onnxruntime.transformers OnnxModel.convert_float_to_float16",
-                            "keep_io_types": True, "execution_provider": CUDA, "onnxruntime": ort.__version__})
+    write_settings(
+        target,
+        {
+            "converter": "onnxruntime.transformers OnnxModel.convert_float_to_float16",
+            "keep_io_types": True,
+            "execution_provider": CUDA,
+            "onnxruntime": ort.__version__,
+        },
+    )
     return target

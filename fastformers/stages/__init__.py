@@ -1,6 +1,7 @@
 """The stages a run can chain, by name. Each module is one stage with one entry, `run(cfg, inputs, out) ->
 metrics`, and declares what it provides (e.g. a model), what it uses, and which config keys define its output:
 the `Stage` protocol below, which every module here satisfies."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,10 +13,23 @@ from fastformers.errors import FastformersError
 
 
 class Stage(Protocol):
-    VERSION: int                   # bumped when a code change alters what the stage writes
-    PROVIDES: str | None           # the output later stages may use ("model", "onnx", "pick"), if any
-    CONFIG_KEYS: tuple[str, ...]   # the config keys whose resolved values define the output (its cache key)
-    CACHED: bool                   # False for measurements (timings), taken afresh in every run
+    """What every module in this package is (read-only members, so a module's `PROVIDES = "model"` fits)."""
+
+    @property
+    def VERSION(self) -> int:  # bumped when a code change alters what the stage writes
+        ...
+
+    @property
+    def PROVIDES(self) -> str | None:  # the output later stages may use ("model", "onnx", "pick"), if any
+        ...
+
+    @property
+    def CONFIG_KEYS(self) -> tuple[str, ...]:  # the config keys whose resolved values define the output
+        ...
+
+    @property
+    def CACHED(self) -> bool:  # False for measurements (timings), taken afresh in every run
+        ...
 
     def uses(self, cfg: DictConfig) -> tuple[str, ...]:
         """The outputs of earlier stages this one reads, for this config."""
@@ -33,8 +47,14 @@ class Stage(Protocol):
 def _stages() -> dict[str, Stage]:
     from fastformers.stages import benchmark, distill, evaluate, export, finetune, prune
 
-    return {"finetune": finetune, "distill": distill, "prune": prune, "export": export, "evaluate": evaluate,
-            "benchmark": benchmark}
+    return {
+        "finetune": finetune,
+        "distill": distill,
+        "prune": prune,
+        "export": export,
+        "evaluate": evaluate,
+        "benchmark": benchmark,
+    }
 
 
 def get_stage(name: str) -> Stage:

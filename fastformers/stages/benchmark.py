@@ -3,6 +3,7 @@ layout; `benchmark.search` adds every candidate this machine offers), with the s
 round-robin, scores every row's own predictions with the task's metrics, gates the rows that may change them
 against the float graph, and picks the fastest candidate that keeps accuracy within the memory budget. Never
 cached: a timing means something only beside the others measured with it."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,8 +53,10 @@ def validate(cfg: DictConfig) -> None:
     if opts.max_examples is not None and opts.max_examples < 1:
         raise FastformersError(f"benchmark.max_examples={opts.max_examples!r} must be positive (or null = all)")
     if opts.max_memory_mb is not None and opts.max_memory_mb <= 0:
-        raise FastformersError(f"benchmark.max_memory_mb={opts.max_memory_mb!r} must be positive (or null = twice "
-                               "the reference row's peak)")
+        raise FastformersError(
+            f"benchmark.max_memory_mb={opts.max_memory_mb!r} must be positive (or null = twice "
+            "the reference row's peak)"
+        )
     for key in ("usd_per_hour", "tdp_watts"):
         if hardware[key] is not None and hardware[key] <= 0:
             raise FastformersError(f"hardware.{key}={hardware[key]!r} must be positive (or null = not reported)")
@@ -64,8 +67,9 @@ def validate(cfg: DictConfig) -> None:
         raise FastformersError(f"benchmark.reference={opts.reference!r} is not a setting name (have {sorted(names)})")
     if any(row.gated for row in rows):
         if opts.gate.reference not in names:
-            raise FastformersError(f"benchmark.gate.reference={opts.gate.reference!r} is not a setting name "
-                                   f"(have {sorted(names)})")
+            raise FastformersError(
+                f"benchmark.gate.reference={opts.gate.reference!r} is not a setting name (have {sorted(names)})"
+            )
         if opts.gate.on_fail not in GATE_ACTIONS:
             raise FastformersError(f"benchmark.gate.on_fail={opts.gate.on_fail!r} must be one of {list(GATE_ACTIONS)}")
 
@@ -85,21 +89,34 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         datasets[source] = EncodedDataset(examples, tokenizers[source], cfg.task.max_seq_length)
         shapes[source] = Shape.of(AutoConfig.from_pretrained(folder))
     meter = choose_meter(cfg.hardware.tdp_watts)
-    peaks = measure_peaks(cfg.hardware.cores or len(usable_cores()), opts.roofline_seconds) \
-        if opts.roofline_seconds else None
+    peaks = (
+        measure_peaks(cfg.hardware.cores or len(usable_cores()), opts.roofline_seconds)
+        if opts.roofline_seconds
+        else None
+    )
     order_log: list[list[str]] = []
 
     def starter(setting: plan.Setting):
         def start() -> Instances:
-            log.info("benchmark: loading %s (%s, %s, %s)", setting.name, setting.target, setting.padding,
-                     setting.layout.label)
+            log.info(
+                "benchmark: loading %s (%s, %s, %s)",
+                setting.name,
+                setting.target,
+                setting.padding,
+                setting.layout.label,
+            )
             work = instance_work(cfg, setting, datasets[setting.model], tokenizers[setting.model])
-            return Instances(backend_of(cfg, setting, inputs), setting.layout, work,
-                             analysis.meter_for(meter, setting.layout))
+            return Instances(
+                backend_of(cfg, setting, inputs), setting.layout, work, analysis.meter_for(meter, setting.layout)
+            )
+
         return start
 
-    served = measure_interleaved([starter(setting) for setting in timed], opts.repeats,
-                                 lambda order: order_log.append([timed[i].name for i in order]))
+    served = measure_interleaved(
+        [starter(setting) for setting in timed],
+        opts.repeats,
+        lambda order: order_log.append([timed[i].name for i in order]),
+    )
     measured = dict(zip([setting.name for setting in timed], served))
     rows = []
     for setting in settings:
@@ -110,13 +127,22 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         wall = row["metrics"]["wall_seconds"]
         row["metrics"] |= analysis.end_to_end(examples, tokenizers[setting.model], setting, cfg, wall)
         if peaks:
-            row["metrics"] |= analysis.roofline_metrics(shapes[setting.model], datasets[setting.model], peaks,
-                                                        setting.precision.startswith("int8"), wall)
+            row["metrics"] |= analysis.roofline_metrics(
+                shapes[setting.model], datasets[setting.model], peaks, setting.precision.startswith("int8"), wall
+            )
         rows.append(row)
     report = analyse(cfg, rows)
-    report |= {"task": task.name, "split": opts.split, "examples": len(examples), "energy_method": meter.method,
-               "energy_estimated": meter.estimated, "peaks": dataclasses.asdict(peaks) if peaks else None,
-               "machine": table.machine(), "interleaving": order_log, "rows": rows}
+    report |= {
+        "task": task.name,
+        "split": opts.split,
+        "examples": len(examples),
+        "energy_method": meter.method,
+        "energy_estimated": meter.estimated,
+        "peaks": dataclasses.asdict(peaks) if peaks else None,
+        "machine": table.machine(),
+        "interleaving": order_log,
+        "rows": rows,
+    }
     if opts.profile_examples:
         profile_rows(cfg, report, settings, datasets, tokenizers, inputs, out, len(examples))
     (out / "benchmark.json").write_text(json.dumps(report, indent=2))
@@ -127,8 +153,10 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
     if report["gate_failures"] and opts.gate.on_fail == "error":  # the stage's folder is discarded
         if mlflow.active_run():
             mlflow.log_text(text + "\n", "benchmark/table.txt")
-        raise FastformersError(f"benchmark gate: {'; '.join(report['gate_failures'])} (benchmark.gate.max_drop="
-                               f"{opts.gate.max_drop} points; the table is logged with the run as benchmark/table.txt)")
+        raise FastformersError(
+            f"benchmark gate: {'; '.join(report['gate_failures'])} (benchmark.gate.max_drop="
+            f"{opts.gate.max_drop} points; the table is logged with the run as benchmark/table.txt)"
+        )
     log_pick(report)
     return metrics_of(report)
 
@@ -148,8 +176,14 @@ def analyse(cfg: DictConfig, rows: list[dict]) -> dict:
         analysis.apply_memory_budget(rows, budget)
     candidates = mark_candidates(rows, gate_reference)
     chosen = analysis.pick(rows)
-    return {"reference": reference, "agreement_reference": gate_reference, "gate_failures": failed,
-            "memory_budget_mb": budget, "candidates": candidates, "pick": chosen["name"] if chosen else None}
+    return {
+        "reference": reference,
+        "agreement_reference": gate_reference,
+        "gate_failures": failed,
+        "memory_budget_mb": budget,
+        "candidates": candidates,
+        "pick": chosen["name"] if chosen else None,
+    }
 
 
 def mark_candidates(rows: list[dict], gate_reference: str | None) -> list[str]:
@@ -161,25 +195,38 @@ def mark_candidates(rows: list[dict], gate_reference: str | None) -> list[str]:
     else:
         last = rows[-1]
         for row in rows:
-            row["candidate"] = all(row[k] == last[k] for k in ("engine", "precision", "padding", "bucket", "model",
-                                                                 "options"))
+            row["candidate"] = all(
+                row[k] == last[k] for k in ("engine", "precision", "padding", "bucket", "model", "options")
+            )
     return [row["name"] for row in rows if row["candidate"]]
 
 
-def profile_rows(cfg: DictConfig, report: dict, settings, datasets, tokenizers, inputs, out: Path,
-                 count: int) -> None:
+def profile_rows(cfg: DictConfig, report: dict, settings, datasets, tokenizers, inputs, out: Path, count: int) -> None:
     """The engine's own profiler on the pick and the reference: where the remaining time goes."""
     opts = cfg.benchmark
     wanted = {report.get("pick"), report.get("reference")} - {None}
     for setting in settings:
         if setting.name not in wanted or setting.engine == "torch":
             continue
-        batches = make_batches(datasets[setting.model], range(min(opts.profile_examples, count)), opts.batch_size,
-                               tokenizers[setting.model], None, opts.sort_by_length, setting.bucket)
+        batches = make_batches(
+            datasets[setting.model],
+            range(min(opts.profile_examples, count)),
+            opts.batch_size,
+            tokenizers[setting.model],
+            None,
+            opts.sort_by_length,
+            setting.bucket,
+        )
         engine = get_engine(setting.engine, cfg.engines)
-        profile = engine.profile(artifact_path(inputs["onnx"], engine, setting.precision), setting.precision,
-                                 setting.layout.threads, dict(setting.options), [b.inputs for b in batches], out,
-                                 setting.bucket)
+        profile = engine.profile(
+            artifact_path(inputs["onnx"], engine, setting.precision),
+            setting.precision,
+            setting.layout.threads,
+            dict(setting.options),
+            [b.inputs for b in batches],
+            out,
+            setting.bucket,
+        )
         if profile:
             row = next(row for row in report["rows"] if row["name"] == setting.name)
             row["profile"] = profile | {"examples": sum(len(b.indices) for b in batches)}
@@ -196,12 +243,20 @@ def log_pick(report: dict) -> None:
     """The pick as MLflow tags (engine, precision, padding, layout) beside the machine it was made on."""
     if not mlflow.active_run():
         return
-    tags = {"benchmark.energy_method": report["energy_method"], "benchmark.cpu": report["machine"]["cpu"],
-            "benchmark.pick": report["pick"] or "", "benchmark.reference": report["reference"] or ""}
+    tags = {
+        "benchmark.energy_method": report["energy_method"],
+        "benchmark.cpu": report["machine"]["cpu"],
+        "benchmark.pick": report["pick"] or "",
+        "benchmark.reference": report["reference"] or "",
+    }
     if report["pick"]:
         row = next(row for row in report["rows"] if row["name"] == report["pick"])
-        tags |= {"pick.engine": row["engine"], "pick.precision": row["precision"], "pick.layout": row["layout"],
-                 "pick.padding": table.padding_label(row)}
+        tags |= {
+            "pick.engine": row["engine"],
+            "pick.precision": row["precision"],
+            "pick.layout": row["layout"],
+            "pick.padding": table.padding_label(row),
+        }
     mlflow.set_tags(tags)
 
 
@@ -209,14 +264,25 @@ def metrics_of(report: dict) -> dict[str, float]:
     rows = [row for row in report["rows"] if not row["skipped"]]
     metrics = {f"{row['name']}/{k}": float(v) for row in rows for k, v in row["metrics"].items()}
     if report["peaks"]:
-        metrics |= {"roofline/fp32_gflops": report["peaks"]["fp32_gflops"],
-                    "roofline/int8_gops": report["peaks"]["int8_gops"]}
+        metrics |= {
+            "roofline/fp32_gflops": report["peaks"]["fp32_gflops"],
+            "roofline/int8_gops": report["peaks"]["int8_gops"],
+        }
     if report["memory_budget_mb"] is not None:
         metrics["memory_budget_mb"] = report["memory_budget_mb"]
     if report["pick"]:
         row = next(row for row in rows if row["name"] == report["pick"])
-        keys = ("throughput", "speedup", "vs_reference", "score", "agreement", "peak_rss_mb", "latency_p50_ms",
-                "instances", "threads_per_instance")
+        keys = (
+            "throughput",
+            "speedup",
+            "vs_reference",
+            "score",
+            "agreement",
+            "peak_rss_mb",
+            "latency_p50_ms",
+            "instances",
+            "threads_per_instance",
+        )
         metrics |= {f"pick/{k}": float(row["metrics"][k]) for k in keys if k in row["metrics"]}
     return metrics
 
@@ -228,7 +294,10 @@ def model_folder(source: str, inputs: dict[str, Path]) -> Path:
 def backend_of(cfg: DictConfig, setting: plan.Setting, inputs: dict[str, Path]) -> Backend:
     """What an instance process loads, in plain picklable values."""
     engine = get_engine(setting.engine, cfg.engines)
-    conf = OmegaConf.to_container(cfg.engines[setting.engine], resolve=True)
-    path = model_folder(setting.model, inputs) if setting.engine == "torch" else \
-        artifact_path(inputs["onnx"], engine, setting.precision)
+    conf = dict(OmegaConf.to_container(cfg.engines[setting.engine], resolve=True))  # type: ignore[arg-type]
+    path = (
+        model_folder(setting.model, inputs)
+        if setting.engine == "torch"
+        else artifact_path(inputs["onnx"], engine, setting.precision)
+    )
     return Backend(setting.engine, tuple(conf.items()), str(path), setting.precision, setting.options, setting.bucket)

@@ -6,6 +6,7 @@
   methods compare in one sweep (`distill.method=task_specific,task_agnostic`).
 The teacher's scores are computed once per example before training and reused every epoch.
 """
+
 from __future__ import annotations
 
 import copy
@@ -61,8 +62,9 @@ def validate(cfg: DictConfig) -> None:
     if student.activation not in ("gelu", "relu"):
         raise FastformersError(f"student.activation={student.activation!r} must be gelu or relu")
     if opts.augment < 0 or not 0 < opts.augment_rate < 1:
-        raise FastformersError(f"distill.augment={opts.augment!r} must be >= 0 and distill.augment_rate="
-                               f"{opts.augment_rate!r} in (0, 1)")
+        raise FastformersError(
+            f"distill.augment={opts.augment!r} must be >= 0 and distill.augment_rate={opts.augment_rate!r} in (0, 1)"
+        )
     if opts.temperature <= 0 or not 0 <= opts.alpha <= 1:
         raise FastformersError("distill.temperature must be > 0 and distill.alpha in [0, 1]")
     for name in ("epochs", "batch_size", "learning_rate"):
@@ -99,8 +101,10 @@ def build_student(spec: DictConfig, teacher, teacher_tokenizer, task: Task):
         family = model_family(path)
         check_family(spec, family)
         if family != teacher.config.model_type:
-            raise FastformersError(f"student {spec.name} is {family!r} but the teacher is "
-                                   f"{teacher.config.model_type!r}: distillation stays within one family")
+            raise FastformersError(
+                f"student {spec.name} is {family!r} but the teacher is "
+                f"{teacher.config.model_type!r}: distillation stays within one family"
+            )
         config = AutoConfig.from_pretrained(path, num_labels=task.num_labels, hidden_act=spec.activation)
         model = AutoModelForSequenceClassification.from_pretrained(path, config=config, attn_implementation="eager")
         return model, AutoTokenizer.from_pretrained(path)
@@ -119,18 +123,27 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
     teacher, teacher_tokenizer = load_finetuned(inputs["model"] / "model")
     L.seed_everything(cfg.seed, workers=True)
     student, tokenizer = build_student(spec, teacher, teacher_tokenizer, task)
-    if opts.method == "task_specific" and (opts.hidden_weight > 0 or opts.attention_weight > 0) \
-            and tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
-        raise FastformersError(f"student {spec.name}: intermediate losses need the teacher's tokenizer; "
-                               "set distill.hidden_weight=0 distill.attention_weight=0")
+    if (
+        opts.method == "task_specific"
+        and (opts.hidden_weight > 0 or opts.attention_weight > 0)
+        and tokenizer.get_vocab() != teacher_tokenizer.get_vocab()
+    ):
+        raise FastformersError(
+            f"student {spec.name}: intermediate losses need the teacher's tokenizer; "
+            "set distill.hidden_weight=0 distill.attention_weight=0"
+        )
     max_length = cfg.task.max_seq_length
     teacher_preds = predictions(teacher, teacher_tokenizer, task, val, max_length, opts.eval_batch_size)
     initial_preds = predictions(student, tokenizer, task, val, max_length, opts.eval_batch_size)
 
-    layer_map = list(opts.layer_map) if opts.layer_map else uniform_layer_map(
-        student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+    layer_map = (
+        list(opts.layer_map)
+        if opts.layer_map
+        else uniform_layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+    )
     student_score, epochs, seconds, train_examples = train_student(
-        student, tokenizer, teacher, teacher_tokenizer, task, train, val, layer_map, opts, cfg, out)
+        student, tokenizer, teacher, teacher_tokenizer, task, train, val, layer_map, opts, cfg, out
+    )
     student.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
 

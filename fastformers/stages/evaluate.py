@@ -2,6 +2,7 @@
 metrics, unlabelled ones (test) get the leaderboard's submission file `<Task>.jsonl`. With `evaluate.engine`
 other than torch it runs that engine's exported artifact (in `evaluate.precision`, by default the run's), so
 every engine's speed figure can have its accuracy beside it."""
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,10 @@ def precision_of(cfg: DictConfig) -> str:
 def validate(cfg: DictConfig) -> None:
     if cfg.evaluate.engine == PICK:
         if cfg.evaluate.precision or cfg.evaluate.bucket:
-            raise FastformersError("evaluate.engine=pick takes the pick's precision and bucket: leave "
-                                   "evaluate.precision and evaluate.bucket null")
+            raise FastformersError(
+                "evaluate.engine=pick takes the pick's precision and bucket: leave "
+                "evaluate.precision and evaluate.bucket null"
+            )
         validate_splits(cfg)
         return
     engine = get_engine(cfg.evaluate.engine, cfg.engines)
@@ -73,13 +76,13 @@ def load(cfg: DictConfig, inputs: dict[str, Path], out: Path):
         name, precision, bucket, options = pick["engine"], pick["precision"], pick["bucket"], pick["options"]
     else:
         name, precision, bucket, options = cfg.evaluate.engine, precision_of(cfg), cfg.evaluate.bucket, {}
-    (out / "evaluated.json").write_text(json.dumps({"engine": name, "precision": precision, "bucket": bucket,
-                                                    "options": options}))
+    (out / "evaluated.json").write_text(
+        json.dumps({"engine": name, "precision": precision, "bucket": bucket, "options": options})
+    )
     if name == "torch":
         return load_finetuned(inputs["model"] / "model")
     engine = get_engine(name, cfg.engines)
-    model = EngineModel(engine.open(artifact_path(inputs["onnx"], engine, precision), precision, None, options,
-                                    bucket))
+    model = EngineModel(engine.open(artifact_path(inputs["onnx"], engine, precision), precision, None, options, bucket))
     return model, AutoTokenizer.from_pretrained(str(tokenizer_folder(inputs["onnx"])))
 
 
@@ -92,8 +95,10 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         loader = make_loader(examples, tokenizer, task, cfg.task.max_seq_length, cfg.evaluate.batch_size)
         preds = predict(model, loader)
         label = split_label(spec)
-        _write_jsonl(out / f"predictions_{label}.jsonl",
-                     [{"uid": e.uid, "prediction": p, "label": e.label} for e, p in zip(examples, preds)])
+        _write_jsonl(
+            out / f"predictions_{label}.jsonl",
+            [{"uid": e.uid, "prediction": p, "label": e.label} for e, p in zip(examples, preds)],
+        )
         if any(e.label is not None for e in examples):
             results |= {f"{label}/{k}": v for k, v in task.score(examples, preds).items()}
         else:

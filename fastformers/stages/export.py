@@ -2,6 +2,7 @@
 `export.engines` builds the artifacts it runs for `precision` (onnxruntime: fused graph, int8 graphs or fp16;
 openvino: IR in fp32 and NNCF int8). Every artifact is compared with PyTorch on real eval inputs through its
 engine, and a float one that drifts fails the stage. `export.json` indexes what was built."""
+
 from __future__ import annotations
 
 import functools
@@ -47,12 +48,15 @@ def validate(cfg: DictConfig) -> None:
         raise FastformersError(f"precision.min_agreement={precision.min_agreement!r} must be in (0, 1]")
     if precision.name == "int8":
         if precision.weight_type not in WEIGHT_TYPES:
-            raise FastformersError(f"precision.weight_type={precision.weight_type!r} must be one of "
-                                   f"{list(WEIGHT_TYPES)}")
+            raise FastformersError(
+                f"precision.weight_type={precision.weight_type!r} must be one of {list(WEIGHT_TYPES)}"
+            )
         if not isinstance(precision.outlier_matmuls, int) or precision.outlier_matmuls < 0:
             raise FastformersError(f"precision.outlier_matmuls={precision.outlier_matmuls!r} must be a count >= 0")
         if precision.outliers not in OUTLIER_TREATMENTS:
-            raise FastformersError(f"precision.outliers={precision.outliers!r} must be one of {list(OUTLIER_TREATMENTS)}")
+            raise FastformersError(
+                f"precision.outliers={precision.outliers!r} must be one of {list(OUTLIER_TREATMENTS)}"
+            )
         if precision.outliers == "smooth" and not 0 < precision.smooth_alpha < 1:
             raise FastformersError(f"precision.smooth_alpha={precision.smooth_alpha!r} must be in (0, 1)")
         check_disjoint(precision.calibration_split, cfg.task.eval_split, "precision.calibration_split")
@@ -61,8 +65,10 @@ def validate(cfg: DictConfig) -> None:
         if reason:
             raise FastformersError(f"precision=fp16: {reason}")
     if "onnxruntime" not in opts.engines:
-        raise FastformersError(f"export.engines={list(opts.engines)} must include onnxruntime (its fused fp32 "
-                               "graph is the float reference of every accuracy gate)")
+        raise FastformersError(
+            f"export.engines={list(opts.engines)} must include onnxruntime (its fused fp32 "
+            "graph is the float reference of every accuracy gate)"
+        )
     for name in opts.engines:
         get_engine(name, cfg.engines)
     if not 13 <= opts.opset <= 17:
@@ -80,13 +86,22 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
     started = time.perf_counter()
     exported = export_onnx(model, tokenizer, folder / "model.onnx", cfg.export.opset)
     attention = encoder_layers(model)[0].attention.self  # pruning narrows it: the optimizer cannot infer it
-    ctx = ExportContext(exported, folder, attention.num_attention_heads, attention.all_head_size, cfg.precision,
-                        cfg.export, functools.cache(lambda: calibration_feeds(cfg, tokenizer)))
-    artifacts, skipped = {}, {}
+    ctx = ExportContext(
+        exported,
+        folder,
+        attention.num_attention_heads,
+        attention.all_head_size,
+        cfg.precision,
+        cfg.export,
+        functools.cache(lambda: calibration_feeds(cfg, tokenizer)),
+    )
+    artifacts: dict[str, Path] = {}
+    skipped: dict[str, str] = {}
     for name in cfg.export.engines:
         engine = get_engine(name, cfg.engines)
-        reason = engine.unavailable("fp32") or (engine.unavailable(cfg.precision.name)
-                                                 if cfg.precision.name in engine.precisions else None)
+        reason = engine.unavailable("fp32") or (
+            engine.unavailable(cfg.precision.name) if cfg.precision.name in engine.precisions else None
+        )
         if reason:
             log.warning("export: engine %s skipped: %s", name, reason)
             skipped[name] = reason
@@ -96,15 +111,23 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
     tokenizer.save_pretrained(folder)
     parity = check_parity(cfg, model, tokenizer, exported, artifacts)
     fusions = json.loads(settings_path(artifacts["onnxruntime/fp32"]).read_text())["fused_operators"]
-    (out / INDEX).write_text(json.dumps({
-        "precision": cfg.precision.name,
-        "artifacts": {key: str(path.relative_to(out)) for key, path in artifacts.items()},
-        "skipped_engines": skipped,
-        "fused_operators": fusions,
-        "parity": parity,
-        "settings": {key: json.loads(settings_path(path).read_text()) for key, path in artifacts.items()
-                     if settings_path(path).is_file()},
-    }, indent=2))
+    (out / INDEX).write_text(
+        json.dumps(
+            {
+                "precision": cfg.precision.name,
+                "artifacts": {key: str(path.relative_to(out)) for key, path in artifacts.items()},
+                "skipped_engines": skipped,
+                "fused_operators": fusions,
+                "parity": parity,
+                "settings": {
+                    key: json.loads(settings_path(path).read_text())
+                    for key, path in artifacts.items()
+                    if settings_path(path).is_file()
+                },
+            },
+            indent=2,
+        )
+    )
     metrics = {"export_seconds": seconds, "layers": model.config.num_hidden_layers}
     metrics |= {f"fused/{op}": count for op, count in fusions.items()}
     metrics |= {f"artifact_mb/{key}": artifact_bytes(path) / 2**20 for key, path in artifacts.items()}
@@ -122,15 +145,18 @@ def check_disjoint(calibration: str, evaluation: str, field: str) -> None:
     """Calibration must never read the split the metric is reported on."""
     (name, lo, hi), (eval_name, eval_lo, eval_hi) = parse_split(calibration), parse_split(evaluation)
     if name == eval_name and lo < eval_hi and eval_lo < hi:
-        raise FastformersError(f"{field}={calibration!r} overlaps the evaluation split task.eval_split="
-                               f"{evaluation!r}: calibrate on examples the metric never sees (e.g. train)")
+        raise FastformersError(
+            f"{field}={calibration!r} overlaps the evaluation split task.eval_split="
+            f"{evaluation!r}: calibrate on examples the metric never sees (e.g. train)"
+        )
 
 
 def calibration_feeds(cfg: DictConfig, tokenizer) -> list[dict[str, np.ndarray]]:
     """The calibration sample as feeds: `precision.calibration_examples` of `precision.calibration_split`."""
     task = get_task(cfg.task.name)
-    examples = load_examples(task, cfg.data.root, cfg.precision.calibration_split, cfg.data.split_seed,
-                             cfg.data.download)[: cfg.precision.calibration_examples]
+    examples = load_examples(
+        task, cfg.data.root, cfg.precision.calibration_split, cfg.data.split_seed, cfg.data.download
+    )[: cfg.precision.calibration_examples]
     loader = make_loader(examples, tokenizer, task, cfg.task.max_seq_length, 8)
     return [{k: v.numpy() for k, v in model_inputs(batch).items()} for batch in loader]
 
@@ -146,15 +172,29 @@ def parity_targets(cfg: DictConfig, exported: Path, artifacts: dict[str, Path]) 
         for precision in engine.precisions:
             key = artifact_key(name, engine.artifact_name(precision))
             if key in artifacts and engine.unavailable(precision) is None:
-                targets.append(Target(artifact_key(name, precision), engine, precision, artifacts[key],
-                                      precision in engine.float_precisions))
+                targets.append(
+                    Target(
+                        artifact_key(name, precision),
+                        engine,
+                        precision,
+                        artifacts[key],
+                        precision in engine.float_precisions,
+                    )
+                )
     return targets
 
 
 def check_parity(cfg: DictConfig, model, tokenizer, exported: Path, artifacts: dict[str, Path]) -> dict:
     task = get_task(cfg.task.name)
     examples = load_examples(task, cfg.data.root, cfg.export.parity_split, cfg.data.split_seed, cfg.data.download)
-    loader = make_loader(examples[: cfg.export.parity_examples], tokenizer, task, cfg.task.max_seq_length,
-                         cfg.export.parity_batch_size)
-    return check(model, loader, parity_targets(cfg, exported, artifacts), cfg.export.fp32_max_abs_diff,
-                 artifact_key("onnxruntime", cfg.precision.name), cfg.precision.min_agreement)
+    loader = make_loader(
+        examples[: cfg.export.parity_examples], tokenizer, task, cfg.task.max_seq_length, cfg.export.parity_batch_size
+    )
+    return check(
+        model,
+        loader,
+        parity_targets(cfg, exported, artifacts),
+        cfg.export.fp32_max_abs_diff,
+        artifact_key("onnxruntime", cfg.precision.name),
+        cfg.precision.min_agreement,
+    )

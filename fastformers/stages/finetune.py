@@ -1,5 +1,6 @@
 """Stage `finetune`: trains the teacher on the task (AdamW, linear warm-up/decay, clipping,
 best checkpoint on the task's official score) and saves it in the plain `save_pretrained` layout."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,8 +44,9 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
     model, tokenizer = load_model(cfg.teacher, task, texts_of(train))
     opts = cfg.finetune
     module = FineTuneModule(model, task, val, opts)
-    data = TaskDataModule(task, tokenizer, train, val, cfg.task.max_seq_length, opts.batch_size,
-                          opts.eval_batch_size, cfg.seed)
+    data = TaskDataModule(
+        task, tokenizer, train, val, cfg.task.max_seq_length, opts.batch_size, opts.eval_batch_size, cfg.seed
+    )
     best_score, epochs, seconds = fit_best(module, data, opts, cfg, out, MONITOR)
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
@@ -55,4 +57,3 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         "train_examples": len(train),
         "parameters": count_parameters(model),
     }
-

@@ -9,12 +9,14 @@
 4. Re-distillation: the pruned model learns from the unpruned one with the distill stage's module.
 The mechanics (1-3) live in fastformers/pruning.py, the training (4) in fastformers/training.py.
 """
+
 from __future__ import annotations
 
 import copy
 import json
 import time
 from pathlib import Path
+from typing import cast
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
@@ -53,15 +55,17 @@ def validate(cfg: DictConfig) -> None:
     opts = cfg.pruning
     for axis, what in (("heads", "attention heads"), ("ffn", "FFN neurons")):
         if opts[axis] is None or not 0 < opts[axis] <= 1:
-            raise FastformersError(f"pruning.{axis}={opts[axis]!r} is the fraction of {what} KEPT in every layer: "
-                                   "it must be in (0, 1]")
+            raise FastformersError(
+                f"pruning.{axis}={opts[axis]!r} is the fraction of {what} KEPT in every layer: it must be in (0, 1]"
+            )
     if opts.normalize not in NORMALIZATIONS:
         raise FastformersError(f"pruning.normalize={opts.normalize!r} must be one of {list(NORMALIZATIONS)}")
     if opts.importance_examples is not None and opts.importance_examples <= 0:
         raise FastformersError(f"pruning.importance_examples={opts.importance_examples!r} must be positive or null")
     if opts.redistill_epochs < 0:
-        raise FastformersError(f"pruning.redistill_epochs={opts.redistill_epochs!r} must be >= 0 "
-                               "(0 = no re-distillation)")
+        raise FastformersError(
+            f"pruning.redistill_epochs={opts.redistill_epochs!r} must be >= 0 (0 = no re-distillation)"
+        )
     parse_split(opts.importance_split)
 
 
@@ -73,10 +77,13 @@ def val_score(model, tokenizer, task: Task, examples, cfg: DictConfig) -> float:
 def redistill(pruned, teacher, tokenizer, task: Task, train, val, cfg: DictConfig, out: Path) -> tuple[float, float]:
     """The distill stage's soft-target training (and its intermediate losses, if on), layer to layer,
     with the unpruned model as teacher; returns (best val score, seconds)."""
-    opts = OmegaConf.merge(cfg.distill, {"epochs": cfg.pruning.redistill_epochs, "method": "task_specific"})
+    opts = cast(
+        DictConfig, OmegaConf.merge(cfg.distill, {"epochs": cfg.pruning.redistill_epochs, "method": "task_specific"})
+    )
     layer_map = list(range(1, pruned.config.num_hidden_layers + 1))
-    score, _, seconds, _ = train_student(pruned, tokenizer, teacher, tokenizer, task, train, val, layer_map, opts,
-                                         cfg, out, prefix="prune")
+    score, _, seconds, _ = train_student(
+        pruned, tokenizer, teacher, tokenizer, task, train, val, layer_map, opts, cfg, out, prefix="prune"
+    )
     return score, seconds
 
 
@@ -85,8 +92,10 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
     read = dict(root=cfg.data.root, split_seed=cfg.data.split_seed, download=cfg.data.download)
     sample = load_examples(task, spec=opts.importance_split, **read)[: opts.importance_examples]
     if not any(e.label is not None for e in sample):
-        raise FastformersError(f"pruning.importance_split={opts.importance_split!r} has no labels: importance "
-                               "needs the task loss, pick a labelled split such as train")
+        raise FastformersError(
+            f"pruning.importance_split={opts.importance_split!r} has no labels: importance "
+            "needs the task loss, pick a labelled split such as train"
+        )
     val = load_examples(task, spec=cfg.distill.val_split, **read)
     model, tokenizer = load_finetuned(inputs["model"] / "model")
     score_before = val_score(model, tokenizer, task, val, cfg)
@@ -96,18 +105,28 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
     loader = make_loader(sample, tokenizer, task, cfg.task.max_seq_length, opts.importance_batch_size)
 
     def loss_of(batch):
-        scores = example_scores(model(**model_inputs(batch)).logits, batch["group_sizes"],
-                                loader.collate_fn.candidate_scoring)
+        scores = example_scores(
+            model(**model_inputs(batch)).logits, batch["group_sizes"], loader.collate_fn.candidate_scoring
+        )
         return task_loss(scores, batch)
 
     head_scores, ffn_scores = (normalized(s, opts.normalize) for s in importance(model, loader, loss_of))
     importance_seconds = time.perf_counter() - started
     heads = top_per_layer(head_scores, kept_count(head_scores.shape[1], opts.heads))
     neurons = top_per_layer(ffn_scores, kept_count(ffn_scores.shape[1], opts.ffn))
-    (out / "importance.json").write_text(json.dumps({
-        "examples": len(sample), "split": opts.importance_split, "normalize": opts.normalize,
-        "head_scores": head_scores.tolist(), "ffn_scores": ffn_scores.tolist(),
-        "kept_heads": heads, "kept_ffn_neurons": neurons}))
+    (out / "importance.json").write_text(
+        json.dumps(
+            {
+                "examples": len(sample),
+                "split": opts.importance_split,
+                "normalize": opts.normalize,
+                "head_scores": head_scores.tolist(),
+                "ffn_scores": ffn_scores.tolist(),
+                "kept_heads": heads,
+                "kept_ffn_neurons": neurons,
+            }
+        )
+    )
 
     pruned_anything = len(heads[0]) < head_scores.shape[1] or len(neurons[0]) < ffn_scores.shape[1]
     teacher = copy.deepcopy(model)
