@@ -4,6 +4,9 @@ An entry is a folder `<root>/<stage>/<key>/`; the key hashes the stage's own con
 fingerprint and the keys of the stages it read from, so a changed upstream setting invalidates it.
 A stage builds into a temporary folder that is renamed into place only after `manifest.json` (sizes and
 sha256 of every file) is written: a half-written or corrupted entry is detected and rebuilt, never loaded.
+The scratch folder's name carries its builder's pid and host (`.<key>.<id>.<pid>@<host>.tmp`): one left by a
+killed process (kill -9 gives it no chance to clean up) is removed the next time a stage of that kind looks up
+or builds an entry; a live builder's, another host's, and the older names without a pid are left alone.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +26,23 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+SCRATCH = re.compile(r"^\.(?P<key>[^.]+)\.(?P<id>[0-9a-f]+)\.(?P<pid>\d+)@(?P<host>[^.]*)\.tmp$")
+
+
+def this_host() -> str:
+    """The host name as a scratch folder's name holds it (no dots: they separate the name's parts)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())
+
+
+def process_gone(pid: int) -> bool:
+    """Whether no process `pid` exists on this host (one of another user still exists: PermissionError)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def cache_key(payload: dict) -> str:
@@ -53,6 +75,7 @@ class StageCache:
 
     def lookup(self, stage: str, key: str) -> dict | None:
         """The manifest of a complete, intact entry; a damaged one is removed so it gets rebuilt."""
+        self.remove_orphans(stage)
         folder = self.entry(stage, key)
         if not folder.exists():
             return None
@@ -76,8 +99,9 @@ class StageCache:
     @contextmanager
     def build(self, stage: str, key: str, info: dict) -> Iterator[Path]:
         """Yields a scratch folder; on success it becomes the entry, on failure it is deleted."""
+        self.remove_orphans(stage)
         final = self.entry(stage, key)
-        scratch = final.with_name(f".{key}.{uuid.uuid4().hex[:8]}.tmp")
+        scratch = final.with_name(f".{key}.{uuid.uuid4().hex[:8]}.{os.getpid()}@{this_host()}.tmp")
         scratch.mkdir(parents=True)
         try:
             yield scratch
@@ -92,3 +116,19 @@ class StageCache:
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)
             raise
+
+    def remove_orphans(self, stage: str) -> list[Path]:
+        """Removes the stage's scratch folders whose builder process on this host is gone; returns them."""
+        folder = self.root / stage
+        if not folder.is_dir():
+            return []
+        removed = []
+        host = this_host()
+        for scratch in sorted(folder.glob(".*.tmp")):
+            match = SCRATCH.match(scratch.name)
+            if match is None or match["host"] != host or not process_gone(int(match["pid"])):
+                continue  # an older name without a pid, another host's, or a live build
+            shutil.rmtree(scratch, ignore_errors=True)
+            log.warning("cache: removed %s, the scratch folder of process %s, which is gone", scratch, match["pid"])
+            removed.append(scratch)
+        return removed

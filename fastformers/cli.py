@@ -1,15 +1,21 @@
 """`fastformers`: the Hydra entry point. It only composes the config and hands it to the pipeline;
 `fastformers report ...` reads an MLflow experiment back instead (fastformers/report.py)."""
 
+import difflib
 import logging
+import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import hydra
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from fastformers.checks import first_line
 from fastformers.errors import FastformersError
 
 log = logging.getLogger("fastformers")
@@ -35,7 +41,8 @@ def main(cfg: DictConfig) -> float | tuple[float, ...] | None:
 
 def fail(err: FastformersError) -> NoReturn:
     """A FastformersError as the user sees it: one line on stderr (and in the job's log), exit status 2."""
-    log.error("%s", err)
+    if log.hasHandlers():  # not before Hydra configured logging: Python's last-resort handler would print it twice
+        log.error("%s", err)
     print(f"fastformers: error: {err}", file=sys.stderr)
     raise SystemExit(2) from None
 
@@ -57,11 +64,91 @@ def entry() -> None:
 
         raise SystemExit(report(sys.argv[2:]))
     signal.signal(signal.SIGTERM, _stop)  # from the start: a multirun stopped between jobs unwinds too
+    from hydra._internal import utils as hydra_internal
+
+    hydra_report = hydra_internal.run_and_report
+    hydra_internal.run_and_report = lambda func: hydra_report(lambda: config_errors_in_one_line(func))
     try:
         main()
     except BaseException as stopped:
         _end_sweep("KILLED" if isinstance(stopped, KeyboardInterrupt) or _stopped_by else "FAILED")
         raise
+    finally:
+        hydra_internal.run_and_report = hydra_report
+
+
+def config_errors_in_one_line(func: Callable[[], Any]) -> Any:
+    """Hydra runs each step (composing, showing, running, sweeping) through `run_and_report`, which prints an
+    error in several lines and exits 1; `entry` routes every step through here first, so that the errors of
+    composing the config (an unknown group option or key, an override that does not parse, an interpolation
+    that fails) end as bad input: one line, exit 2. What a job itself raises is left to Hydra (the job's own
+    bad input is already a FastformersError), and so is everything when HYDRA_FULL_ERROR=1 asks for traces."""
+    try:
+        return func()
+    except (ConfigCompositionException, OverrideParseException, OmegaConfBaseException) as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or _raised_by_job(err):
+            raise
+        fail(FastformersError(config_error(err)))
+
+
+def _raised_by_job(err: BaseException) -> bool:
+    """Whether the exception came out of the task function (`main`), not out of composing its config."""
+    job = main.__wrapped__.__code__  # hydra.main wraps the task function with functools.wraps
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is job:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def config_error(err: Exception) -> str:
+    """Hydra's multi-line report of a config error as one line that names what to fix."""
+    cause = err.__cause__
+    if isinstance(err, MissingConfigException) and "/" in (err.missing_cfg_file or ""):
+        group, _, option = str(err.missing_cfg_file).rpartition("/")
+        options = list(err.options or [])
+        guess = difflib.get_close_matches(option, options, n=1)
+        return (
+            f"{group}={option}: no such option in config group '{group}'"
+            + (f"; did you mean {group}={guess[0]}?" if guess else "")
+            + (f" (options: {', '.join(options)})" if options else "")
+        )
+    if isinstance(err, OverrideParseException):
+        return f"{err.override}: not a valid override: " + "; ".join(_lines(err.message))
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and isinstance(cause.full_key, str):
+        parent, name = cause.parent_node, cause.full_key.rpartition(".")[2]
+        if not (isinstance(parent, DictConfig) and name in parent):  # the key is not there (else: say what Hydra says)
+            return unknown_key(cause.full_key, parent)
+    if isinstance(err, OmegaConfBaseException):
+        key = getattr(err, "full_key", None)
+        return f"{key}: {first_line(err)}" if key else first_line(err)
+    cause_line = f" ({first_line(cause)})" if isinstance(cause, OmegaConfBaseException) else ""
+    return "; ".join(_lines(str(err))) + cause_line
+
+
+def unknown_key(full_key: str, parent: Any) -> str:
+    """The line for a key the config does not have, with the closest key of the same node if one is close:
+    `finetune.epohcs: no such key; did you mean finetune.epochs?`."""
+    prefix, _, name = full_key.rpartition(".")
+    keys = [str(key) for key in parent] if isinstance(parent, DictConfig) else []
+    guess = difflib.get_close_matches(name, keys, n=1)
+    where = f"{prefix}." if prefix else ""
+    if guess:
+        return f"{full_key}: no such key; did you mean {where}{guess[0]}?"
+    have = f"; {prefix or 'the config'} has {', '.join(keys)}" if keys else ""
+    return f"{full_key}: no such key{have} (+{full_key}=... adds one)"
+
+
+def _lines(message: str) -> list[str]:
+    """The lines of a Hydra message worth one line: without blanks and without the config search path."""
+    kept = []
+    for line in message.splitlines():
+        if line.startswith("Config search path"):
+            break
+        if line.strip():
+            kept.append(line.strip())
+    return [line.rstrip(".") for line in kept[:-1]] + kept[-1:]
 
 
 def _end_sweep(status: str) -> None:

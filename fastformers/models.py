@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Iterable
+import pickle
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
+from safetensors import safe_open
 from safetensors.torch import load_file
 from tokenizers import (
     Tokenizer,
@@ -73,14 +76,56 @@ def check_family(spec: DictConfig, found: str) -> None:
         raise FastformersError(f"{spec.name}: config says family={spec.family!r} but the model is {found!r}")
 
 
+@contextmanager
+def readable_weights(folder: str | Path) -> Iterator[None]:
+    """Loading weights from `folder` fails with a FastformersError naming the file that cannot be read (truncated,
+    not a safetensors file, a pickle torch's weights_only refuses) instead of the loader's traceback; a failure
+    whose weights files all read is left as it is."""
+    try:
+        yield
+    except Exception as err:
+        problem = weights_problem(Path(folder)) if Path(folder).is_dir() else None
+        if problem is None:
+            raise
+        raise FastformersError(problem) from err
+
+
+def weights_problem(folder: Path) -> str | None:
+    """The first weights file transformers would read in `folder` (safetensors first, else pytorch_model*.bin)
+    that cannot be read, and why, in one line; None when they all read."""
+    safetensors = sorted(folder.glob("model*.safetensors"))
+    for path in safetensors:
+        try:
+            with safe_open(str(path), "pt") as weights:
+                weights.keys()
+        except Exception as err:  # SafetensorError, OSError
+            return f"{path}: cannot be read (truncated or not a safetensors file: {_reason(err)})"
+    for path in [] if safetensors else sorted(folder.glob("pytorch_model*.bin")):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            if "weights only load failed" in str(err).lower():
+                return f"{path}: refused: a pickle that loads code (torch weights_only); convert it to safetensors"
+            return f"{path}: cannot be read (not a PyTorch checkpoint: {_reason(err)})"
+        except Exception as err:  # RuntimeError, EOFError, OSError of a truncated or foreign file
+            return f"{path}: cannot be read (truncated or not a PyTorch checkpoint: {_reason(err)})"
+    return None
+
+
+def _reason(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def load_pretrained(spec: DictConfig, task: Task):
     """A hub / local / packaged model with a fresh classification head sized for the task."""
     path = resolve_pretrained(spec.pretrained)
     check_family(spec, model_family(path))
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=task.num_labels, attn_implementation=spec.attn_implementation
-    )
+    with readable_weights(path):
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=task.num_labels, attn_implementation=spec.attn_implementation
+        )
     return model, tokenizer
 
 
@@ -92,7 +137,10 @@ def load_finetuned(folder: str | Path, attn_implementation: str | None = "eager"
     config = AutoConfig.from_pretrained(str(folder))
     kept = getattr(config, HEADS_KEPT, None)
     if kept is None:
-        model = AutoModelForSequenceClassification.from_pretrained(str(folder), attn_implementation=attn_implementation)
+        with readable_weights(folder):
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(folder), attn_implementation=attn_implementation
+            )
     else:
         model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn_implementation)
         for layer in encoder_layers(model):
@@ -100,7 +148,8 @@ def load_finetuned(folder: str | Path, attn_implementation: str | None = "eager"
         weights = Path(folder) / "model.safetensors"
         if not weights.is_file():
             raise FastformersError(f"{weights}: missing; a pruned model is loaded from its safetensors file")
-        model.load_state_dict(load_file(str(weights)))
+        with readable_weights(folder):
+            model.load_state_dict(load_file(str(weights)))
         model.eval()
     return model, AutoTokenizer.from_pretrained(str(folder))
 

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fastformers import serving, tracking
 from fastformers.cache import StageCache, cache_key
+from fastformers.checks import check_resolvable, require_distinct, require_number
 from fastformers.data import fingerprint, parse_split, split_label, task_file
 from fastformers.errors import FastformersError
 from fastformers.stages import get_stage
@@ -30,7 +31,15 @@ TEACHER = "teacher"  # the first model of a run (the fine-tuned teacher), for st
 
 def validate(cfg: DictConfig) -> list:
     """Every check that needs no data or model, so a bad config fails before minutes of work."""
+    check_resolvable(cfg)
     get_task(cfg.task.name)
+    require_number(cfg, "seed", integer=True)
+    require_number(cfg, "data.split_seed", integer=True)
+    require_number(cfg, "task.max_seq_length", 1, integer=True, meaning="the most tokens of a row")
+    for axis, what in (("heads", "attention heads"), ("ffn", "FFN neurons")):
+        require_number(
+            cfg, f"pruning.{axis}", 0, 1, lo_open=True, meaning=f"the fraction of {what} KEPT in every layer"
+        )
     student_family = cfg.student.get("family")
     if student_family and student_family != cfg.teacher.family:
         raise FastformersError(
@@ -44,6 +53,7 @@ def validate(cfg: DictConfig) -> list:
         )
     if not cfg.stages:
         raise FastformersError("stages is empty: name at least one, e.g. stages=[finetune,evaluate]")
+    require_distinct(list(cfg.stages), "stages")
     stages: list = []
     provided: set[str] = set()
     for name in cfg.stages:

@@ -4,9 +4,12 @@ bars for loading a few MB, no deprecation notices about the dependencies' own in
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 KNOWN_NOISE = (  # (category, message regex) of warnings about dependencies' internals, not about our code
+    # served records are JSON objects of any field types: the task's reader validates them, not MLflow
+    (UserWarning, r".*Any type hint is inferred as AnyType.*"),
     (Warning, r".*isinstance\(treespec, LeafSpec\)` is deprecated.*"),  # lightning's pytree shim, torch 2.13
     (Warning, r".*The number of training batches \(\d+\) is smaller than the logging interval.*"),
 )
@@ -24,6 +27,7 @@ class _Drop(logging.Filter):
 
 
 def quiet_dependencies() -> None:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bars for copying a few small files
     import lightning.pytorch  # noqa: F401 -- first: its import installs handlers and warning filters of its own
 
     for category, message in KNOWN_NOISE:
@@ -35,7 +39,15 @@ def quiet_dependencies() -> None:
         logger.propagate = True
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_Drop("litlogger"))
     # onnxruntime's quantizer asks for shape-inference pre-processing on every call; the fused graphs need none
-    logging.getLogger().addFilter(_Drop("Please consider to run pre-processing before quantization"))
+    # (and logs two INFO lines per tensor of the static quantizer's bookkeeping to the root logger)
+    logging.getLogger().addFilter(
+        _Drop(
+            "Please consider to run pre-processing before quantization",
+            "get_tensor_type returns DefaultTensorType",
+            "Quantization parameters for tensor",
+        )
+    )
+    logging.getLogger("nncf").setLevel(logging.WARNING)  # an INFO line per operator it leaves unquantized
     try:
         from transformers.utils import logging as hf_logging
 

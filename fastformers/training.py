@@ -15,10 +15,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from transformers import get_linear_schedule_with_warmup
 
 from fastformers import tracking
+from fastformers.checks import require_number
 from fastformers.data import TaskDataModule, make_loader
 from fastformers.errors import FastformersError
 from fastformers.models import (
@@ -40,6 +41,36 @@ def check_accelerator(hardware: DictConfig) -> None:
             f"hardware.accelerator=gpu ({hardware.name}): torch {torch.__version__} sees no CUDA "
             "device; install a CUDA build of torch on a GPU machine, or run with hardware=cpu"
         )
+
+
+def check_training(cfg: DictConfig, block: str, epochs: bool = True) -> None:
+    """The numbers of a training block (conf/training/default.yaml under `finetune` or `distill`); `epochs=False`
+    for the prune stage's re-distillation, which takes its epochs from `pruning.redistill_epochs`."""
+    if epochs:
+        require_number(cfg, f"{block}.epochs", 1, integer=True)
+    for key in ("batch_size", "eval_batch_size", "log_every_n_steps"):
+        require_number(cfg, f"{block}.{key}", 1, integer=True)
+    require_number(cfg, f"{block}.learning_rate", 0, lo_open=True)
+    require_number(cfg, f"{block}.weight_decay", 0)
+    require_number(cfg, f"{block}.warmup_ratio", 0, 1, hi_open=True)
+    require_number(cfg, f"{block}.max_grad_norm", 0, null="no clipping")
+    require_number(cfg, f"{block}.patience", 0, integer=True, null="run all epochs")
+
+
+def check_distillation(cfg: DictConfig) -> None:
+    """The soft-target settings of `distill` (also the prune stage's re-distillation)."""
+    require_number(cfg, "distill.temperature", 0, lo_open=True)
+    require_number(cfg, "distill.alpha", 0, 1)
+    require_number(cfg, "distill.hidden_weight", 0)
+    require_number(cfg, "distill.attention_weight", 0)
+    require_number(cfg, "distill.augment", 0, integer=True)
+    require_number(cfg, "distill.augment_rate", 0, 1, lo_open=True, hi_open=True)
+    layer_map = cfg.distill.layer_map
+    if layer_map is not None and not (
+        OmegaConf.is_list(layer_map) and all(type(i) is int and i >= 1 for i in layer_map)  # type(): no bools
+    ):
+        shown = OmegaConf.to_container(layer_map) if OmegaConf.is_config(layer_map) else layer_map
+        raise FastformersError(f"distill.layer_map={shown!r} must be a list of teacher layers (1-based) or null")
 
 
 class FineTuneModule(L.LightningModule):

@@ -26,20 +26,25 @@ def superglue_root(tmp_path_factory) -> Path:
     return write_superglue(tmp_path_factory.mktemp("superglue"))
 
 
+def compose_cfg(superglue_root: Path, output_dir: Path, *overrides: str):
+    """The real config tree with a tiny random model, fixture data and a private output folder."""
+    base = [
+        "teacher=tiny_bert",
+        f"data.root={superglue_root}",
+        f"paths.output_dir={output_dir}",
+        "finetune.epochs=2",
+        "finetune.batch_size=8",
+    ]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=base + list(overrides))
+
+
 @pytest.fixture
 def make_cfg(superglue_root, tmp_path):
-    """The real config tree with a tiny random model, fixture data and a private output folder."""
+    """`compose_cfg` for one test, with its own output folder."""
 
     def make(*overrides: str, data_root: Path | None = None):
-        base = [
-            "teacher=tiny_bert",
-            f"data.root={data_root or superglue_root}",
-            f"paths.output_dir={tmp_path / 'outputs'}",
-            "finetune.epochs=2",
-            "finetune.batch_size=8",
-        ]
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return compose("config", overrides=base + list(overrides))
+        return compose_cfg(data_root or superglue_root, tmp_path / "outputs", *overrides)
 
     return make
 
@@ -53,7 +58,8 @@ def attention_shape(model) -> tuple[int, int]:
     return layer.num_attention_heads, layer.all_head_size
 
 
-def tiny_spec(family: str):
+def tiny_spec(family: str, hidden: int = 64, heads: int = 4, ffn: int = 128, layers: int = LAYERS, vocab: int = 500):
+    """A random tiny model's spec (conf/teacher/tiny_bert.yaml's shape)."""
     return OmegaConf.create(
         {
             "name": "tiny",
@@ -61,12 +67,12 @@ def tiny_spec(family: str):
             "family": family,
             "attn_implementation": "eager",
             "arch": {
-                "num_hidden_layers": LAYERS,
-                "hidden_size": 64,
-                "num_attention_heads": 4,
-                "intermediate_size": 128,
+                "num_hidden_layers": layers,
+                "hidden_size": hidden,
+                "num_attention_heads": heads,
+                "intermediate_size": ffn,
             },
-            "tokenizer_vocab_size": 500,
+            "tokenizer_vocab_size": vocab,
             "max_position_embeddings": 128,
         }
     )

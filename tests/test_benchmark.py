@@ -400,7 +400,7 @@ def test_a_setting_can_time_the_teacher_beside_the_distilled_student(make_cfg):
             r"benchmark.search.engines.openvino: engine openvino runs precisions",
         ),
         (["benchmark.repeats=0"], "benchmark.repeats=0 must be a positive integer"),
-        (["benchmark.max_memory_mb=0"], "benchmark.max_memory_mb=0 must be positive"),
+        (["benchmark.max_memory_mb=0"], "benchmark.max_memory_mb=0 must be a positive number"),
         (["hardware.usd_per_hour=-1"], "hardware.usd_per_hour=-1"),
         (
             ["benchmark.settings=[{name: o, engine: onnxruntime, padding: dynamic, options: {spin_fast: 1}}]"],

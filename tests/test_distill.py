@@ -190,5 +190,5 @@ def test_augmented_distillation_trains_on_the_teachers_scores_of_the_copies(make
     results = pipeline.run(cfg)
     assert results["distill/train_examples"] == 3 * 48  # the fixture's 48 CB train examples and 2 copies of each
     assert 0.0 <= results["distill/best_val_score"] <= 1.0
-    with pytest.raises(FastformersError, match=r"distill\.augment=-1 must be >= 0"):
+    with pytest.raises(FastformersError, match=r"distill\.augment=-1 must be an integer >= 0"):
         pipeline.run(make_cfg("stages=[finetune,distill]", "student=tiny_random", "distill.augment=-1"))

@@ -25,6 +25,7 @@ from fastformers.engines.openvino_engine import OpenVinoEngine
 from fastformers.errors import FastformersError
 from fastformers.models import load_finetuned, model_inputs
 from fastformers.tasks import TASKS
+from tests.conftest import compose_cfg
 
 
 def test_the_registry_composes_every_engine_from_its_config_file(make_cfg):
@@ -41,24 +42,14 @@ def test_the_registry_composes_every_engine_from_its_config_file(make_cfg):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, superglue_root):
     """The export stage's output for a fine-tuned tiny BERT in int8: artifacts of every engine."""
-    from hydra import compose, initialize_config_dir
-
-    from fastformers.cli import CONF_DIR
-
-    out = tmp_path_factory.mktemp("engines")
-    overrides = [
-        "teacher=tiny_bert",
-        f"data.root={superglue_root}",
-        f"paths.output_dir={out}",
-        "finetune.epochs=2",
-        "finetune.batch_size=8",
+    cfg = compose_cfg(
+        superglue_root,
+        tmp_path_factory.mktemp("engines"),
         "finetune.learning_rate=5e-3",
         "stages=[finetune,export]",
         "precision=int8",
         "precision.calibration_examples=16",
-    ]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+    )
     pipeline.run(cfg)
     client = MlflowClient(tracking.tracking_uri(cfg))
     run = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment_name).experiment_id])[0]

@@ -12,10 +12,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from fastformers import pipeline
-from fastformers.cli import CONF_DIR
 from fastformers.data import load_examples, make_loader
 from fastformers.engines import EngineModel
 from fastformers.engines.onnxruntime_engine import (
@@ -39,7 +37,7 @@ from fastformers.onnx.quantize import (
 )
 from fastformers.pruning import encoder_layers, keep_attention_heads
 from fastformers.tasks import TASKS
-from tests.conftest import LAYERS, attention_shape, saved_tiny
+from tests.conftest import LAYERS, attention_shape, compose_cfg, saved_tiny
 
 
 def on_onnxruntime(path, **kwargs) -> EngineModel:
@@ -312,7 +310,7 @@ def test_a_graph_that_disagrees_with_pytorch_fails_the_stage_loudly(make_cfg):
         ),
         (
             ["stages=[finetune,export]", "precision=int8", "precision.outliers=smooth", "precision.smooth_alpha=1.5"],
-            r"precision.smooth_alpha=1.5 must be in \(0, 1\)",
+            r"precision.smooth_alpha=1.5 must be a number in \(0, 1\)",
         ),
     ],
 )
@@ -338,19 +336,6 @@ def test_attention_shape_gives_the_optimizer_the_kept_heads_of_a_pruned_model(be
     for layer in encoder_layers(pruned):
         keep_attention_heads(layer.attention, [1, 3])
     assert attention_shape(pruned) == (2, 32)  # head size 16 unchanged; the model stays 64 wide
-
-
-def compose_cfg(superglue_root, output_dir, *overrides):
-    """The config `make_cfg` (conftest) composes, for a module-scoped fixture (make_cfg is per test)."""
-    base = [
-        "teacher=tiny_bert",
-        f"data.root={superglue_root}",
-        f"paths.output_dir={output_dir}",
-        "finetune.epochs=2",
-        "finetune.batch_size=8",
-    ]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("config", overrides=base + list(overrides))
 
 
 @pytest.fixture(scope="module")

@@ -85,7 +85,7 @@ def test_a_failing_stage_marks_the_run_failed_and_keeps_finished_stages(make_cfg
     [
         (["stages=[evaluate]"], "'evaluate' needs the 'model' output of an earlier stage"),
         (["stages=[finetune,distil]"], "unknown stage 'distil'"),
-        (["finetune.learning_rate=0"], "finetune.learning_rate=0 must be positive"),
+        (["finetune.learning_rate=0"], "finetune.learning_rate=0 must be a positive number"),
         (["task.name=glue"], "task.name='glue' is not a SuperGLUE task"),
         (["student.family=roberta"], "distillation stays within one family"),
         (["evaluate.splits=[dev]"], "split 'dev' is not train, val, test"),

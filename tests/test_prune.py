@@ -7,7 +7,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from fastformers import pipeline
 from fastformers.data import load_examples, make_loader, texts_of
@@ -33,7 +32,7 @@ from fastformers.pruning import (
     top_per_layer,
 )
 from fastformers.tasks import TASKS
-from tests.conftest import mlflow_runs
+from tests.conftest import mlflow_runs, tiny_spec
 
 LAYERS, HIDDEN, HEADS, FFN = 2, 64, 4, 128
 HEAD_SIZE = HIDDEN // HEADS
@@ -46,22 +45,7 @@ def attention_shape(model) -> tuple[int, int]:
 
 
 def tiny(family, superglue_root):
-    spec = OmegaConf.create(
-        {
-            "name": "tiny",
-            "pretrained": None,
-            "family": family,
-            "attn_implementation": "eager",
-            "arch": {
-                "num_hidden_layers": LAYERS,
-                "hidden_size": HIDDEN,
-                "num_attention_heads": HEADS,
-                "intermediate_size": FFN,
-            },
-            "tokenizer_vocab_size": 300,
-            "max_position_embeddings": 128,
-        }
-    )
+    spec = tiny_spec(family, hidden=HIDDEN, heads=HEADS, ffn=FFN, vocab=300)
     torch.manual_seed(0)
     model, tokenizer = build_random(spec, TASKS["cb"], texts_of(load_examples(TASKS["cb"], superglue_root, "train")))
     return model.eval(), tokenizer
@@ -211,8 +195,14 @@ def test_prune_stage_rewires_redistills_and_reuses_the_cached_teacher(make_cfg):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["stages=[finetune,prune]", "pruning.heads=0"], r"pruning.heads=0 is the fraction of attention heads KEPT"),
-        (["stages=[finetune,prune]", "pruning.ffn=1.5"], r"pruning.ffn=1.5 is the fraction of FFN neurons KEPT"),
+        (
+            ["stages=[finetune,prune]", "pruning.heads=0"],
+            r"pruning.heads=0 must be a number in \(0, 1\]: the fraction of attention heads",
+        ),
+        (
+            ["stages=[finetune,prune]", "pruning.ffn=1.5"],
+            r"pruning.ffn=1.5 must be a number in \(0, 1\]: the fraction of FFN neurons",
+        ),
         (["pruning=heads50_ffn25"], "needs the prune stage"),
         (["stages=[prune]"], "'prune' needs the 'model' output of an earlier stage"),
         (["stages=[finetune,prune]", "pruning.normalize=l1"], "pruning.normalize='l1' must be one of"),

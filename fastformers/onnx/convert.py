@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from fastformers.engines import MODEL_INPUTS
 from fastformers.onnx import write_settings
 
+EXPORT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # those the model and its tokenizer both take
 SAMPLE = (["a short premise", "a somewhat longer premise with more words in it"], ["a hypothesis", "another"])
 
 
@@ -18,7 +18,7 @@ def export_input_names(model, tokenizer) -> list[str]:
     """The inputs the tokenizer produces and the model's forward takes (RoBERTa tokenizers give no
     token_type_ids, so those graphs do not ask for them)."""
     takes = inspect.signature(model.forward).parameters
-    return [name for name in MODEL_INPUTS if name in tokenizer.model_input_names and name in takes]
+    return [name for name in EXPORT_INPUTS if name in tokenizer.model_input_names and name in takes]
 
 
 class _LogitsOnly(torch.nn.Module):

@@ -19,6 +19,7 @@ from fastformers.bench import analysis, table
 from fastformers.bench import settings as plan
 from fastformers.bench.timing import measure_interleaved
 from fastformers.bench.workload import instance_work, make_batches
+from fastformers.checks import require_number
 from fastformers.data import EncodedDataset, load_examples, parse_split
 from fastformers.energy import choose_meter
 from fastformers.engines import PICK, artifact_path, get_engine
@@ -43,23 +44,17 @@ def uses(cfg: DictConfig) -> tuple[str, ...]:
 
 
 def validate(cfg: DictConfig) -> None:
-    opts, hardware = cfg.benchmark, cfg.hardware
+    opts = cfg.benchmark
     for key in ("batch_size", "repeats"):
-        if not isinstance(opts[key], int) or opts[key] < 1:
-            raise FastformersError(f"benchmark.{key}={opts[key]!r} must be a positive integer")
+        require_number(cfg, f"benchmark.{key}", 1, integer=True)
     for key in ("latency_examples", "warmup_batches", "profile_examples"):
-        if not isinstance(opts[key], int) or opts[key] < 0:
-            raise FastformersError(f"benchmark.{key}={opts[key]!r} must be a non-negative integer")
-    if opts.max_examples is not None and opts.max_examples < 1:
-        raise FastformersError(f"benchmark.max_examples={opts.max_examples!r} must be positive (or null = all)")
-    if opts.max_memory_mb is not None and opts.max_memory_mb <= 0:
-        raise FastformersError(
-            f"benchmark.max_memory_mb={opts.max_memory_mb!r} must be positive (or null = twice "
-            "the reference row's peak)"
-        )
+        require_number(cfg, f"benchmark.{key}", 0, integer=True)
+    require_number(cfg, "benchmark.max_examples", 1, integer=True, null="all")
+    require_number(cfg, "benchmark.max_memory_mb", 0, lo_open=True, null="twice the reference row's peak")
+    require_number(cfg, "benchmark.roofline_seconds", 0, meaning="0 = skip")
+    require_number(cfg, "benchmark.gate.max_drop", meaning="points of score a gated row may lose (< 0: it must gain)")
     for key in ("usd_per_hour", "tdp_watts"):
-        if hardware[key] is not None and hardware[key] <= 0:
-            raise FastformersError(f"hardware.{key}={hardware[key]!r} must be positive (or null = not reported)")
+        require_number(cfg, f"hardware.{key}", 0, lo_open=True, null="not reported")
     parse_split(opts.split)
     rows = plan.plan_settings(cfg)
     names = {row.name for row in rows}

@@ -24,11 +24,14 @@ from fastformers.models import (
     count_parameters,
     load_finetuned,
     model_family,
+    readable_weights,
     resolve_pretrained,
 )
 from fastformers.tasks import Task, get_task
 from fastformers.training import (
     agreement,
+    check_distillation,
+    check_training,
     predictions,
     train_student,
     uniform_layer_map,
@@ -61,15 +64,8 @@ def validate(cfg: DictConfig) -> None:
         raise FastformersError("student.pretrained is required when student.init=pretrained")
     if student.activation not in ("gelu", "relu"):
         raise FastformersError(f"student.activation={student.activation!r} must be gelu or relu")
-    if opts.augment < 0 or not 0 < opts.augment_rate < 1:
-        raise FastformersError(
-            f"distill.augment={opts.augment!r} must be >= 0 and distill.augment_rate={opts.augment_rate!r} in (0, 1)"
-        )
-    if opts.temperature <= 0 or not 0 <= opts.alpha <= 1:
-        raise FastformersError("distill.temperature must be > 0 and distill.alpha in [0, 1]")
-    for name in ("epochs", "batch_size", "learning_rate"):
-        if not opts[name] or opts[name] <= 0:
-            raise FastformersError(f"distill.{name}={opts[name]!r} must be positive")
+    check_training(cfg, "distill")
+    check_distillation(cfg)
 
 
 def student_from_teacher_layers(teacher, layers: list[int], activation: str):
@@ -106,7 +102,8 @@ def build_student(spec: DictConfig, teacher, teacher_tokenizer, task: Task):
                 f"{teacher.config.model_type!r}: distillation stays within one family"
             )
         config = AutoConfig.from_pretrained(path, num_labels=task.num_labels, hidden_act=spec.activation)
-        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, attn_implementation="eager")
+        with readable_weights(path):
+            model = AutoModelForSequenceClassification.from_pretrained(path, config=config, attn_implementation="eager")
         return model, AutoTokenizer.from_pretrained(path)
     config = copy.deepcopy(teacher.config)
     for key, value in dict(spec.arch).items():

@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 from transformers import AutoTokenizer
 
+from fastformers.checks import require_number
 from fastformers.data import load_examples, make_loader, parse_split, split_label
 from fastformers.engines import (
     EngineModel,
@@ -45,6 +46,8 @@ def precision_of(cfg: DictConfig) -> str:
 
 
 def validate(cfg: DictConfig) -> None:
+    require_number(cfg, "evaluate.batch_size", 1, integer=True)
+    require_number(cfg, "evaluate.bucket", 1, integer=True, null="no bucket")
     if cfg.evaluate.engine == PICK:
         if cfg.evaluate.precision or cfg.evaluate.bucket:
             raise FastformersError(

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
+from fastformers.checks import require_number
 from fastformers.data import load_examples, make_loader, parse_split
 from fastformers.engines import GRAPHS, INDEX, ExportContext, artifact_key, get_engine
 from fastformers.engines.parity import Target, check
@@ -44,21 +45,20 @@ def validate(cfg: DictConfig) -> None:
     precision, opts = cfg.precision, cfg.export
     if precision.name not in PRECISIONS:
         raise FastformersError(f"precision.name={precision.name!r} must be one of {list(PRECISIONS)}")
-    if not 0 < precision.min_agreement <= 1:
-        raise FastformersError(f"precision.min_agreement={precision.min_agreement!r} must be in (0, 1]")
+    require_number(cfg, "precision.min_agreement", 0, 1, lo_open=True)
     if precision.name == "int8":
         if precision.weight_type not in WEIGHT_TYPES:
             raise FastformersError(
                 f"precision.weight_type={precision.weight_type!r} must be one of {list(WEIGHT_TYPES)}"
             )
-        if not isinstance(precision.outlier_matmuls, int) or precision.outlier_matmuls < 0:
-            raise FastformersError(f"precision.outlier_matmuls={precision.outlier_matmuls!r} must be a count >= 0")
+        require_number(cfg, "precision.outlier_matmuls", 0, integer=True)
         if precision.outliers not in OUTLIER_TREATMENTS:
             raise FastformersError(
                 f"precision.outliers={precision.outliers!r} must be one of {list(OUTLIER_TREATMENTS)}"
             )
-        if precision.outliers == "smooth" and not 0 < precision.smooth_alpha < 1:
-            raise FastformersError(f"precision.smooth_alpha={precision.smooth_alpha!r} must be in (0, 1)")
+        if precision.outliers == "smooth":
+            require_number(cfg, "precision.smooth_alpha", 0, 1, lo_open=True, hi_open=True)
+        require_number(cfg, "precision.calibration_examples", 1, integer=True, null="all")
         check_disjoint(precision.calibration_split, cfg.task.eval_split, "precision.calibration_split")
     if precision.name == "fp16":
         reason = get_engine("onnxruntime", cfg.engines).unavailable("fp16")
@@ -71,12 +71,12 @@ def validate(cfg: DictConfig) -> None:
         )
     for name in opts.engines:
         get_engine(name, cfg.engines)
-    if not 13 <= opts.opset <= 17:
-        raise FastformersError(f"export.opset={opts.opset!r}: onnxruntime's fusions are written for opsets 13-17")
-    if opts.parity_examples is not None and opts.parity_examples <= 0:
-        raise FastformersError(f"export.parity_examples={opts.parity_examples!r} must be positive (or null = all)")
-    if not opts.fp32_max_abs_diff or opts.fp32_max_abs_diff <= 0:
-        raise FastformersError(f"export.fp32_max_abs_diff={opts.fp32_max_abs_diff!r} must be positive")
+    require_number(
+        cfg, "export.opset", 13, 17, integer=True, meaning="onnxruntime's fusions are written for opsets 13-17"
+    )
+    require_number(cfg, "export.parity_examples", 1, integer=True, null="all")
+    require_number(cfg, "export.parity_batch_size", 1, integer=True)
+    require_number(cfg, "export.fp32_max_abs_diff", 0, lo_open=True)
     parse_split(opts.parity_split)
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig
 
+from fastformers.checks import require_number
 from fastformers.data import TaskDataModule, load_examples, texts_of
-from fastformers.errors import FastformersError
 from fastformers.models import count_parameters, load_model
 from fastformers.tasks import get_task
-from fastformers.training import FineTuneModule, check_accelerator, fit_best
+from fastformers.training import FineTuneModule, check_accelerator, check_training, fit_best
 
 VERSION = 1  # bump when a code change alters what this stage writes: it invalidates cached entries
 PROVIDES = "model"
@@ -26,12 +26,10 @@ def uses(cfg: DictConfig) -> tuple[str, ...]:
 
 
 def validate(cfg: DictConfig) -> None:
-    opts = cfg.finetune
-    for name in ("epochs", "batch_size", "learning_rate"):
-        if not opts[name] or opts[name] <= 0:
-            raise FastformersError(f"finetune.{name}={opts[name]!r} must be positive")
-    if not 0 <= opts.warmup_ratio < 1:
-        raise FastformersError(f"finetune.warmup_ratio={opts.warmup_ratio!r} must be in [0, 1)")
+    check_training(cfg, "finetune")
+    if not cfg.teacher.pretrained:  # random init: sizes from the spec
+        require_number(cfg, "teacher.tokenizer_vocab_size", 1, integer=True)
+        require_number(cfg, "teacher.max_position_embeddings", 1, integer=True)
     check_accelerator(cfg.hardware)
 
 

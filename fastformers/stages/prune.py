@@ -21,6 +21,7 @@ from typing import cast
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from fastformers.checks import require_number
 from fastformers.data import load_examples, make_loader, parse_split
 from fastformers.errors import FastformersError
 from fastformers.models import (
@@ -38,7 +39,7 @@ from fastformers.pruning import (
     top_per_layer,
 )
 from fastformers.tasks import Task, get_task
-from fastformers.training import predictions, train_student
+from fastformers.training import check_distillation, check_training, predictions, train_student
 
 VERSION = 1  # bump when a code change alters what this stage writes
 PROVIDES = "model"
@@ -52,20 +53,15 @@ def uses(cfg: DictConfig) -> tuple[str, ...]:
 
 
 def validate(cfg: DictConfig) -> None:
-    opts = cfg.pruning
-    for axis, what in (("heads", "attention heads"), ("ffn", "FFN neurons")):
-        if opts[axis] is None or not 0 < opts[axis] <= 1:
-            raise FastformersError(
-                f"pruning.{axis}={opts[axis]!r} is the fraction of {what} KEPT in every layer: it must be in (0, 1]"
-            )
+    opts = cfg.pruning  # pruning.heads and pruning.ffn: checked by pipeline.validate, whatever the stages
     if opts.normalize not in NORMALIZATIONS:
         raise FastformersError(f"pruning.normalize={opts.normalize!r} must be one of {list(NORMALIZATIONS)}")
-    if opts.importance_examples is not None and opts.importance_examples <= 0:
-        raise FastformersError(f"pruning.importance_examples={opts.importance_examples!r} must be positive or null")
-    if opts.redistill_epochs < 0:
-        raise FastformersError(
-            f"pruning.redistill_epochs={opts.redistill_epochs!r} must be >= 0 (0 = no re-distillation)"
-        )
+    require_number(cfg, "pruning.importance_examples", 1, integer=True, null="all of importance_split")
+    require_number(cfg, "pruning.importance_batch_size", 1, integer=True)
+    require_number(cfg, "pruning.redistill_epochs", 0, integer=True, meaning="0 = no re-distillation")
+    if opts.redistill_epochs:  # re-distillation trains with the distill stage's settings
+        check_training(cfg, "distill", epochs=False)
+        check_distillation(cfg)
     parse_split(opts.importance_split)
 
 
