@@ -27,10 +27,10 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # the repo's to
 def main(cfg: DictConfig) -> float | tuple[float, ...] | None:
     """Returns the run's `sweep_objectives` (by default its main metric), so Hydra sweepers can optimise them."""
     # imported here, not at the top: spawned benchmark instances re-import this module
-    from fastformers import pipeline
     from fastformers.quiet import quiet_dependencies
 
-    quiet_dependencies()
+    quiet_dependencies()  # before importing the pipeline: some noise is raised while modules are imported
+    from fastformers import pipeline
 
     signal.signal(signal.SIGTERM, _stop)
     try:

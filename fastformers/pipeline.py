@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from fastformers import serving, tracking
-from fastformers.cache import StageCache, cache_key
+from fastformers.cache import StageCache, cache_key, code_fingerprint, library_versions
 from fastformers.checks import check_resolvable, require_distinct, require_number
 from fastformers.data import fingerprint, parse_split, split_label, task_file
 from fastformers.errors import FastformersError
@@ -58,13 +58,13 @@ def validate(cfg: DictConfig) -> list:
     provided: set[str] = set()
     for name in cfg.stages:
         stage = get_stage(name)
+        stage.validate(cfg)  # first: a bad setting of the stage says more than what it would read
         missing = [need for need in stage.uses(cfg) if need not in provided]
         if missing:
             raise FastformersError(
                 f"stages: {name!r} needs the {missing[0]!r} output of an earlier stage "
                 f"(e.g. stages=[finetune,{name}]); these run before it: {sorted(provided)}"
             )
-        stage.validate(cfg)
         stages.append(stage)
         if stage.PROVIDES == "model":
             provided.add(TEACHER)
@@ -97,6 +97,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
             payload = {
                 "stage": name,
                 "version": stage.VERSION,
+                "code": code_fingerprint(*stage_modules(name, stage, cfg)),
+                "libraries": library_versions(),
                 "config": {key: hashed(OmegaConf.select(cfg, key)) for key in stage.CONFIG_KEYS},
                 "data": data_print,
                 "inputs": {need: key for need, (_, key) in inputs.items()},
@@ -158,6 +160,15 @@ def summary(cfg: DictConfig, results: dict[str, float], run_id: str) -> str:
         f" (this run), {Path(cfg.paths.cache_dir).resolve()} (stage cache)",
     ]
     return "\n".join(lines)
+
+
+def stage_modules(name: str, stage, cfg: DictConfig) -> list[str]:
+    """The modules whose code makes a stage's output: its own (with what it imports) and, for stages keyed by
+    `engines`, the engine classes the config names (loaded by name, so no import leads to them)."""
+    modules = [f"fastformers.stages.{name}"]
+    if "engines" in stage.CONFIG_KEYS:
+        modules += [str(spec["_target_"]).rsplit(".", 1)[0] for spec in cfg.engines.values() if "_target_" in spec]
+    return modules
 
 
 def minutes(seconds: float) -> str:

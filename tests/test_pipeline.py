@@ -190,3 +190,11 @@ def test_the_paper_scale_composes_with_its_hub_models_and_a_gpu_and_says_so_with
         with pytest.raises(FastformersError, match=r"hardware.accelerator=gpu \(gpu\): torch \S+ sees no CUDA device"):
             pipeline.run(cfg)
         assert not os.path.exists(cfg.paths.cache_dir)
+
+
+def test_the_training_precision_is_part_of_the_trained_models_key(make_cfg):
+    pipeline.run(make_cfg("stages=[finetune]", "finetune.epochs=1"))
+    pipeline.run(make_cfg("stages=[finetune]", "finetune.epochs=1", "hardware.train_precision=bf16-mixed"))
+    pipeline.run(make_cfg("stages=[finetune]", "finetune.epochs=1"))
+    _, runs = mlflow_runs(make_cfg())
+    assert [run.data.tags["cache.finetune"] for run in runs] == ["miss", "miss", "hit"]

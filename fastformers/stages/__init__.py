@@ -16,7 +16,7 @@ class Stage(Protocol):
     """What every module in this package is (read-only members, so a module's `PROVIDES = "model"` fits)."""
 
     @property
-    def VERSION(self) -> int:  # bumped when a code change alters what the stage writes
+    def VERSION(self) -> int:  # bumped to rebuild entries the code hash would keep (e.g. a data-format change)
         ...
 
     @property

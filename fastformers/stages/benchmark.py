@@ -29,7 +29,7 @@ from fastformers.roofline import Shape, measure_peaks
 
 log = logging.getLogger(__name__)
 
-VERSION = 2  # bump when a code change alters what this stage writes
+VERSION = 2  # a manual override: the code itself is part of the cache key (pipeline.stage_modules)
 PROVIDES = "pick"  # pick.json: the engine, precision, bucket and layout chosen (evaluate.engine=pick reads it)
 CONFIG_KEYS = ("task", "benchmark", "hardware", "precision", "engines", "data.split_seed")
 CACHED = False  # the pipeline re-measures in every run instead of replaying remembered timings

@@ -37,10 +37,10 @@ from fastformers.training import (
     uniform_layer_map,
 )
 
-VERSION = 1  # bump when a code change alters what this stage writes
+VERSION = 1  # a manual override: the code itself is part of the cache key (pipeline.stage_modules)
 PROVIDES = "model"
 CACHED = True
-CONFIG_KEYS = ("task", "student", "distill", "seed", "data.split_seed")
+CONFIG_KEYS = ("task", "student", "distill", "seed", "data.split_seed", "hardware.train_precision")
 METHODS = ("task_specific", "task_agnostic")
 INITS = ("teacher_layers", "pretrained", "random")
 LAYER_KEY = re.compile(r"^(.*\.layer\.)(\d+)(\..*)$")  # encoder.layer.<i>. in BERT and RoBERTa

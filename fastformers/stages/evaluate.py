@@ -25,7 +25,7 @@ from fastformers.errors import FastformersError
 from fastformers.models import load_finetuned, predict
 from fastformers.tasks import get_task
 
-VERSION = 2  # bump when a code change alters what this stage writes
+VERSION = 2  # a manual override: the code itself is part of the cache key (pipeline.stage_modules)
 PROVIDES = None
 CACHED = True
 PICK = "pick"

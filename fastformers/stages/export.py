@@ -27,7 +27,7 @@ from fastformers.tasks import get_task
 
 log = logging.getLogger(__name__)
 
-VERSION = 4  # bump when a code change alters what this stage writes
+VERSION = 4  # a manual override: the code itself is part of the cache key (pipeline.stage_modules)
 PROVIDES = "onnx"
 CACHED = True
 CONFIG_KEYS = ("task", "export", "precision", "engines", "data.split_seed")

@@ -14,10 +14,10 @@ from fastformers.models import count_parameters, load_model
 from fastformers.tasks import get_task
 from fastformers.training import FineTuneModule, check_accelerator, check_training, fit_best
 
-VERSION = 1  # bump when a code change alters what this stage writes: it invalidates cached entries
+VERSION = 1  # a manual override: the code itself is part of the cache key (pipeline.stage_modules)
 PROVIDES = "model"
 CACHED = True
-CONFIG_KEYS = ("task", "teacher", "finetune", "seed", "data.split_seed")
+CONFIG_KEYS = ("task", "teacher", "finetune", "seed", "data.split_seed", "hardware.train_precision")
 MONITOR = "finetune/val_score"
 
 

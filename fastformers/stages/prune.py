@@ -41,10 +41,10 @@ from fastformers.pruning import (
 from fastformers.tasks import Task, get_task
 from fastformers.training import check_distillation, check_training, predictions, train_student
 
-VERSION = 1  # bump when a code change alters what this stage writes
+VERSION = 1  # a manual override: the code itself is part of the cache key (pipeline.stage_modules)
 PROVIDES = "model"
 CACHED = True
-CONFIG_KEYS = ("task", "pruning", "distill", "seed", "data.split_seed")
+CONFIG_KEYS = ("task", "pruning", "distill", "seed", "data.split_seed", "hardware.train_precision")
 NORMALIZATIONS = ("none", "layer")
 
 
