@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from fastformers.checks import first_line
-from fastformers.errors import FastformersError
+from fastformers.errors import STOP_SIGNALS, FastformersError
 
 log = logging.getLogger("fastformers")
 
@@ -47,7 +47,7 @@ def fail(err: FastformersError) -> NoReturn:
     raise SystemExit(2) from None
 
 
-_stopped_by: list[int] = []  # the signal that stopped this process, if one did
+_stopped_by = STOP_SIGNALS  # the signal that stopped this process, if one did
 
 
 def _stop(signum, frame):

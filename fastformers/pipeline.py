@@ -15,7 +15,7 @@ from fastformers import serving, tracking
 from fastformers.cache import StageCache, cache_key, code_fingerprint, library_versions
 from fastformers.checks import check_resolvable, require_distinct, require_number
 from fastformers.data import fingerprint, parse_split, split_label, task_file
-from fastformers.errors import FastformersError
+from fastformers.errors import FastformersError, check_stopped
 from fastformers.stages import get_stage
 from fastformers.tasks import get_task
 
@@ -109,6 +109,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             log.info("stage %s: started", name)
             started = time.perf_counter()
             folder, hit = run_cached(cache, name, key, stage, cfg, inputs, payload, active.info.run_id)
+            check_stopped()  # a stop signal the stage's libraries swallowed: the run must not end FINISHED
             metrics = json.loads((folder / METRICS_FILE).read_text())
             print(
                 f"stage {name}: {'from the cache' if hit else 'ran'} in {minutes(time.perf_counter() - started)}"
@@ -126,6 +127,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
                 provided[stage.PROVIDES] = (folder, key)
         if cfg.mlflow.serve_model and "onnx" in provided:
             serving.log_served_model(provided["onnx"][0], cfg, provided.get("pick", (None,))[0])
+        check_stopped()
         print(summary(cfg, results, active.info.run_id), flush=True)
     return results
 

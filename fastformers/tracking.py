@@ -158,8 +158,12 @@ def start_run(cfg: DictConfig) -> mlflow.ActiveRun:
         log.warning("ignoring MLFLOW_RUN_ID from the environment: each job gets its own run")
     experiment = open_experiment(cfg)
     run = mlflow.start_run(experiment_id=experiment, run_name=cfg.mlflow.run_name, tags=parent_tags() | owner_tags())
-    mlflow.log_params(flat_params(cfg))
-    mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    try:  # the caller's `with` owns the run only once this returns: a failure (or SIGTERM) before must end it
+        mlflow.log_params(flat_params(cfg))
+        mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    except BaseException:
+        mlflow.end_run("FAILED")  # as the `with` block ends a run that raised
+        raise
     return run
 
 

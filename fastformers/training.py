@@ -21,7 +21,7 @@ from transformers import get_linear_schedule_with_warmup
 from fastformers import tracking
 from fastformers.checks import require_number
 from fastformers.data import TaskDataModule, make_loader
-from fastformers.errors import FastformersError
+from fastformers.errors import FastformersError, check_stopped
 from fastformers.models import (
     example_scores,
     model_inputs,
@@ -118,10 +118,14 @@ class FineTuneModule(L.LightningModule):
 
 
 class EpochLine(L.Callback):
-    """One line per epoch on the terminal: the epoch, train loss, val score, time so far and what is left."""
+    """One line per epoch on the terminal: the epoch, train loss, val score, time so far and what is left; and,
+    after every batch, whether a stop signal arrived."""
 
     def __init__(self, stage: str, epochs: int):
         self.stage, self.epochs, self.started = stage, epochs, time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        check_stopped()  # a stop signal swallowed inside a library call still stops training here
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         done = trainer.current_epoch + 1
@@ -135,7 +139,11 @@ class EpochLine(L.Callback):
         if score is not None:
             parts.append(f"val score {float(score):.4f}")
         parts.append(f"{minutes(elapsed)} elapsed, ETA {minutes(elapsed / done * (self.epochs - done))}")
-        print(", ".join(parts), flush=True)
+        line, bar = ", ".join(parts), trainer.progress_bar_callback
+        if bar is not None:
+            bar.print(line)  # with a bar on screen, above it rather than through it
+        else:
+            print(line, flush=True)
 
 
 def minutes(seconds: float) -> str:
