@@ -17,7 +17,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from omegaconf import DictConfig, OmegaConf
 
-from fastformers.engines import artifact_path, get_engine, read_pick, tokenizer_folder
+from fastformers.engines import PICK, artifact_path, get_engine, read_pick, tokenizer_folder
 
 ARTIFACT_PATH = "model"
 
@@ -72,7 +72,7 @@ def _is_nan(value) -> bool:
 
 def served_choice(cfg: DictConfig, pick_folder: Path | None) -> dict:
     """The benchmark's pick if it chose an exported artifact, else the run's precision on onnxruntime."""
-    pick = read_pick(pick_folder) if pick_folder and (pick_folder / "pick.json").is_file() else None
+    pick = read_pick(pick_folder) if pick_folder and (pick_folder / PICK).is_file() else None
     if pick and pick["engine"] != "torch":
         return {k: pick[k] for k in ("engine", "precision", "bucket", "options")}
     return {"engine": "onnxruntime", "precision": cfg.precision.name, "bucket": None, "options": {}}

@@ -17,28 +17,13 @@ from fastformers.training import (
     soft_cross_entropy,
     uniform_layer_map,
 )
+from tests.conftest import tiny_spec
 
 TEXTS = ["the cat sat on the mat", "a dog ran in the park", "it rained all day long"] * 20
 
 
 def tiny(family="bert", layers=4, hidden=64):
-    spec = OmegaConf.create(
-        {
-            "name": "t",
-            "pretrained": None,
-            "family": family,
-            "attn_implementation": "eager",
-            "arch": {
-                "num_hidden_layers": layers,
-                "hidden_size": hidden,
-                "num_attention_heads": 4,
-                "intermediate_size": 2 * hidden,
-            },
-            "tokenizer_vocab_size": 200,
-            "max_position_embeddings": 128,
-        }
-    )
-    return build_random(spec, TASKS["cb"], TEXTS)
+    return build_random(tiny_spec(family, hidden=hidden, ffn=2 * hidden, layers=layers, vocab=200), TASKS["cb"], TEXTS)
 
 
 def student_spec(**values):

@@ -94,6 +94,11 @@ def summarize(setting: Setting, served: Served, examples, task: Task, cfg: DictC
     }
 
 
+def row_named(rows: list[dict], name: str | None) -> dict | None:
+    """The row called `name` (None when there is none, e.g. no pick)."""
+    return next((row for row in rows if row["name"] == name), None)
+
+
 def timed(rows: list[dict]) -> list[dict]:
     return [row for row in rows if not row["skipped"]]
 

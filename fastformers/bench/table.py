@@ -9,6 +9,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from fastformers.bench.analysis import row_named
+from fastformers.cache import library_versions
 from fastformers.instances import usable_cores
 
 
@@ -22,12 +24,7 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    versions = {}
-    for package in ("torch", "onnxruntime", "openvino"):
-        try:
-            versions[package] = __import__(package).__version__
-        except ImportError:
-            versions[package] = None
+    versions = library_versions()  # from package metadata: nothing imported just to read a version
     return {
         "cpu": cpu,
         "logical_cpus": os.cpu_count(),
@@ -104,8 +101,8 @@ def format_table(report: dict, cfg: DictConfig) -> str:
     )
     if has_ref:
         lines.append(f"vs ref: throughput / {report['reference']}'s (the stock reference at its best layout tried)")
-    if report.get("pick"):
-        pick = next(row for row in rows if row["name"] == report["pick"])
+    pick = row_named(rows, report.get("pick"))
+    if pick:
         gate = (
             f" within {cfg.benchmark.gate.max_drop} points of {cfg.benchmark.gate.reference}"
             if report.get("agreement_reference")

@@ -162,17 +162,17 @@ def analyse(cfg: DictConfig, rows: list[dict]) -> dict:
     names = {row["name"] for row in rows}
     gate_reference = opts.gate.reference if opts.gate.reference in names else None
     analysis.compare_with_baseline(rows, gate_reference)
-    reference = analysis.compare_with_reference(rows, opts.reference)["name"] if opts.reference else None
+    reference = analysis.compare_with_reference(rows, opts.reference) if opts.reference else None
     failed = analysis.apply_gate(rows, opts.gate) if any(row["gated"] for row in rows) else []
     budget = opts.max_memory_mb
     if budget is None and reference:
-        budget = 2 * next(row for row in rows if row["name"] == reference)["metrics"]["peak_rss_mb"]
+        budget = 2 * reference["metrics"]["peak_rss_mb"]
     if budget is not None:
         analysis.apply_memory_budget(rows, budget)
     candidates = mark_candidates(rows, gate_reference)
     chosen = analysis.pick(rows)
     return {
-        "reference": reference,
+        "reference": reference["name"] if reference else None,
         "agreement_reference": gate_reference,
         "gate_failures": failed,
         "memory_budget_mb": budget,
@@ -222,14 +222,14 @@ def profile_rows(cfg: DictConfig, report: dict, settings, datasets, tokenizers, 
             out,
             setting.bucket,
         )
-        if profile:
-            row = next(row for row in report["rows"] if row["name"] == setting.name)
+        row = analysis.row_named(report["rows"], setting.name)
+        if profile and row:
             row["profile"] = profile | {"examples": sum(len(b.indices) for b in batches)}
 
 
 def write_pick(report: dict, out: Path) -> None:
     """What `evaluate.engine=pick` and serving run: the pick's engine, precision, bucket and layout."""
-    row = next((row for row in report["rows"] if row["name"] == report["pick"]), None)
+    row = analysis.row_named(report["rows"], report["pick"])
     keys = ("name", "engine", "precision", "bucket", "layout", "options", "model")
     (out / PICK).write_text(json.dumps({k: row[k] for k in keys} if row else None, indent=2))
 
@@ -244,8 +244,8 @@ def log_pick(report: dict) -> None:
         "benchmark.pick": report["pick"] or "",
         "benchmark.reference": report["reference"] or "",
     }
-    if report["pick"]:
-        row = next(row for row in report["rows"] if row["name"] == report["pick"])
+    row = analysis.row_named(report["rows"], report["pick"])
+    if row:
         tags |= {
             "pick.engine": row["engine"],
             "pick.precision": row["precision"],
@@ -265,8 +265,8 @@ def metrics_of(report: dict) -> dict[str, float]:
         }
     if report["memory_budget_mb"] is not None:
         metrics["memory_budget_mb"] = report["memory_budget_mb"]
-    if report["pick"]:
-        row = next(row for row in rows if row["name"] == report["pick"])
+    row = analysis.row_named(rows, report["pick"])
+    if row:
         keys = (
             "throughput",
             "speedup",
