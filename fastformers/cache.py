@@ -7,6 +7,11 @@ sha256 of every file) is written: a half-written or corrupted entry is detected 
 The scratch folder's name carries its builder's pid and host (`.<key>.<id>.<pid>@<host>.tmp`): one left by a
 killed process (kill -9 gives it no chance to clean up) is removed the next time a stage of that kind looks up
 or builds an entry; a live builder's, another host's, and the older names without a pid are left alone.
+
+Parallel jobs (a joblib or SLURM sweep) build each entry once: the builder holds `.<key>.lock`, created with
+O_EXCL (atomic on local disks and NFSv3+/Lustre, so it works between nodes), holding its host, pid and a token,
+its mtime refreshed every HEARTBEAT seconds; the others wait for the entry and then read it. A lock is stale when
+its holder on this host is gone, or (another host's) its heartbeat is older than STALE seconds: it is taken over.
 """
 
 from __future__ import annotations
@@ -20,14 +25,21 @@ import os
 import re
 import shutil
 import socket
+import threading
+import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
+
+from fastformers.errors import FastformersError
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+HEARTBEAT = 30.0  # seconds between a builder's touches of its lock
+STALE = 300.0  # another host's lock untouched this long belongs to a dead builder
+POLL = 2.0  # seconds between a waiting job's looks at the entry
 SCRATCH = re.compile(r"^\.(?P<key>[^.]+)\.(?P<id>[0-9a-f]+)\.(?P<pid>\d+)@(?P<host>[^.]*)\.tmp$")
 
 
@@ -209,3 +221,115 @@ class StageCache:
             log.warning("cache: removed %s, the scratch folder of process %s, which is gone", scratch, match["pid"])
             removed.append(scratch)
         return removed
+
+    @contextmanager
+    def claimed(self, stage: str, key: str) -> Iterator[bool]:
+        """True: this process holds the entry's build lock and builds it. False: another process built the entry
+        while this one waited (read it). A lock whose holder is dead is taken over (see the module's notes)."""
+        lock = self.root / stage / f".{key}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        waiting_for = None
+        while self.lookup(stage, key) is None:
+            token = _try_lock(lock)
+            if token is not None:
+                break
+            holder = _holder(lock)
+            if holder is not None and _stale(lock, holder):
+                _take_over(lock, holder)
+                continue
+            if holder is None and _age(lock) > STALE:  # its creator died before writing who it was
+                lock.unlink(missing_ok=True)
+                continue
+            if holder is not None and holder != waiting_for:
+                waiting_for = holder
+                print(f"stage {stage}: waiting for {holder['pid']}@{holder['host']}, which is building it", flush=True)
+            time.sleep(POLL)
+        else:
+            yield False
+            return
+        if self.lookup(stage, key) is not None:  # finished by another job between the look and the lock
+            lock.unlink(missing_ok=True)
+            yield False
+            return
+        beating = threading.Event()
+        heart = threading.Thread(target=_heartbeat, args=(lock, beating), daemon=True)
+        heart.start()
+        try:
+            yield True
+        finally:
+            beating.set()
+            if (_holder(lock) or {}).get("token") == token:
+                lock.unlink(missing_ok=True)
+
+    def wait_for(self, stage: str, key: str, idle_timeout: float) -> Path:
+        """The entry another process (DDP's rank 0) writes: waits while its lock is held, or up to
+        `idle_timeout` seconds for a build to start."""
+        lock, idle_since = self.root / stage / f".{key}.lock", time.monotonic()
+        while self.lookup(stage, key) is None:
+            holder = _holder(lock)
+            if holder is not None and not _stale(lock, holder):
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since > idle_timeout:
+                raise FastformersError(
+                    f"stage {stage}: entry {self.entry(stage, key)} was not written within {idle_timeout:.0f} s "
+                    "and nobody is building it (did rank 0 fail?)"
+                )
+            time.sleep(POLL)
+        return self.entry(stage, key)
+
+
+def _try_lock(lock: Path) -> str | None:
+    """Creates the lock file atomically; its token, or None when another process holds it."""
+    token = uuid.uuid4().hex
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return None
+    with os.fdopen(fd, "w") as stream:
+        json.dump({"host": this_host(), "pid": os.getpid(), "token": token, "since": time.time()}, stream)
+    return token
+
+
+def _holder(lock: Path) -> dict | None:
+    """Who holds the lock (None: nobody, or a holder still writing it: looked at again next time)."""
+    try:
+        return json.loads(lock.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _age(lock: Path) -> float:
+    """Seconds since the lock's last heartbeat (0 when it is gone)."""
+    try:
+        return time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def _stale(lock: Path, holder: dict) -> bool:
+    if holder.get("host") == this_host():
+        return process_gone(int(holder.get("pid", 0)))
+    return _age(lock) > STALE
+
+
+def _take_over(lock: Path, holder: dict) -> None:
+    """Moves a dead holder's lock aside; one moved by mistake (a new holder's, taken in between) is put back."""
+    aside = lock.with_name(f"{lock.name}.{uuid.uuid4().hex[:8]}.stale")
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:
+        return
+    if (_holder(aside) or {}).get("token") != holder.get("token"):
+        with suppress(FileExistsError):
+            os.link(aside, lock)
+    else:
+        log.warning("cache: took over %s from %s@%s, which is gone", lock, holder.get("pid"), holder.get("host"))
+    aside.unlink(missing_ok=True)
+
+
+def _heartbeat(lock: Path, stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT):
+        try:
+            os.utime(lock)
+        except FileNotFoundError:
+            return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
@@ -10,11 +11,12 @@ import random
 import re
 import urllib.request
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import lightning as L
 import torch
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from fastformers.errors import FastformersError
@@ -46,6 +48,13 @@ def split_label(spec: str) -> str:
 
 
 def task_file(root: str | Path, task: Task, split: str, download: bool = False) -> Path:
+    if task.files is not None:  # a task from config: the user's own files, wherever they are
+        if split not in task.files:
+            raise FastformersError(f"task.files.{split} is not set: name the {split} split's file")
+        path = task.files[split]
+        if not path.is_file():
+            raise task_file_error(path, f"task.files.{split}")
+        return path
     path = Path(root) / task.name / f"{split}.jsonl"
     if not path.exists() and download:
         fetch_official(task, Path(root))
@@ -58,6 +67,14 @@ def task_file(root: str | Path, task: Task, split: str, download: bool = False) 
         )
         raise FastformersError(f"missing data file {path.resolve()}{hint}")
     return path
+
+
+def task_file_error(path: Path, key: str) -> FastformersError:
+    """Why a configured data file cannot be read, naming the config key that points at it."""
+    if path.exists():
+        what = "a directory" if path.is_dir() else "not a regular file"
+        return FastformersError(f"{path.resolve()} ({key}) is {what}, not a data file")
+    return FastformersError(f"missing data file {path.resolve()} ({key})")
 
 
 def fetch_official(task: Task, root: Path, timeout: float = 30.0) -> None:
@@ -115,6 +132,100 @@ def _parse_line(path: Path, number: int, raw: bytes) -> dict | None:
     return record
 
 
+DELIMITERS = {".csv": ",", ".tsv": "\t"}
+DELIMITER_NAMES = {",": "comma", "\t": "tab", ";": "semicolon", "|": "pipe"}
+
+
+def read_records(path: Path, delimiter: str | None = None) -> list[tuple[str, dict]]:
+    """(where, record) of every row of a .jsonl, .csv/.tsv or .parquet file, `where` being `file:line` (parquet:
+    `file:row N`, counted from 1) for the one-line message of a row the task cannot use."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return [(f"{path}:{number}", record) for number, record in read_jsonl(path)]
+    if suffix in DELIMITERS:
+        return read_delimited(path, delimiter or DELIMITERS[suffix])
+    if suffix == ".parquet":
+        return read_parquet(path)
+    raise FastformersError(f"{path}: unknown format {suffix!r}; use .jsonl, .csv, .tsv or .parquet")
+
+
+def read_delimited(path: Path, delimiter: str) -> list[tuple[str, dict]]:
+    """Rows of a delimited text file whose first row names the columns, each as {column: text}. Refused in one
+    line: bytes that are not UTF-8, broken quoting, a header of one column that looks separated by another
+    character (a .csv that is really tab-separated), a row with more or fewer fields than the header."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise FastformersError(f"cannot read {path}: {err.strerror or err}") from err
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise FastformersError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[err.start]:02x})") from None
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    name = DELIMITER_NAMES.get(delimiter, repr(delimiter))
+    header: list[str] | None = None
+    records: list[tuple[str, dict]] = []
+    start = 1
+    try:
+        for row in reader:
+            where, start = f"{path}:{start}", reader.line_num + 1
+            if not any(cell.strip() for cell in row):
+                continue  # a blank line
+            if header is None:
+                header = [cell.strip() for cell in row]
+                _check_header(header, text, where, name, path.suffix)
+                continue
+            if len(row) != len(header):
+                raise FastformersError(
+                    f"{where}: {len(row)} fields but the header has {len(header)} ({name}-separated; "
+                    f"a text holding a {name} must be quoted)"
+                )
+            records.append((where, dict(zip(header, row))))
+    except csv.Error as err:
+        raise FastformersError(f"{path}:{reader.line_num}: not valid {name}-separated text ({err})") from None
+    if header is None:
+        raise FastformersError(f"{path}:1: empty file: the first row must name the columns")
+    return records
+
+
+def _check_header(header: list[str], text: str, where: str, name: str, suffix: str) -> None:
+    if len(header) == 1:
+        first = text.splitlines()[0] if text else ""
+        other = next((d for d in DELIMITER_NAMES if d in first and DELIMITER_NAMES[d] != name), None)
+        if other is not None:
+            fix = {"\t": "rename it .tsv", ",": "rename it .csv"}.get(other, f"set task.delimiter='{other}'")
+            raise FastformersError(
+                f"{where}: one column {_shown_cell(header[0])} in a {name}-separated header, which looks "
+                f"{DELIMITER_NAMES[other]}-separated: {fix}"
+            )
+    seen: set[str] = set()
+    for column in header:
+        if column in seen:
+            raise FastformersError(f"{where}: column {_shown_cell(column)} appears twice in the header")
+        seen.add(column)
+
+
+def _shown_cell(text: str, width: int = 40) -> str:
+    shown = json.dumps(text)
+    return shown if len(shown) <= width else f'{shown[: width - 4]}..."'
+
+
+def read_parquet(path: Path) -> list[tuple[str, dict]]:
+    """Rows of a Parquet file as {column: value}, `where` being `file:row N` (from 1)."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except OSError as err:  # pyarrow's ArrowInvalid (not Parquet, truncated) is an OSError subclass too
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise FastformersError(f"cannot read {path}: not a readable Parquet file ({reason})") from None
+    except Exception as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise FastformersError(f"cannot read {path}: not a readable Parquet file ({reason})") from None
+    return [(f"{path}:row {number}", record) for number, record in enumerate(table.to_pylist(), start=1)]
+
+
 def _kind(value: object) -> str:
     return {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
 
@@ -125,18 +236,26 @@ def load_examples(
     """Examples of a split spec, in file order; a share is taken over records after a seeded shuffle."""
     name, lo, hi = parse_split(spec)
     path = task_file(root, task, name, download)
-    numbered = read_jsonl(path)
+    if task.files is None:
+        numbered = [(f"{path}:{number}", record) for number, record in read_jsonl(path)]
+    else:  # a task from config: the user's .jsonl, .csv, .tsv or .parquet file
+        numbered = read_records(path, (task.spec or {}).get("delimiter"))
     if (lo, hi) != (0.0, 1.0):
         order = list(range(len(numbered)))
         random.Random(split_seed).shuffle(order)
         chosen = sorted(order[round(lo * len(order)) : round(hi * len(order))])
         numbered = [numbered[i] for i in chosen]
     examples = []
-    for number, record in numbered:
+    for where, record in numbered:
         try:
-            examples.extend(task.read(record))
+            read = task.read(record)
         except RecordError as err:  # the one place a record's fault gets its file and line
-            raise FastformersError(f"{path}:{number}: {err}") from err
+            raise FastformersError(f"{where}: {err}") from err
+        for example in read:
+            if not example.uid:  # a task from config without an id field: the row's line in its file
+                example.meta["line"] = int(where.rpartition(":")[2].removeprefix("row "))
+                example.uid = f"{name}:{example.meta['line']}"
+        examples.extend(read)
     if not examples:
         raise FastformersError(f"{path}: split {spec!r} has no examples")
     return examples
@@ -148,17 +267,30 @@ def fingerprint(root: str | Path, task: Task) -> str:
     Only regular files count: a directory named like a split is no data (a run that reads that split is
     refused by `task_file`), so it neither crashes the hash nor changes it."""
     digest = hashlib.sha256()
+    if task.files is not None:  # a task from config: the user's files, each under its split's name
+        for split, path in sorted(task.files.items()):
+            digest.update(f"{split}{path.suffix.lower()}".encode())
+            if path.is_file():
+                hash_file(digest, path)
+            else:
+                digest.update(b"missing")
+        return digest.hexdigest()[:16]
     for path in sorted((Path(root) / task.name).glob("*.jsonl")):
         if not path.is_file():
             continue
         digest.update(path.name.encode())
-        try:
-            with path.open("rb") as stream:
-                for chunk in iter(lambda: stream.read(1 << 20), b""):
-                    digest.update(chunk)
-        except OSError as err:
-            raise FastformersError(f"cannot read {path}: {err.strerror or err}") from err
+        hash_file(digest, path)
     return digest.hexdigest()[:16]
+
+
+def hash_file(digest, path: Path) -> None:
+    """Feeds a file's bytes to a hashlib digest, 1 MiB at a time."""
+    try:
+        with path.open("rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as err:
+        raise FastformersError(f"cannot read {path}: {err.strerror or err}") from err
 
 
 def texts_of(examples: Iterable[Example]) -> Iterable[str]:
@@ -191,8 +323,47 @@ class EncodedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, index: int) -> tuple[list[dict], Example]:
-        return self.rows[index], self.examples[index]
+    def __getitem__(self, index: int) -> tuple[list[dict], Example, int]:
+        return self.rows[index], self.examples[index], index
+
+    def lengths(self) -> list[int]:
+        """Tokens each example pads to in a batch of its own kind: its rows times its longest row."""
+        return [len(rows) * max(len(row["input_ids"]) for row in rows) for rows in self.rows]
+
+
+class TrainOrder(torch.utils.data.Sampler[list[int]]):
+    """The training batches: shuffled every epoch, then (grouped) sorted by length within windows of 50 batches,
+    so a batch pads to rows of similar length (BoolQ's long tail made random batches pad ~2x more) while batches
+    still come in random order. Under DDP each of `world` ranks takes every world-th example of each global batch
+    (the short last one padded with repeats), so together they train on the batch one process would."""
+
+    def __init__(
+        self, lengths: Sequence[int], batch_size: int, seed: int, grouped: bool, rank: int = 0, world: int = 1
+    ):
+        self.lengths, self.batch_size, self.seed, self.grouped = list(lengths), batch_size, seed, grouped
+        self.rank, self.world, self.epoch, self.window = rank, world, 0, 50 * batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch  # Lightning calls this before every epoch: each gets its own order
+
+    def global_batches(self) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        if self.grouped:
+            windows = [order[i : i + self.window] for i in range(0, len(order), self.window)]
+            order = [i for window in windows for i in sorted(window, key=self.lengths.__getitem__, reverse=True)]
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.grouped:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.global_batches():
+            padded = batch + batch[: -len(batch) % self.world]  # every rank gets as many rows of every batch
+            yield padded[self.rank :: self.world]
+
+    def __len__(self) -> int:
+        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
 
 
 class Collator:
@@ -202,10 +373,11 @@ class Collator:
         self.tokenizer = tokenizer
         self.candidate_scoring = candidate_scoring
 
-    def __call__(self, items: list[tuple[list[dict], Example]]) -> dict[str, torch.Tensor]:
-        rows = [row for item_rows, _ in items for row in item_rows]
+    def __call__(self, items: list[tuple[list[dict], Example, int]]) -> dict[str, torch.Tensor]:
+        rows = [row for item_rows, _, _ in items for row in item_rows]
         batch = dict(self.tokenizer.pad(rows, padding="longest", return_tensors="pt"))
-        examples = [example for _, example in items]
+        examples = [example for _, example, _ in items]
+        batch["index"] = torch.tensor([index for _, _, index in items])  # loaders may reorder: results say whose
         batch["group_sizes"] = torch.tensor([len(e.pairs) for e in examples])
         if self.candidate_scoring:
             width = int(batch["group_sizes"].max())
@@ -222,22 +394,31 @@ class Collator:
         return batch
 
 
-def make_loader(
-    examples, tokenizer, task: Task, max_length: int, batch_size: int, shuffle: bool = False, seed: int = 0
-) -> DataLoader:
+def make_loader(examples, tokenizer, task: Task, max_length: int, batch_size: int) -> DataLoader:
+    """An inference loader: examples taken shortest first, so each batch pads to rows of similar length
+    (results carry `index`, and `models.score_examples` puts them back in the examples' order)."""
     dataset = EncodedDataset(examples, tokenizer, max_length)
-    generator = torch.Generator().manual_seed(seed)
+    lengths = dataset.lengths()
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
+        sampler=sorted(range(len(dataset)), key=lengths.__getitem__),
         collate_fn=Collator(tokenizer, task.labels is None),
     )
 
 
+def train_loader(
+    examples, tokenizer, task: Task, max_length: int, batch_size: int, seed: int, grouped: bool, rank: int, world: int
+) -> DataLoader:
+    """The training loader: `batch_size` is the global batch, split evenly over `world` ranks (DDP)."""
+    dataset = EncodedDataset(examples, tokenizer, max_length)
+    order = TrainOrder(dataset.lengths(), batch_size, seed, grouped, rank, world)
+    return DataLoader(dataset, batch_sampler=order, collate_fn=Collator(tokenizer, task.labels is None))
+
+
 class TaskDataModule(L.LightningDataModule):
-    """Train and validation loaders of one task, for Lightning's Trainer."""
+    """Train and validation loaders of one task, for Lightning's Trainer (which must not swap in its own
+    distributed sampler: `TrainOrder` splits the training batches, and every rank validates on all of val)."""
 
     def __init__(
         self,
@@ -246,21 +427,20 @@ class TaskDataModule(L.LightningDataModule):
         train: Sequence[Example],
         val: Sequence[Example],
         max_length: int,
-        batch_size: int,
-        eval_batch_size: int,
+        opts: DictConfig,
         seed: int,
     ):
         super().__init__()
         self.task, self.tokenizer, self.train, self.val = task, tokenizer, train, val
-        self.max_length, self.batch_size, self.eval_batch_size, self.seed = (
-            max_length,
-            batch_size,
-            eval_batch_size,
-            seed,
-        )
+        self.max_length, self.opts, self.seed = max_length, opts, seed
 
     def train_dataloader(self) -> DataLoader:
-        return make_loader(self.train, self.tokenizer, self.task, self.max_length, self.batch_size, True, self.seed)
+        opts, trainer = self.opts, self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        return train_loader(
+            self.train, self.tokenizer, self.task, self.max_length, opts.batch_size, self.seed,
+            opts.group_by_length, rank, world,
+        )  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
-        return make_loader(self.val, self.tokenizer, self.task, self.max_length, self.eval_batch_size)
+        return make_loader(self.val, self.tokenizer, self.task, self.max_length, self.opts.eval_batch_size)

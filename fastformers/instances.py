@@ -193,6 +193,14 @@ class Served:
         return sum(r.peak_rss_mb for r in self.results)
 
 
+def spawn_context():
+    """The spawn context. In a joblib (loky) worker the process-wide start method is 'loky', which a spawned
+    child is told to set up and cannot (it would die before running): the stdlib's spawn is made the default."""
+    if mp.get_start_method(allow_none=True) not in (None, "spawn", "fork", "forkserver"):
+        mp.set_start_method("spawn", force=True)
+    return mp.get_context("spawn")
+
+
 class Instances:
     """One setting's pinned processes: spawned, loaded and warmed up once, then told to run a timed pass or
     the latency calls when the caller says, so several settings' passes can be interleaved round-robin
@@ -201,7 +209,7 @@ class Instances:
     def __init__(self, backend: Backend, layout: Layout, work: list[Work], meter: EnergyMeter):
         if len(work) != layout.instances:
             raise ValueError(f"{len(work)} shares of work for {layout.instances} instances")
-        ctx = mp.get_context("spawn")
+        ctx = spawn_context()
         self.layout, self.results = layout, ctx.Queue()
         barrier = ctx.Barrier(layout.instances)
         self.commands = [ctx.Queue() for _ in range(layout.instances)]

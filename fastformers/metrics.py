@@ -11,7 +11,7 @@ import string
 from collections import Counter
 from collections.abc import Hashable, Sequence
 
-from sklearn.metrics import f1_score
+from sklearn.metrics import f1_score, matthews_corrcoef
 
 
 def accuracy(golds: Sequence[int], preds: Sequence[int]) -> float:
@@ -23,6 +23,14 @@ def accuracy(golds: Sequence[int], preds: Sequence[int]) -> float:
 def macro_f1(golds: Sequence[int], preds: Sequence[int], num_labels: int) -> float:
     """CB's F1: unweighted mean of the per-class F1 over all classes (sklearn, as jiant does)."""
     return float(f1_score(golds, preds, labels=list(range(num_labels)), average="macro", zero_division=0))
+
+
+def mcc(golds: Sequence[int], preds: Sequence[int]) -> float:
+    """Matthews correlation coefficient (multi-class: Gorodkin's R_K, as sklearn computes it), in [-1, 1]: 0 for
+    chance or a constant prediction, 1 for perfect. The one metric here that is not a fraction in [0, 1]."""
+    if not golds:
+        return 0.0
+    return float(matthews_corrcoef(golds, preds))
 
 
 def multirc_scores(golds: Sequence[int], preds: Sequence[int], questions: Sequence[Hashable]) -> dict:

@@ -32,18 +32,17 @@ from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    BertConfig,
     PreTrainedTokenizerFast,
-    RobertaConfig,
 )
 
 from fastformers.errors import FastformersError
-from fastformers.pruning import HEADS_KEPT, encoder_layers, keep_attention_heads
+from fastformers.modeling_fastformers import LAYOUTS, Layout, shrink_to_config
+from fastformers.pruning import pruned
 from fastformers.tasks import Task
 
 log = logging.getLogger(__name__)
 
-FAMILIES = {"bert": BertConfig, "roberta": RobertaConfig}
+FAMILIES = LAYOUTS  # model_type -> where its layers, attention and FFN live (fastformers/modeling_fastformers.py)
 PACKAGE_PREFIX = "package:"
 
 
@@ -69,9 +68,15 @@ def model_family(path_or_id: str) -> str:
         ) from err
 
 
+def family(name: str | None, what: str = "model type") -> Layout:
+    """The family table's row for a model type; any other is refused in one line naming the supported ones."""
+    if name not in FAMILIES:
+        raise FastformersError(f"{what} {name!r} is not supported; use one of {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
 def check_family(spec: DictConfig, found: str) -> None:
-    if found not in FAMILIES:
-        raise FastformersError(f"{spec.name}: model type {found!r} is not supported; use one of {sorted(FAMILIES)}")
+    family(found, f"{spec.name}: model type")
     if spec.family and spec.family != found:
         raise FastformersError(f"{spec.name}: config says family={spec.family!r} but the model is {found!r}")
 
@@ -132,19 +137,20 @@ def load_pretrained(spec: DictConfig, task: Task):
 def load_finetuned(folder: str | Path, attn_implementation: str | None = "eager"):
     """A model a stage saved with save_pretrained (its head is already sized for the task). Eager attention
     by default: its ONNX export fuses into Attention ops; None = transformers' default (SDPA), the
-    out-of-the-box choice a PyTorch baseline should be timed with. Head-pruned models are rebuilt to their
-    narrower shapes first (transformers 5 dropped `pruned_heads`, so plain from_pretrained cannot)."""
+    out-of-the-box choice a PyTorch baseline should be timed with. Pruned models are rebuilt to their narrower
+    shapes first (transformers 5 dropped `pruned_heads`, so plain from_pretrained cannot; their folder's
+    modeling_fastformers.py does the same for transformers with trust_remote_code=True), from the per-layer
+    sizes in config.json or, for folders saved before those, the one head count of every layer."""
     config = AutoConfig.from_pretrained(str(folder))
-    kept = getattr(config, HEADS_KEPT, None)
-    if kept is None:
+    family(config.model_type, f"{folder}: model type")
+    if not pruned(config):
         with readable_weights(folder):
             model = AutoModelForSequenceClassification.from_pretrained(
                 str(folder), attn_implementation=attn_implementation
             )
     else:
         model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn_implementation)
-        for layer in encoder_layers(model):
-            keep_attention_heads(layer.attention, list(range(kept)))  # shapes only: the weights come next
+        shrink_to_config(model)  # shapes only: the weights come next
         weights = Path(folder) / "model.safetensors"
         if not weights.is_file():
             raise FastformersError(f"{weights}: missing; a pruned model is loaded from its safetensors file")
@@ -156,19 +162,21 @@ def load_finetuned(folder: str | Path, attn_implementation: str | None = "eager"
 
 def build_random(spec: DictConfig, task: Task, texts: Iterable[str]):
     """A randomly initialised model from sizes, with a tokenizer trained on `texts` (tests use this)."""
+    layout = family(spec.family, f"{spec.name}: family")
     tokenizer = train_tokenizer(spec.family, texts, spec.tokenizer_vocab_size)
     special = {"pad_token_id": tokenizer.pad_token_id}
-    if spec.family == "roberta":
+    if layout.tokenizer == "bpe":  # RoBERTa-shaped: <s> ... </s>, one segment
         special |= {
             "bos_token_id": tokenizer.cls_token_id,
             "eos_token_id": tokenizer.sep_token_id,
             "type_vocab_size": 1,
         }
-    config = FAMILIES[spec.family](  # type: ignore[call-arg]
+    arch = {layout.config_key(key): value for key, value in dict(spec.arch).items()}
+    config = layout.classifier_class().config_class(
         vocab_size=len(tokenizer),
         num_labels=task.num_labels,
         max_position_embeddings=spec.max_position_embeddings,
-        **dict(spec.arch),
+        **arch,
         **special,
     )
     config._attn_implementation = spec.attn_implementation
@@ -178,14 +186,16 @@ def build_random(spec: DictConfig, task: Task, texts: Iterable[str]):
 def load_model(spec: DictConfig, task: Task, texts: Iterable[str]):
     if spec.pretrained:
         return load_pretrained(spec, task)
-    if spec.family not in FAMILIES:
-        raise FastformersError(f"{spec.name}: family={spec.family!r} must be one of {sorted(FAMILIES)} for random init")
     return build_random(spec, task, texts)
 
 
 def train_tokenizer(family: str, texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """WordPiece (BERT) or byte-level BPE (RoBERTa) with the family's special-token template."""
-    if family == "bert":
+    """WordPiece (BERT, ELECTRA, DistilBERT) or byte-level BPE (RoBERTa, XLM-R) with the family's special-token
+    template; a family without segment ids (DistilBERT) gets a tokenizer that makes none."""
+    layout = FAMILIES.get(family)
+    if layout is None:
+        raise FastformersError(f"family={family!r}: no tokenizer recipe; use one of {sorted(FAMILIES)}")
+    if layout.tokenizer == "wordpiece":
         specials = {
             "pad_token": "[PAD]",
             "unk_token": "[UNK]",
@@ -205,7 +215,7 @@ def train_tokenizer(family: str, texts: Iterable[str], vocab_size: int) -> PreTr
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[cls, sep]
         )
-    elif family == "roberta":
+    else:  # bpe
         specials = {
             "cls_token": "<s>",
             "pad_token": "<pad>",
@@ -226,10 +236,13 @@ def train_tokenizer(family: str, texts: Iterable[str], vocab_size: int) -> PreTr
         tok.post_processor = processors.RobertaProcessing(
             ("</s>", tok.token_to_id("</s>") or 0), ("<s>", tok.token_to_id("<s>") or 0)
         )
-    else:
-        raise FastformersError(f"family={family!r}: no tokenizer recipe; use one of {sorted(FAMILIES)}")
+    no_segments = {} if layout.token_type_ids else {"model_input_names": ["input_ids", "attention_mask"]}
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=specials["cls_token"], eos_token=specials["sep_token"], **specials
+        tokenizer_object=tok,
+        bos_token=specials["cls_token"],
+        eos_token=specials["sep_token"],
+        **no_segments,
+        **specials,
     )
 
 
@@ -267,16 +280,17 @@ def task_loss(scores: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Ten
 
 @torch.no_grad()
 def score_examples(model, loader) -> list[list[float]]:
-    """Every example's raw scores (classes or candidates), in loader order."""
+    """Every example's raw scores (classes or candidates), in the examples' order (the loader may take them
+    in another, e.g. shortest first: each batch says whose rows it holds)."""
     model.eval()
     candidate_scoring = loader.collate_fn.candidate_scoring
-    rows: list[list[float]] = []
+    rows: dict[int, list[float]] = {}
     for batch in loader:
         logits = model(**model_inputs(batch)).logits
         scores = example_scores(logits, batch["group_sizes"], candidate_scoring)
-        for size, row in zip(batch["group_sizes"].tolist(), scores.tolist()):
-            rows.append(row[:size] if candidate_scoring else row)
-    return rows
+        for index, size, row in zip(batch["index"].tolist(), batch["group_sizes"].tolist(), scores.tolist()):
+            rows[index] = row[:size] if candidate_scoring else row
+    return [rows[index] for index in sorted(rows)]
 
 
 def predict(model, loader) -> list[int]:

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from pathlib import Path
 
 import mlflow
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fastformers import serving, tracking
+from fastformers import distributed, serving, tracking
 from fastformers.cache import StageCache, cache_key, code_fingerprint, library_versions
 from fastformers.checks import check_resolvable, require_distinct, require_number
 from fastformers.data import fingerprint, parse_split, split_label, task_file
 from fastformers.errors import FastformersError, check_stopped
 from fastformers.stages import get_stage
-from fastformers.tasks import get_task
+from fastformers.stages import teacher as teacher_stage
+from fastformers.tasks import task_of
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ TEACHER = "teacher"  # the first model of a run (the fine-tuned teacher), for st
 def validate(cfg: DictConfig) -> list:
     """Every check that needs no data or model, so a bad config fails before minutes of work."""
     check_resolvable(cfg)
-    get_task(cfg.task.name)
+    task_of(cfg)  # a SuperGLUE task, or a valid one on your own files (checked without reading them)
     require_number(cfg, "seed", integer=True)
     require_number(cfg, "data.split_seed", integer=True)
     require_number(cfg, "task.max_seq_length", 1, integer=True, meaning="the most tokens of a row")
@@ -54,6 +56,7 @@ def validate(cfg: DictConfig) -> list:
     if not cfg.stages:
         raise FastformersError("stages is empty: name at least one, e.g. stages=[finetune,evaluate]")
     require_distinct(list(cfg.stages), "stages")
+    start_from_given_teacher(cfg)
     stages: list = []
     provided: set[str] = set()
     for name in cfg.stages:
@@ -63,20 +66,43 @@ def validate(cfg: DictConfig) -> list:
         if missing:
             raise FastformersError(
                 f"stages: {name!r} needs the {missing[0]!r} output of an earlier stage "
-                f"(e.g. stages=[finetune,{name}]); these run before it: {sorted(provided)}"
+                f"(e.g. stages=[finetune,{name}], or your own fine-tuned model: teacher.pretrained=/path/to/folder); "
+                f"these run before it: {sorted(provided)}"
             )
         stages.append(stage)
         if stage.PROVIDES == "model":
             provided.add(TEACHER)
         if stage.PROVIDES:
             provided.add(stage.PROVIDES)
+    if GIVEN_TEACHER in cfg.stages:
+        with open_dict(cfg.teacher):  # the folder's content keys the stage's cache entry (and shows in MLflow)
+            cfg.teacher.sha256 = teacher_stage.folder_hash(teacher_stage.folder_of(cfg))
     return stages
+
+
+GIVEN_TEACHER = "teacher"  # the stage that takes teacher.pretrained, a fine-tuned model, as the teacher as it is
+
+
+def start_from_given_teacher(cfg: DictConfig) -> None:
+    """A run whose first stage needs a model that no stage makes (e.g. stages=[distill,prune,export,evaluate])
+    starts from teacher.pretrained, the user's own fine-tuned model, as it is: the `teacher` stage is put in
+    front, in `cfg.stages` itself, so the run's stage lines, cache and MLflow params all say what ran."""
+    names = list(cfg.stages)
+    if "finetune" in names and GIVEN_TEACHER in names:
+        raise FastformersError("stages: 'finetune' and 'teacher' both make the teacher; keep one of them")
+    if "finetune" in names or GIVEN_TEACHER in names or not cfg.teacher.get("pretrained"):
+        return
+    if not {"model", TEACHER} & set(get_stage(names[0]).uses(cfg)):
+        return
+    log.info("stages: no finetune stage: the teacher is teacher.pretrained=%s as it is", cfg.teacher.pretrained)
+    with open_dict(cfg):
+        cfg.stages = [GIVEN_TEACHER, *names]
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Runs the stages; returns every metric logged, keyed `<stage>/<metric>`."""
     stages = validate(cfg)
-    task = get_task(cfg.task.name)
+    task = task_of(cfg)
     try:
         for spec in dict.fromkeys([cfg.task.train_split, cfg.task.eval_split]):  # fail before any MLflow run
             task_file(cfg.data.root, task, parse_split(spec)[0], cfg.data.download)
@@ -89,20 +115,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
         return {}
     data_print = fingerprint(cfg.data.root, task)
     cache = StageCache(Path(cfg.paths.cache_dir).resolve())
+    if distributed.is_worker(cfg.hardware):
+        return run_worker(cfg, stages, cache, data_print)
     provided: dict[str, tuple[Path, str]] = {}
     results: dict[str, float] = {}
     with tracking.start_run(cfg) as active:
         for name, stage in zip(cfg.stages, stages):
             inputs = {need: provided[need] for need in stage.uses(cfg)}
-            payload = {
-                "stage": name,
-                "version": stage.VERSION,
-                "code": code_fingerprint(*stage_modules(name, stage, cfg)),
-                "libraries": library_versions(),
-                "config": {key: hashed(OmegaConf.select(cfg, key)) for key in stage.CONFIG_KEYS},
-                "data": data_print,
-                "inputs": {need: key for need, (_, key) in inputs.items()},
-            }
+            payload = stage_payload(cfg, name, stage, data_print, inputs)
             if not stage.CACHED:  # a measurement (timings): taken afresh in every run
                 payload["run"] = active.info.run_id
             key = cache_key(payload)
@@ -130,6 +150,43 @@ def run(cfg: DictConfig) -> dict[str, float]:
         check_stopped()
         print(summary(cfg, results, active.info.run_id), flush=True)
     return results
+
+
+def stage_payload(cfg: DictConfig, name: str, stage, data_print: str, inputs: dict[str, tuple[Path, str]]) -> dict:
+    """What a stage's cache key hashes: its code, the libraries, its config, the data and its inputs' keys."""
+    return {
+        "stage": name,
+        "version": stage.VERSION,
+        "code": code_fingerprint(*stage_modules(name, stage, cfg)),
+        "libraries": library_versions(),
+        "config": {key: hashed(OmegaConf.select(cfg, key)) for key in stage.CONFIG_KEYS},
+        "data": data_print,
+        "inputs": {need: key for need, (_, key) in inputs.items()},
+    }
+
+
+WORKER_WAIT = 1800.0  # seconds a DDP worker waits for rank 0 to start an entry (torch's own collective timeout)
+
+
+def run_worker(cfg: DictConfig, stages: list, cache: StageCache, data_print: str) -> dict[str, float]:
+    """A DDP rank other than 0: it joins the fit of every training stage rank 0 builds (its own copy of the
+    output is thrown away) and reads rank 0's entries in between; the stages after the last training stage run
+    on rank 0 alone. It writes no cache entry and no MLflow run."""
+    trains = [i for i, stage in enumerate(stages) if stage.DISTRIBUTED]
+    provided: dict[str, tuple[Path, str]] = {}
+    for name, stage in list(zip(cfg.stages, stages))[: trains[-1] + 1 if trains else 0]:
+        inputs = {need: provided[need] for need in stage.uses(cfg)}
+        key = cache_key(stage_payload(cfg, name, stage, data_print, inputs))
+        if cache.lookup(name, key) is None:
+            if stage.DISTRIBUTED:
+                with tempfile.TemporaryDirectory(prefix=f"fastformers-rank-{name}-") as scratch:
+                    stage.run(cfg, {need: folder for need, (folder, _) in inputs.items()}, Path(scratch))
+            cache.wait_for(name, key, WORKER_WAIT)
+        if stage.PROVIDES == "model":
+            provided.setdefault(TEACHER, (cache.entry(name, key), key))
+        if stage.PROVIDES:
+            provided[stage.PROVIDES] = (cache.entry(name, key), key)
+    return {}
 
 
 def headline(stage: str, metrics: dict) -> str:
@@ -212,12 +269,14 @@ def objectives(cfg: DictConfig, results: dict[str, float]) -> float | tuple[floa
 
 
 def run_cached(cache: StageCache, name: str, key: str, stage, cfg: DictConfig, inputs, payload, run_id: str):
-    """The stage's cache entry, built now unless an intact one exists; returns (folder, was_cached)."""
-    if cache.lookup(name, key) is not None:
-        return cache.entry(name, key), True
-    with cache.build(name, key, {"payload": payload, "built_by_run": run_id}) as scratch:
-        metrics = stage.run(cfg, {need: folder for need, (folder, _) in inputs.items()}, scratch)
-        (scratch / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    """The stage's cache entry, built now unless an intact one exists or another job is building it (then it
+    waits and reads theirs); returns (folder, was_cached)."""
+    with cache.claimed(name, key) as mine:
+        if not mine:
+            return cache.entry(name, key), True
+        with cache.build(name, key, {"payload": payload, "built_by_run": run_id}) as scratch:
+            metrics = stage.run(cfg, {need: folder for need, (folder, _) in inputs.items()}, scratch)
+            (scratch / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     return cache.entry(name, key), False
 
 

@@ -1,7 +1,9 @@
 """Structured pruning mechanics: first-order importance of attention heads and FFN neurons (Michel et al.,
 2019: a mask of ones scales every head's context vector and every FFN neuron's activation through forward
 pre-hooks, and |d loss / d mask| is summed over a labelled slice), the same number kept in every layer, and the
-model rewired physically smaller. `models.load_finetuned` rebuilds a pruned model's shapes from its config."""
+model rewired physically smaller. Where each family keeps its layers, heads and FFN, and the slicing itself, are
+in modeling_fastformers.py (the file a pruned folder ships for transformers); `models.load_finetuned` rebuilds a
+pruned model's shapes from its config."""
 
 from __future__ import annotations
 
@@ -12,43 +14,54 @@ from typing import Any
 
 import torch
 
-HEADS_KEPT = "attention_heads_kept"  # config.json key of a head-pruned model: heads left in every layer
+from fastformers.errors import FastformersError
+from fastformers.modeling_fastformers import (
+    HEADS_KEPT,
+    LAYER_FFN,
+    LAYER_HEADS,
+    LAYOUTS,
+    Layout,
+    head_count,
+    head_size,
+    keep_heads,
+    keep_neurons,
+    layout_of,
+    part,
+)
+
 PRUNING_RECORD = "fastformers_pruning"  # config.json key: what was kept, for the reader of a saved model
 
 
+def family_layout(model) -> Layout:
+    """The model's row of the family table (modeling_fastformers.LAYOUTS); any other family is refused."""
+    try:
+        return layout_of(model)
+    except KeyError as err:
+        raise FastformersError(f"model type {err.args[0]!r} is not supported; use one of {sorted(LAYOUTS)}") from None
+
+
 def encoder_layers(model) -> Any:
-    """The transformer blocks of a BERT or RoBERTa classifier (typed Any: attribute access on its modules is
-    what the callers do, which torch's stubs cannot check)."""
-    return model.base_model.encoder.layer
+    """The transformer blocks of a classifier of a supported family (typed Any: attribute access on its modules
+    is what the callers do, which torch's stubs cannot check)."""
+    return part(model.base_model, family_layout(model).layers)
 
 
-def sliced_linear(linear: torch.nn.Linear, index: torch.Tensor, dim: int) -> torch.nn.Linear:
-    """A Linear keeping only the output rows (dim=0) or input columns (dim=1) listed in `index`."""
-    weight = linear.weight.detach().index_select(dim, index)
-    out = torch.nn.Linear(weight.shape[1], weight.shape[0], dtype=weight.dtype, device=weight.device)
-    out.weight.data.copy_(weight)
-    out.bias.data.copy_(linear.bias.detach() if dim == 1 else linear.bias.detach()[index])
-    return out
-
-
-def keep_attention_heads(attention, heads: list[int]) -> None:
-    """Slices Q, K, V rows and the output projection's columns down to `heads` (indices into the current
+def keep_attention_heads(layer, heads: list[int]) -> None:
+    """Slices one block's Q, K, V rows and attention output columns down to `heads` (indices into its current
     heads); the head size, hence the attention scaling, is unchanged."""
-    self_attn = attention.self
-    size = self_attn.attention_head_size
-    index = torch.cat([torch.arange(h * size, (h + 1) * size) for h in heads])
-    for name in ("query", "key", "value"):
-        setattr(self_attn, name, sliced_linear(getattr(self_attn, name), index, dim=0))
-    attention.output.dense = sliced_linear(attention.output.dense, index, dim=1)
-    self_attn.num_attention_heads = len(heads)
-    self_attn.all_head_size = len(heads) * size
+    keep_heads(layer, heads)
 
 
 def keep_ffn_neurons(layer, neurons: list[int]) -> None:
-    """Slices the FFN's first projection rows and second projection columns down to `neurons`."""
-    index = torch.tensor(neurons, dtype=torch.long)
-    layer.intermediate.dense = sliced_linear(layer.intermediate.dense, index, dim=0)
-    layer.output.dense = sliced_linear(layer.output.dense, index, dim=1)
+    """Slices one block's FFN first projection rows and second projection columns down to `neurons`."""
+    keep_neurons(layer, neurons)
+
+
+def attention_shape(model) -> tuple[int, int]:
+    """(heads, total head width) of the first layer's attention: what the ONNX optimizer is told (pruning
+    narrows it, so it cannot be inferred from hidden_size)."""
+    first = encoder_layers(model)[0]
+    return head_count(first), head_count(first) * head_size(first)
 
 
 def kept_count(total: int, fraction: float) -> int:
@@ -67,11 +80,11 @@ def _scale_neurons(mask: torch.Tensor, module, args):
 @contextmanager
 def masks_applied(model, heads: torch.Tensor, ffn: torch.Tensor):
     """Multiplies head h of layer l by heads[l, h] and FFN neuron n by ffn[l, n] while the context is open."""
-    handles = []
+    handles, layout = [], family_layout(model)
     for i, layer in enumerate(encoder_layers(model)):
-        size = layer.attention.self.attention_head_size
-        handles.append(layer.attention.output.dense.register_forward_pre_hook(partial(_scale_heads, heads[i], size)))
-        handles.append(layer.output.dense.register_forward_pre_hook(partial(_scale_neurons, ffn[i])))
+        scale_heads = partial(_scale_heads, heads[i], head_size(layer))
+        handles.append(part(layer, layout.attention_output).register_forward_pre_hook(scale_heads))
+        handles.append(part(layer, layout.ffn_out).register_forward_pre_hook(partial(_scale_neurons, ffn[i])))
     try:
         yield
     finally:
@@ -82,8 +95,8 @@ def masks_applied(model, heads: torch.Tensor, ffn: torch.Tensor):
 def mask_shapes(model) -> tuple[tuple[int, int], tuple[int, int]]:
     """([layers, heads], [layers, FFN neurons]) of the model as it is now (uniform across layers)."""
     layers = encoder_layers(model)
-    first = layers[0]
-    return (len(layers), first.attention.self.num_attention_heads), (len(layers), first.intermediate.dense.out_features)
+    ffn = part(layers[0], family_layout(model).ffn_in).out_features
+    return (len(layers), head_count(layers[0])), (len(layers), ffn)
 
 
 def importance(model, batches: Iterable, loss_of: Callable[[Any], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,25 +133,37 @@ def top_per_layer(scores: torch.Tensor, k: int) -> list[list[int]]:
 
 
 def rewire(model, heads: list[list[int]], neurons: list[list[int]]) -> None:
-    """Removes every head and neuron not listed, and records the new shapes in the config so that
-    models.load_finetuned rebuilds them."""
-    (_, head_count), (_, ffn_count) = mask_shapes(model)
+    """Removes every head and neuron not listed, and records the new shapes in the config (per layer, and the
+    family's FFN width when every layer keeps the same count) so that models.load_finetuned, and transformers
+    through modeling_fastformers.py, rebuild them."""
+    (_, heads_before), (_, ffn_before) = mask_shapes(model)
     for layer, layer_heads, layer_neurons in zip(encoder_layers(model), heads, neurons, strict=True):
-        if len(layer_heads) < head_count:
-            keep_attention_heads(layer.attention, layer_heads)
-        if len(layer_neurons) < ffn_count:
+        if len(layer_heads) < heads_before:
+            keep_attention_heads(layer, layer_heads)
+        if len(layer_neurons) < ffn_before:
             keep_ffn_neurons(layer, layer_neurons)
-    config = model.config
-    if len(heads[0]) < head_count:
-        setattr(config, HEADS_KEPT, len(heads[0]))  # num_attention_heads stays: it sets the head size
-    config.intermediate_size = len(neurons[0])
+    config, layout = model.config, family_layout(model)
+    head_counts, ffn_counts = [len(h) for h in heads], [len(n) for n in neurons]
+    if min(head_counts) < heads_before:
+        setattr(config, LAYER_HEADS, head_counts)  # num_attention_heads stays: it sets the head size
+        if len(set(head_counts)) == 1:
+            setattr(config, HEADS_KEPT, head_counts[0])  # what fastformers before per-layer sizes reads
+    if min(ffn_counts) < ffn_before:
+        setattr(config, LAYER_FFN, ffn_counts)
+        if len(set(ffn_counts)) == 1:
+            setattr(config, layout.intermediate_size, ffn_counts[0])  # a plain from_pretrained then fits the FFN
     setattr(
         config,
         PRUNING_RECORD,
         {
             "kept_heads": heads,
-            "ffn_neurons_kept": len(neurons[0]),
-            "heads_before": head_count,
-            "ffn_neurons_before": ffn_count,
+            "ffn_neurons_kept": ffn_counts[0],
+            "heads_before": heads_before,
+            "ffn_neurons_before": ffn_before,
         },
     )
+
+
+def pruned(config) -> bool:
+    """Whether a model config records removed heads or FFN neurons."""
+    return any(getattr(config, key, None) is not None for key in (LAYER_HEADS, LAYER_FFN, HEADS_KEPT))

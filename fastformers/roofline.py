@@ -28,10 +28,18 @@ class Shape:
 
     @classmethod
     def of(cls, config) -> Shape:
-        """From a transformers config; a head-pruned model records its kept heads in `attention_heads_kept`."""
+        """From a transformers config of a supported family (its FFN width under the family's key); a pruned
+        model records its kept heads and neurons per layer (the mean is used: FLOPs are linear in them), or, saved
+        before per-layer sizes, one head count in `attention_heads_kept`."""
+        from fastformers.modeling_fastformers import LAYOUTS, layer_sizes
+
         head_size = config.hidden_size // config.num_attention_heads
-        heads = getattr(config, "attention_heads_kept", None) or config.num_attention_heads
-        return cls(config.num_hidden_layers, config.hidden_size, heads, head_size, config.intermediate_size)
+        layout = LAYOUTS.get(config.model_type)
+        ffn = getattr(config, layout.intermediate_size if layout else "intermediate_size")
+        kept_heads, kept_ffn = layer_sizes(config, config.num_hidden_layers)
+        heads = round(sum(kept_heads) / len(kept_heads)) if kept_heads else config.num_attention_heads
+        ffn = round(sum(kept_ffn) / len(kept_ffn)) if kept_ffn else ffn
+        return cls(config.num_hidden_layers, config.hidden_size, heads, head_size, ffn)
 
 
 def flops(shape: Shape, tokens: int) -> tuple[float, float]:

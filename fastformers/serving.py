@@ -2,7 +2,8 @@
 benchmark's pick when the run made one (engine, precision, bucket), else the run's precision on onnxruntime.
 
 Requests carry records in the task's official jsonl shape (e.g. CB: premise, hypothesis, idx); answers are
-the leaderboard's submission rows (idx and label), so a served model and a submission file read alike.
+the leaderboard's submission rows (idx and label), so a served model and a submission file read alike. A task on
+your own files (task=text_classification) takes rows with its text field(s) and answers with the label's name.
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ class EngineTaskModel(PythonModel):
     def load_context(self, context) -> None:
         from transformers import AutoTokenizer
 
+        from fastformers import text_classification
         from fastformers.engines import EngineModel
         from fastformers.tasks import get_task
 
         config = context.model_config
-        self.task = get_task(config["task"])
+        spec = config.get("task_spec")  # a task on your own files: its definition, labels included
+        self.task = text_classification.build(dict(spec), with_files=False) if spec else get_task(config["task"])
+        self.shape = f"as rows with the field {spec['text_field']}" if spec else "in the official jsonl shape"
         self.max_length = int(config["max_seq_length"])
         engine = get_engine(config["engine"], {config["engine"]: config["engine_conf"]})
         self.model = EngineModel(
@@ -56,7 +60,7 @@ class EngineTaskModel(PythonModel):
                 examples.extend(self.task.read({k: v for k, v in record.items() if not _is_nan(v)}))
             except (RecordError, TypeError, KeyError, AttributeError) as err:
                 raise MlflowException(
-                    f"record {number}: {err} (send {self.task.name} records in the official jsonl shape)",
+                    f"record {number}: {err} (send {self.task.name} records {self.shape})",
                     error_code=INVALID_PARAMETER_VALUE,
                 ) from err
         if not examples:
@@ -81,7 +85,10 @@ def served_choice(cfg: DictConfig, pick_folder: Path | None) -> dict:
 def log_served_model(onnx_folder: Path, cfg: DictConfig, pick_folder: Path | None = None) -> dict:
     """Logs the chosen artifact (an OpenVINO IR with its weights file) and the tokenizer under the active
     run's `model`; returns the choice."""
+    from fastformers.tasks import from_files, task_of
+
     choice = served_choice(cfg, pick_folder)
+    task_spec = {"task_spec": task_of(cfg).spec} if from_files(cfg.task) else {}
     engine = get_engine(choice["engine"], cfg.engines)
     path = artifact_path(onnx_folder, engine, choice["precision"])
     artifacts = {"model": str(path), "tokenizer": str(tokenizer_folder(onnx_folder))}
@@ -101,6 +108,7 @@ def log_served_model(onnx_folder: Path, cfg: DictConfig, pick_folder: Path | Non
             "max_seq_length": cfg.task.max_seq_length,
             "engine_conf": OmegaConf.to_container(cfg.engines[engine.name], resolve=True),
         }
+        | task_spec
         | choice,
     )
     mlflow.set_tags({"served.engine": choice["engine"], "served.precision": choice["precision"]})

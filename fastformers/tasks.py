@@ -6,6 +6,9 @@ Two shapes cover all seven tasks:
   MultiRC, whose every answer option is one binary example grouped by question);
 - candidate scoring (`labels is None`): one text pair per candidate, the model gives each a score and
   the highest wins (COPA's two choices, ReCoRD's entities filling `@placeholder`).
+
+A task can also come from config: `task.files` names the user's own files (fastformers/text_classification.py);
+`task_of(cfg)` gives the run's task either way.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastformers import metrics
@@ -43,6 +47,9 @@ class Task:
     read: Callable[[dict], list[Example]]  # one jsonl record -> its examples
     score: Callable[[Sequence[Example], Sequence[int]], dict]  # official metrics + `score`
     submit: Callable[[Sequence[Example], Sequence[int]], list[dict]]  # leaderboard jsonl lines
+    # A task from config only (None for SuperGLUE's, whose files are data.root/<name>/<split>.jsonl):
+    files: dict[str, Path] | None = field(default=None, hash=False)  # each split's file
+    spec: dict[str, Any] | None = field(default=None, hash=False)  # the definition, labels resolved (serving)
 
     @property
     def num_labels(self) -> int:
@@ -309,6 +316,24 @@ TASKS: dict[str, Task] = {
 
 
 def get_task(name: str) -> Task:
+    """A SuperGLUE task by name (a task on your own files comes from its config: `task_of`)."""
     if name not in TASKS:
-        raise FastformersError(f"task.name={name!r} is not a SuperGLUE task; choose one of {sorted(TASKS)}")
+        raise FastformersError(
+            f"task.name={name!r} is not a SuperGLUE task; choose one of {sorted(TASKS)}, "
+            "or task=text_classification for your own files"
+        )
     return TASKS[name]
+
+
+def from_files(task_cfg: Any) -> bool:
+    """Whether a `task` config defines its own task on the user's files (conf/task/text_classification.yaml)."""
+    return "files" in task_cfg
+
+
+def task_of(cfg: Any) -> Task:
+    """The run's task: the SuperGLUE task `task.name` names, or the one `task` defines on the user's files."""
+    if not from_files(cfg.task):
+        return get_task(cfg.task.name)
+    from fastformers import text_classification
+
+    return text_classification.build(text_classification.check(cfg.task))

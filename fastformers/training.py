@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from transformers import get_linear_schedule_with_warmup
 
-from fastformers import tracking
+from fastformers import distributed, tracking
 from fastformers.checks import require_number
 from fastformers.data import TaskDataModule, make_loader
 from fastformers.errors import FastformersError, check_stopped
@@ -55,6 +55,7 @@ def check_training(cfg: DictConfig, block: str, epochs: bool = True) -> None:
     require_number(cfg, f"{block}.warmup_ratio", 0, 1, hi_open=True)
     require_number(cfg, f"{block}.max_grad_norm", 0, null="no clipping")
     require_number(cfg, f"{block}.patience", 0, integer=True, null="run all epochs")
+    distributed.check_placement(cfg, (block,))
 
 
 def check_distillation(cfg: DictConfig) -> None:
@@ -81,7 +82,7 @@ class FineTuneModule(L.LightningModule):
         self.model, self.task, self.val_examples, self.opts = model, task, list(val_examples), opts
         self.model.train()  # from_pretrained returns eval mode, and Lightning keeps it: dropout would be off
         self.candidate_scoring = task.labels is None
-        self._val_preds: list[int] = []
+        self._val_preds: dict[int, int] = {}
 
     def scores(self, batch) -> torch.Tensor:
         logits = self.model(**model_inputs(batch)).logits
@@ -93,12 +94,16 @@ class FineTuneModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        self._val_preds.extend(self.scores(batch).argmax(dim=1).tolist())
+        self._val_preds.update(zip(batch["index"].tolist(), self.scores(batch).argmax(dim=1).tolist()))
+
+    def val_metrics(self) -> dict[str, float]:
+        """The task's metrics over the whole val set (every rank validates on all of it, shortest first)."""
+        preds = [self._val_preds[index] for index in range(len(self.val_examples))]
+        self._val_preds = {}
+        return self.task.score(self.val_examples, preds)
 
     def on_validation_epoch_end(self):
-        metrics = self.task.score(self.val_examples, self._val_preds)
-        self._val_preds = []
-        self.log_dict({f"finetune/val_{k}": v for k, v in metrics.items()})
+        self.log_dict({f"finetune/val_{k}": v for k, v in self.val_metrics().items()})
 
     def trained_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """What the optimizer updates; subclasses add their own heads (e.g. a distillation projection)."""
@@ -128,6 +133,8 @@ class EpochLine(L.Callback):
         check_stopped()  # a stop signal swallowed inside a library call still stops training here
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
         done = trainer.current_epoch + 1
         elapsed = time.perf_counter() - self.started
         metrics = trainer.callback_metrics
@@ -168,12 +175,13 @@ def fit_best(
     )
     callbacks = [best, EpochLine(monitor.split("/", maxsplit=1)[0], opts.epochs)]
     callbacks += [EarlyStopping(monitor=monitor, mode="max", patience=opts.patience)] if opts.patience else []
+    worker = distributed.is_worker(cfg.hardware)
     trainer = L.Trainer(
         max_epochs=opts.epochs,
-        accelerator=cfg.hardware.accelerator,
-        devices=1,
+        **distributed.trainer_placement(cfg.hardware),
+        use_distributed_sampler=False,  # TrainOrder splits the global batches itself; all ranks validate on all
         precision=cfg.hardware.train_precision,
-        logger=tracking.lightning_logger(cfg),
+        logger=False if worker else tracking.lightning_logger(cfg),
         callbacks=callbacks,
         gradient_clip_val=opts.max_grad_norm,
         num_sanity_val_steps=0,
@@ -185,6 +193,8 @@ def fit_best(
     started = time.perf_counter()
     trainer.fit(module, datamodule=data)
     seconds = time.perf_counter() - started
+    if not trainer.is_global_zero:  # rank 0 alone restores the best epoch and writes the model
+        return float(best.best_model_score or 0.0), trainer.current_epoch, seconds
     module.load_state_dict(torch.load(best.best_model_path, weights_only=True)["state_dict"])
     shutil.rmtree(out / "checkpoints")
     return float(best.best_model_score or 0.0), trainer.current_epoch, seconds
@@ -222,7 +232,8 @@ class DistillModule(FineTuneModule):
         self.layer_map = layer_map
         self.intermediate = opts.method == "task_specific" and (opts.hidden_weight > 0 or opts.attention_weight > 0)
         width_s, width_t = student.config.hidden_size, teacher.config.hidden_size
-        self.projection = torch.nn.Linear(width_s, width_t) if width_s != width_t else torch.nn.Identity()
+        widen = self.intermediate and width_s != width_t  # only a used projection: DDP needs every gradient
+        self.projection = torch.nn.Linear(width_s, width_t) if widen else torch.nn.Identity()
 
     def training_step(self, batch, batch_idx):
         opts = self.opts
@@ -280,9 +291,7 @@ class DistillModule(FineTuneModule):
         return super().trained_parameters() + [(f"projection.{n}", p) for n, p in self.projection.named_parameters()]
 
     def on_validation_epoch_end(self):
-        metrics = self.task.score(self.val_examples, self._val_preds)
-        self._val_preds = []
-        self.log_dict({f"{self.prefix}/val_{k}": v for k, v in metrics.items()})
+        self.log_dict({f"{self.prefix}/val_{k}": v for k, v in self.val_metrics().items()})
 
     def state_dict(self, *args, **kwargs):
         """Checkpoints hold the student (and projection) only; the frozen teacher is never saved."""
@@ -357,8 +366,6 @@ def train_student(
         train = train + augmented(train, opts.augment, opts.augment_rate, cfg.seed)
         attach_teacher_scores(teacher, teacher_tokenizer, task, train, cfg.task.max_seq_length, opts.eval_batch_size)
     module = DistillModule(student, teacher, task, val, opts, layer_map, prefix)
-    data = TaskDataModule(
-        task, tokenizer, train, val, cfg.task.max_seq_length, opts.batch_size, opts.eval_batch_size, cfg.seed
-    )
+    data = TaskDataModule(task, tokenizer, train, val, cfg.task.max_seq_length, opts, cfg.seed)
     score, epochs, seconds = fit_best(module, data, opts, cfg, out, f"{prefix}/val_score")
     return score, epochs, seconds, len(train)

@@ -2,12 +2,14 @@
 
 import shutil
 
+import numpy
 import pytest
 
-from fastformers.data import fingerprint, load_examples, make_loader, parse_split
+from fastformers.data import TrainOrder, fingerprint, load_examples, make_loader, parse_split, texts_of
 from fastformers.errors import FastformersError
-from fastformers.models import train_tokenizer
+from fastformers.models import build_random, score_examples, train_tokenizer
 from fastformers.tasks import TASKS
+from tests.conftest import tiny_spec
 
 
 def test_split_specs():
@@ -40,11 +42,42 @@ def test_batches_are_padded_to_their_own_longest_row(superglue_root, tokenizer):
     examples = load_examples(TASKS["cb"], superglue_root, "train")
     examples[0].pairs = [(examples[0].pairs[0][0] + " much longer" * 20, examples[0].pairs[0][1])]
     loader = make_loader(examples, tokenizer, TASKS["cb"], max_length=64, batch_size=4)
-    lengths = [batch["input_ids"].shape[1] for batch in loader]
-    assert lengths[0] == 64  # truncated at max_seq_length
-    assert max(lengths[1:]) < 40  # other batches are not padded to the long one
-    first = next(iter(loader))
-    assert first["labels"].tolist() == [e.label for e in examples[:4]]
+    batches = list(loader)
+    lengths = [batch["input_ids"].shape[1] for batch in batches]
+    assert lengths == sorted(lengths)  # shortest first: each batch pads to rows of similar length
+    assert lengths[-1] == 64  # truncated at max_seq_length
+    assert max(lengths[:-1]) < 40  # other batches are not padded to the long one
+    assert 0 in batches[-1]["index"].tolist()  # the long example, and every batch says whose rows it holds
+    order = [i for batch in batches for i in batch["index"].tolist()]
+    assert sorted(order) == list(range(len(examples)))
+    labels = [label for batch in batches for label in batch["labels"].tolist()]
+    assert labels == [examples[i].label for i in order]
+
+
+def test_scores_come_back_in_the_examples_order(superglue_root):
+    examples = load_examples(TASKS["cb"], superglue_root, "train")
+    examples[0].pairs = [(examples[0].pairs[0][0] + " much longer" * 20, examples[0].pairs[0][1])]
+    model, tokenizer = build_random(tiny_spec("bert"), TASKS["cb"], texts_of(examples))
+    loader = make_loader(examples, tokenizer, TASKS["cb"], max_length=64, batch_size=4)
+    one_by_one = [score_examples(model, make_loader([e], tokenizer, TASKS["cb"], 64, 1))[0] for e in examples]
+    numpy.testing.assert_allclose(score_examples(model, loader), one_by_one, atol=1e-5)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_train_order_splits_every_global_batch_over_the_ranks(grouped):
+    lengths = [(i * 37) % 101 for i in range(50)]
+    whole = TrainOrder(lengths, 8, seed=3, grouped=grouped).global_batches()
+    ranks = [list(TrainOrder(lengths, 8, seed=3, grouped=grouped, rank=r, world=2)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == len(TrainOrder(lengths, 8, 3, grouped, 1, 2)) == len(whole) == 7
+    for batch, first, second in zip(whole, *ranks, strict=True):
+        assert sorted(first + second) == sorted(batch + batch[: len(batch) % 2])  # the last one padded
+    assert sorted(i for batch in whole for i in batch) == list(range(50))
+    if grouped:  # similar lengths together: far less spread within a batch than in random batches
+        spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in whole[:-1])
+        assert spread < 0.5 * sum(max(lengths) - min(lengths) for _ in whole[:-1])
+    order = TrainOrder(lengths, 8, seed=3, grouped=grouped)
+    order.set_epoch(1)
+    assert order.global_batches() != whole  # a new order every epoch
 
 
 def test_candidate_batches_keep_groups_and_mark_golds(superglue_root, tokenizer):
@@ -52,7 +85,7 @@ def test_candidate_batches_keep_groups_and_mark_golds(superglue_root, tokenizer)
     batch = next(iter(make_loader(examples, tokenizer, TASKS["copa"], 64, batch_size=3)))
     assert batch["input_ids"].shape[0] == 6  # 3 questions x 2 candidates
     assert batch["group_sizes"].tolist() == [2, 2, 2]
-    assert batch["gold_mask"].float().argmax(dim=1).tolist() == [e.label for e in examples[:3]]
+    assert batch["gold_mask"].float().argmax(dim=1).tolist() == [examples[i].label for i in batch["index"].tolist()]
 
 
 def test_a_directory_is_not_a_data_file(tmp_path, superglue_root):

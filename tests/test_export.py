@@ -334,7 +334,7 @@ def test_attention_shape_gives_the_optimizer_the_kept_heads_of_a_pruned_model(be
     assert attention_shape(bert["model"]) == (4, 64)
     pruned = copy.deepcopy(bert["model"])
     for layer in encoder_layers(pruned):
-        keep_attention_heads(layer.attention, [1, 3])
+        keep_attention_heads(layer, [1, 3])
     assert attention_shape(pruned) == (2, 32)  # head size 16 unchanged; the model stays 64 wide
 
 

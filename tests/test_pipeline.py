@@ -162,7 +162,7 @@ def test_the_cpu_scale_sizes_the_big_tasks_down_and_the_paper_scale_uses_the_off
         assert sizes("task=multirc", "scale=paper") == ("train", "val", 512, 3)
         assert sizes("experiment=superglue_table", "task=wic") == ("train", "val", 128, 1)
         assert sizes("task=wic", "scale=paper") == ("train", "val", 128, 5)
-        assert sizes("task=boolq") == ("val[:60%]", "val[60%:]", 512, 3)  # no BoolQ train file here
+        assert sizes("task=boolq") == ("val[:60%]", "val[60%:]", 256, 3)  # no BoolQ train file here
         assert sizes("task=boolq", "scale=paper") == ("train", "val", 512, 3)
         assert sizes("task=rte") == sizes("task=rte", "scale=paper")  # small tasks run whole at both scales
 

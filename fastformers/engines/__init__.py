@@ -38,6 +38,7 @@ class ExportContext:
     precision: Any  # the run's precision config node
     export: Any  # the run's export config node
     calibration: Callable[[], list[dict[str, np.ndarray]]]  # feeds from the calibration split, built on first call
+    model_type: str = "bert"  # onnxruntime transformer optimizer's model_type for the family (modeling_fastformers)
 
 
 class Engine(ABC):

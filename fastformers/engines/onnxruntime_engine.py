@@ -34,7 +34,9 @@ class OnnxRuntimeEngine(Engine):
         from fastformers.onnx import quantize
         from fastformers.onnx.optimize import optimize
 
-        fp32, _ = optimize(ctx.onnx, ctx.num_heads, ctx.hidden_size, dict(ctx.export.fusion_options or {}))
+        fp32, _ = optimize(
+            ctx.onnx, ctx.num_heads, ctx.hidden_size, dict(ctx.export.fusion_options or {}), model_type=ctx.model_type
+        )
         artifacts = {"fp32": fp32}
         precision = ctx.precision
         if precision.name == "int8":
@@ -52,7 +54,9 @@ class OnnxRuntimeEngine(Engine):
                 source, precision.weight_type, precision.per_channel, precision.reduce_range, float_matmuls
             )
             # the stock pipeline's graph too (default fusions, quantize_dynamic as shipped), for the reference row
-            stock, _ = optimize(ctx.onnx, ctx.num_heads, ctx.hidden_size, {}, suffix="optimized_stock")
+            stock, _ = optimize(
+                ctx.onnx, ctx.num_heads, ctx.hidden_size, {}, suffix="optimized_stock", model_type=ctx.model_type
+            )
             artifacts["int8_stock"] = quantize.quantize_int8(stock, "QInt8", True, False)
             stock.unlink()  # an intermediate: only its quantized graph is kept
             stock.with_suffix(".json").unlink()

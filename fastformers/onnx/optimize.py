@@ -19,13 +19,19 @@ DISABLED_OPTIMIZERS = "fastformers.disabled_optimizers"  # graph metadata: sessi
 
 
 def optimize(
-    path: Path, num_heads: int, hidden_size: int, fusion_options: dict | None = None, suffix: str = "optimized"
+    path: Path,
+    num_heads: int,
+    hidden_size: int,
+    fusion_options: dict | None = None,
+    suffix: str = "optimized",
+    model_type: str = "bert",
 ) -> tuple[Path, dict[str, int]]:
-    """onnxruntime's transformer optimizer (BERT and RoBERTa share model_type bert) with `fusion_options`
+    """onnxruntime's transformer optimizer (every supported family is `model_type` bert there: the
+    family table's onnx_model_type, as optimum maps them) with `fusion_options`
     (FusionOptions attributes) changed from its defaults; returns the fused graph and how many of each fused
     operator it holds. A graph left without SkipLayerNormalization records that onnxruntime's session must not
     fuse it back (DISABLED_OPTIMIZERS, read by the onnxruntime engine)."""
-    options = FusionOptions("bert")
+    options = FusionOptions(model_type)
     for key, value in (fusion_options or {}).items():
         if not hasattr(options, key):
             raise FastformersError(
@@ -34,7 +40,7 @@ def optimize(
             )
         setattr(options, key, value)
     optimized = optimize_model(
-        str(path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, optimization_options=options
+        str(path), model_type=model_type, num_heads=num_heads, hidden_size=hidden_size, optimization_options=options
     )
     fusions = {op: int(n) for op, n in optimized.get_fused_operator_statistics().items()}
     disabled = [] if options.enable_skip_layer_norm else ["SkipLayerNormFusion"]
@@ -46,7 +52,7 @@ def optimize(
         target,
         {
             "optimizer": "onnxruntime.transformers.optimizer.optimize_model",
-            "model_type": "bert",
+            "model_type": model_type,
             "num_heads": num_heads,
             "hidden_size": hidden_size,
             "onnxruntime": ort.__version__,

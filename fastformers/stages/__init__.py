@@ -31,6 +31,10 @@ class Stage(Protocol):
     def CACHED(self) -> bool:  # False for measurements (timings), taken afresh in every run
         ...
 
+    @property
+    def DISTRIBUTED(self) -> bool:  # True for training: under DDP every rank runs it (rank 0 writes the entry)
+        ...
+
     def uses(self, cfg: DictConfig) -> tuple[str, ...]:
         """The outputs of earlier stages this one reads, for this config."""
         ...
@@ -45,9 +49,10 @@ class Stage(Protocol):
 
 
 def _stages() -> dict[str, Stage]:
-    from fastformers.stages import benchmark, distill, evaluate, export, finetune, prune
+    from fastformers.stages import benchmark, distill, evaluate, export, finetune, prune, teacher
 
     return {
+        "teacher": teacher,  # your own fine-tuned model (teacher.pretrained) as the teacher, instead of finetune
         "finetune": finetune,
         "distill": distill,
         "prune": prune,

@@ -33,6 +33,7 @@ VERSION = 2  # a manual override: the code itself is part of the cache key (pipe
 PROVIDES = "pick"  # pick.json: the engine, precision, bucket and layout chosen (evaluate.engine=pick reads it)
 CONFIG_KEYS = ("task", "benchmark", "hardware", "precision", "engines", "data.split_seed")
 CACHED = False  # the pipeline re-measures in every run instead of replaying remembered timings
+DISTRIBUTED = False
 GATE_ACTIONS = ("error", "mark")
 
 
@@ -70,9 +71,9 @@ def validate(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]:
-    from fastformers.tasks import get_task
+    from fastformers.tasks import task_of
 
-    task, opts = get_task(cfg.task.name), cfg.benchmark
+    task, opts = task_of(cfg), cfg.benchmark
     examples = load_examples(task, cfg.data.root, opts.split, cfg.data.split_seed, cfg.data.download)
     examples = examples[: opts.max_examples]
     settings = plan.plan_settings(cfg)

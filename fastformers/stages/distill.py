@@ -19,7 +19,9 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from fastformers.data import load_examples
 from fastformers.errors import FastformersError
+from fastformers.modeling_fastformers import LAYER_FFN, LAYER_HEADS, shrink_to_config
 from fastformers.models import (
+    FAMILIES,
     check_family,
     count_parameters,
     load_finetuned,
@@ -27,7 +29,8 @@ from fastformers.models import (
     readable_weights,
     resolve_pretrained,
 )
-from fastformers.tasks import Task, get_task
+from fastformers.pruning import family_layout
+from fastformers.tasks import Task, task_of
 from fastformers.training import (
     agreement,
     check_distillation,
@@ -40,10 +43,20 @@ from fastformers.training import (
 VERSION = 1  # a manual override: the code itself is part of the cache key (pipeline.stage_modules)
 PROVIDES = "model"
 CACHED = True
-CONFIG_KEYS = ("task", "student", "distill", "seed", "data.split_seed", "hardware.train_precision")
+DISTRIBUTED = True  # trains: under DDP (hardware=ddp) every rank joins its fit
+CONFIG_KEYS = (
+    "task",
+    "student",
+    "distill",
+    "seed",
+    "data.split_seed",
+    "hardware.train_precision",
+    "hardware.devices",
+    "hardware.num_nodes",
+)
 METHODS = ("task_specific", "task_agnostic")
 INITS = ("teacher_layers", "pretrained", "random")
-LAYER_KEY = re.compile(r"^(.*\.layer\.)(\d+)(\..*)$")  # encoder.layer.<i>. in BERT and RoBERTa
+LAYER_KEY = re.compile(r"^(.*\.layer\.)(\d+)(\..*)$")  # encoder.layer.<i>. (DistilBERT: transformer.layer.<i>.)
 
 
 def uses(cfg: DictConfig) -> tuple[str, ...]:
@@ -74,9 +87,12 @@ def student_from_teacher_layers(teacher, layers: list[int], activation: str):
     if any(not 0 <= i < depth for i in layers):
         raise FastformersError(f"student.layers={list(layers)} must be teacher layer indices in [0, {depth})")
     config = copy.deepcopy(teacher.config)
-    config.num_hidden_layers = len(layers)
-    config.hidden_act = activation
-    student = AutoModelForSequenceClassification.from_config(config)
+    config.num_hidden_layers = len(layers)  # every family's config maps the BERT names (DistilBERT: n_layers)
+    setattr(config, family_layout(teacher).config_key("hidden_act"), activation)
+    for key in (LAYER_HEADS, LAYER_FFN):  # a pruned teacher: the copied layers keep their sizes
+        if getattr(config, key, None) is not None:
+            setattr(config, key, [getattr(config, key)[i] for i in layers])
+    student = shrink_to_config(AutoModelForSequenceClassification.from_config(config))
     state = {}
     for key, value in teacher.state_dict().items():
         match = LAYER_KEY.match(key)
@@ -101,19 +117,20 @@ def build_student(spec: DictConfig, teacher, teacher_tokenizer, task: Task):
                 f"student {spec.name} is {family!r} but the teacher is "
                 f"{teacher.config.model_type!r}: distillation stays within one family"
             )
-        config = AutoConfig.from_pretrained(path, num_labels=task.num_labels, hidden_act=spec.activation)
+        config = AutoConfig.from_pretrained(path, num_labels=task.num_labels)
+        setattr(config, FAMILIES[family].config_key("hidden_act"), spec.activation)
         with readable_weights(path):
             model = AutoModelForSequenceClassification.from_pretrained(path, config=config, attn_implementation="eager")
         return model, AutoTokenizer.from_pretrained(path)
-    config = copy.deepcopy(teacher.config)
+    config, layout = copy.deepcopy(teacher.config), family_layout(teacher)
     for key, value in dict(spec.arch).items():
-        setattr(config, key, value)
-    config.hidden_act = spec.activation
+        setattr(config, layout.config_key(key), value)
+    setattr(config, layout.config_key("hidden_act"), spec.activation)
     return AutoModelForSequenceClassification.from_config(config), teacher_tokenizer
 
 
 def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]:
-    task, opts, spec = get_task(cfg.task.name), cfg.distill, cfg.student
+    task, opts, spec = task_of(cfg), cfg.distill, cfg.student
     read = dict(root=cfg.data.root, split_seed=cfg.data.split_seed, download=cfg.data.download)
     train = load_examples(task, spec=cfg.task.train_split, **read)
     val = load_examples(task, spec=opts.val_split, **read)

@@ -23,11 +23,12 @@ from fastformers.engines import (
 )
 from fastformers.errors import FastformersError
 from fastformers.models import load_finetuned, predict
-from fastformers.tasks import get_task
+from fastformers.tasks import task_of
 
 VERSION = 2  # a manual override: the code itself is part of the cache key (pipeline.stage_modules)
 PROVIDES = None
 CACHED = True
+DISTRIBUTED = False
 PICK = "pick"
 CONFIG_KEYS = ("task", "evaluate", "precision.name", "engines", "data.split_seed")
 
@@ -90,7 +91,7 @@ def load(cfg: DictConfig, inputs: dict[str, Path], out: Path):
 
 
 def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]:
-    task = get_task(cfg.task.name)
+    task = task_of(cfg)
     model, tokenizer = load(cfg, inputs, out)
     results: dict[str, float] = {}
     for spec in cfg.evaluate.splits:

@@ -22,14 +22,15 @@ from fastformers.errors import FastformersError
 from fastformers.models import load_finetuned, model_inputs
 from fastformers.onnx import settings_path
 from fastformers.onnx.convert import export_onnx
-from fastformers.pruning import encoder_layers
-from fastformers.tasks import get_task
+from fastformers.pruning import attention_shape, family_layout
+from fastformers.tasks import task_of
 
 log = logging.getLogger(__name__)
 
 VERSION = 4  # a manual override: the code itself is part of the cache key (pipeline.stage_modules)
 PROVIDES = "onnx"
 CACHED = True
+DISTRIBUTED = False
 CONFIG_KEYS = ("task", "export", "precision", "engines", "data.split_seed")
 
 PRECISIONS = ("fp32", "int8", "fp16")
@@ -85,15 +86,16 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
     folder = out / GRAPHS
     started = time.perf_counter()
     exported = export_onnx(model, tokenizer, folder / "model.onnx", cfg.export.opset)
-    attention = encoder_layers(model)[0].attention.self  # pruning narrows it: the optimizer cannot infer it
+    heads, width = attention_shape(model)  # pruning narrows it: the optimizer cannot infer it
     ctx = ExportContext(
         exported,
         folder,
-        attention.num_attention_heads,
-        attention.all_head_size,
+        heads,
+        width,
         cfg.precision,
         cfg.export,
         functools.cache(lambda: calibration_feeds(cfg, tokenizer)),
+        family_layout(model).onnx_model_type,
     )
     artifacts: dict[str, Path] = {}
     skipped: dict[str, str] = {}
@@ -153,7 +155,7 @@ def check_disjoint(calibration: str, evaluation: str, field: str) -> None:
 
 def calibration_feeds(cfg: DictConfig, tokenizer) -> list[dict[str, np.ndarray]]:
     """The calibration sample as feeds: `precision.calibration_examples` of `precision.calibration_split`."""
-    task = get_task(cfg.task.name)
+    task = task_of(cfg)
     examples = load_examples(
         task, cfg.data.root, cfg.precision.calibration_split, cfg.data.split_seed, cfg.data.download
     )[: cfg.precision.calibration_examples]
@@ -185,7 +187,7 @@ def parity_targets(cfg: DictConfig, exported: Path, artifacts: dict[str, Path]) 
 
 
 def check_parity(cfg: DictConfig, model, tokenizer, exported: Path, artifacts: dict[str, Path]) -> dict:
-    task = get_task(cfg.task.name)
+    task = task_of(cfg)
     examples = load_examples(task, cfg.data.root, cfg.export.parity_split, cfg.data.split_seed, cfg.data.download)
     loader = make_loader(
         examples[: cfg.export.parity_examples], tokenizer, task, cfg.task.max_seq_length, cfg.export.parity_batch_size

@@ -11,13 +11,23 @@ from omegaconf import DictConfig
 from fastformers.checks import require_number
 from fastformers.data import TaskDataModule, load_examples, texts_of
 from fastformers.models import count_parameters, load_model
-from fastformers.tasks import get_task
+from fastformers.tasks import task_of
 from fastformers.training import FineTuneModule, check_accelerator, check_training, fit_best
 
 VERSION = 1  # a manual override: the code itself is part of the cache key (pipeline.stage_modules)
 PROVIDES = "model"
 CACHED = True
-CONFIG_KEYS = ("task", "teacher", "finetune", "seed", "data.split_seed", "hardware.train_precision")
+DISTRIBUTED = True  # trains: under DDP (hardware=ddp) every rank joins its fit
+CONFIG_KEYS = (
+    "task",
+    "teacher",
+    "finetune",
+    "seed",
+    "data.split_seed",
+    "hardware.train_precision",
+    "hardware.devices",
+    "hardware.num_nodes",
+)
 MONITOR = "finetune/val_score"
 
 
@@ -34,7 +44,7 @@ def validate(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]:
-    task = get_task(cfg.task.name)
+    task = task_of(cfg)
     read = dict(root=cfg.data.root, split_seed=cfg.data.split_seed, download=cfg.data.download)
     train = load_examples(task, spec=cfg.task.train_split, **read)
     val = load_examples(task, spec=cfg.finetune.val_split, **read)
@@ -42,9 +52,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
     model, tokenizer = load_model(cfg.teacher, task, texts_of(train))
     opts = cfg.finetune
     module = FineTuneModule(model, task, val, opts)
-    data = TaskDataModule(
-        task, tokenizer, train, val, cfg.task.max_seq_length, opts.batch_size, opts.eval_batch_size, cfg.seed
-    )
+    data = TaskDataModule(task, tokenizer, train, val, cfg.task.max_seq_length, opts, cfg.seed)
     best_score, epochs, seconds = fit_best(module, data, opts, cfg, out, MONITOR)
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from fastformers.checks import require_number
 from fastformers.data import load_examples, make_loader, parse_split
 from fastformers.errors import FastformersError
+from fastformers.hub import save_pruned
 from fastformers.models import (
     count_parameters,
     example_scores,
@@ -38,13 +39,23 @@ from fastformers.pruning import (
     rewire,
     top_per_layer,
 )
-from fastformers.tasks import Task, get_task
+from fastformers.tasks import Task, task_of
 from fastformers.training import check_distillation, check_training, predictions, train_student
 
 VERSION = 1  # a manual override: the code itself is part of the cache key (pipeline.stage_modules)
 PROVIDES = "model"
 CACHED = True
-CONFIG_KEYS = ("task", "pruning", "distill", "seed", "data.split_seed", "hardware.train_precision")
+DISTRIBUTED = True  # trains: under DDP (hardware=ddp) every rank joins its fit
+CONFIG_KEYS = (
+    "task",
+    "pruning",
+    "distill",
+    "seed",
+    "data.split_seed",
+    "hardware.train_precision",
+    "hardware.devices",
+    "hardware.num_nodes",
+)
 NORMALIZATIONS = ("none", "layer")
 
 
@@ -83,8 +94,16 @@ def redistill(pruned, teacher, tokenizer, task: Task, train, val, cfg: DictConfi
     return score, seconds
 
 
+def source_name(cfg: DictConfig) -> str:
+    """What the pruned model was made from, for its model card: the teacher, or the student distilled from it."""
+    teacher = cfg.teacher.pretrained or f"{cfg.teacher.name} (random init)"
+    if "distill" in cfg.stages and cfg.student.name != "none":
+        return f"student {cfg.student.name} distilled from {teacher}, fine-tuned on {cfg.task.name}"
+    return f"{teacher} fine-tuned on {cfg.task.name}"
+
+
 def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]:
-    task, opts = get_task(cfg.task.name), cfg.pruning
+    task, opts = task_of(cfg), cfg.pruning
     read = dict(root=cfg.data.root, split_seed=cfg.data.split_seed, download=cfg.data.download)
     sample = load_examples(task, spec=opts.importance_split, **read)[: opts.importance_examples]
     if not any(e.label is not None for e in sample):
@@ -133,8 +152,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         L.seed_everything(cfg.seed, workers=True)
         train = load_examples(task, spec=cfg.task.train_split, **read)
         score_final, redistill_seconds = redistill(model, teacher, tokenizer, task, train, val, cfg, out)
-    model.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
+    save_pruned(model, tokenizer, out / "model", source_name(cfg), params_before)
     params_after = count_parameters(model)
     return {
         "heads_kept": len(heads[0]),
