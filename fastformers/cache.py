@@ -11,7 +11,7 @@ or builds an entry; a live builder's, another host's, and the older names withou
 Parallel jobs (a joblib or SLURM sweep) build each entry once: the builder holds `.<key>.lock`, created with
 O_EXCL (atomic on local disks and NFSv3+/Lustre, so it works between nodes), holding its host, pid and a token,
 its mtime refreshed every HEARTBEAT seconds; the others wait for the entry and then read it. A lock is stale when
-its holder on this host is gone, or (another host's) its heartbeat is older than STALE seconds: it is taken over.
+its holder on this host is gone, or its heartbeat is older than STALE seconds (a dead node): it is taken over.
 """
 
 from __future__ import annotations
@@ -307,9 +307,10 @@ def _age(lock: Path) -> float:
 
 
 def _stale(lock: Path, holder: dict) -> bool:
-    if holder.get("host") == this_host():
-        return process_gone(int(holder.get("pid", 0)))
-    return _age(lock) > STALE
+    """Its holder is gone (this host), or has not touched it for STALE seconds (any host: a dead node, or a
+    reused pid)."""
+    gone_here = holder.get("host") == this_host() and process_gone(int(holder.get("pid", 0)))
+    return gone_here or _age(lock) > STALE
 
 
 def _take_over(lock: Path, holder: dict) -> None:

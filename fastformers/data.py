@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from fastformers.errors import FastformersError
-from fastformers.tasks import Example, RecordError, Task
+from fastformers.tasks import DIAGNOSTICS, Example, RecordError, Task
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,8 @@ def fingerprint(root: str | Path, task: Task) -> str:
             else:
                 digest.update(b"missing")
         return digest.hexdigest()[:16]
-    for path in sorted((Path(root) / task.name).glob("*.jsonl")):
+    diagnostics = [Path(root) / d.name / f"{d.name}.jsonl" for d in DIAGNOSTICS.get(task.name, ())]
+    for path in sorted((Path(root) / task.name).glob("*.jsonl")) + diagnostics:  # RTE's model answers AX-b, AX-g
         if not path.is_file():
             continue
         digest.update(path.name.encode())

@@ -120,3 +120,21 @@ def write_superglue(root: Path) -> Path:
             rows = [make(rng, i, split != "test") for i in range(size)]
             (root / task / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
+
+
+def write_diagnostics(root: Path, size: int = 12) -> Path:
+    """AX-b and AX-g in their official shapes (labelled, as released): RTE's model answers both."""
+    rng = random.Random(1)
+    axb, axg = [], []
+    for i in range(size):
+        rte = _rte(rng, i, True)
+        axb.append({"sentence1": rte["premise"], "sentence2": rte["hypothesis"], "label": rte["label"], "idx": i,
+                    "logic": "Negation" if "never" in rte["hypothesis"] else ""})  # fmt: skip
+        pronoun = ("he", "she")[i % 2]
+        axg.append({"premise": f"The {rng.choice(NOUNS)} said {pronoun} was {rng.choice(ADJS)}.",
+                    "hypothesis": f"the speaker was {rng.choice(ADJS)}", "idx": i, "pair_id": i // 2,
+                    "label": rte["label"]})  # fmt: skip
+    for name, rows in (("AX-b", axb), ("AX-g", axg)):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        (root / name / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root

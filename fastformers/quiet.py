@@ -12,6 +12,8 @@ KNOWN_NOISE = (  # (category, message regex) of warnings about dependencies' int
     (UserWarning, r".*Any type hint is inferred as AnyType.*"),
     (Warning, r".*isinstance\(treespec, LeafSpec\)` is deprecated.*"),  # lightning's pytree shim, torch 2.13
     (Warning, r".*The number of training batches \(\d+\) is smaller than the logging interval.*"),
+    # DDP: every rank validates on the whole val set (TaskDataModule), so epoch metrics need no syncing
+    (Warning, r".*It is recommended to use `self.log\(.*sync_dist=True.*"),
 )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import re
 import sys
 import zipfile
@@ -16,6 +17,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from fastformers.errors import FastformersError
+from fastformers.tasks import LEADERBOARD_FILES, TASKS
 from fastformers.tracking import ROLE_TAG, SKIPPED_TAG, absolute_uri, sqlite_path, sqlite_problem
 
 SCORE = re.compile(r"^evaluate/(.+)/score$")
@@ -298,8 +300,31 @@ def task_table(client: MlflowClient, runs, out: Path) -> list[Path]:
                 f"| {task} | {teacher} | {official} | {_cell(speedup)}{'x' if speedup else ''} ({best}) | {saving} | "
                 f"{', '.join(Path(f).name for f in files)} |"
             )
+        missing = missing_files(client, latest, bundle)
+    if missing:
+        lines += ["", f"The archive lacks {len(missing)} of the leaderboard's {len(LEADERBOARD_FILES)} files "
+                  "(listed in its MISSING.txt): " + "; ".join(missing)]  # fmt: skip
     (out / "tasks.md").write_text("\n".join(lines) + "\n")
     return [out / "tasks.md", archive]
+
+
+def missing_files(client: MlflowClient, latest: dict, bundle: zipfile.ZipFile) -> list[str]:
+    """The leaderboard files (the 7 tasks, AX-b, AX-g) the archive lacks, each with why; written into it too."""
+    present = {Path(name).stem for name in bundle.namelist()}
+    reasons: dict[str, str] = {}
+    for run in latest.values():
+        for path in (a.path for a in client.list_artifacts(run.info.run_id, "evaluate")):
+            if Path(path).name == "diagnostics_missing.json":
+                entries = json.loads(Path(client.download_artifacts(run.info.run_id, path)).read_text())
+                reasons |= {entry.split(" ")[0].removesuffix(".jsonl"): entry for entry in entries}
+        task = TASKS.get(run.data.params["task.name"])
+        if task and SKIPPED_TAG in run.data.tags:
+            reasons[task.name] = run.data.tags[SKIPPED_TAG]
+    missing = [f"{name}.jsonl: {reasons.get(name, 'no run of this experiment made it')}" for name in LEADERBOARD_FILES
+               if name not in present]  # fmt: skip
+    if missing:
+        bundle.writestr("MISSING.txt", "\n".join(missing) + "\n")
+    return missing
 
 
 def report(

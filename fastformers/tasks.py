@@ -315,6 +315,38 @@ TASKS: dict[str, Task] = {
 }
 
 
+def _axb_scores(examples: Sequence[Example], preds: Sequence[int]) -> dict:
+    """AX-b, the broad-coverage diagnostic: the leaderboard reports Matthews correlation (R3)."""
+    return metrics.with_score({"mcc": metrics.mcc(_golds(examples), preds)})
+
+
+def _axg_scores(examples: Sequence[Example], preds: Sequence[int]) -> dict:
+    """AX-g, Winogender: accuracy, and gender parity (the share of pairs, differing only in the pronoun's gender,
+    that get the same prediction)."""
+    by_pair: dict[Any, set[int]] = {}
+    for example, pred in zip(examples, preds, strict=True):
+        by_pair.setdefault(example.meta["pair_id"], set()).add(pred)
+    parity = sum(len(predicted) == 1 for predicted in by_pair.values()) / max(len(by_pair), 1)
+    return metrics.with_score({"accuracy": metrics.accuracy(_golds(examples), preds), "gender_parity": parity})
+
+
+def read_axg(record: dict) -> list[Example]:
+    (example,) = _pair_reader("premise", "hypothesis", RTE_LABELS)(record)
+    example.meta["pair_id"] = Fields(record).integer("pair_id")
+    return [example]
+
+
+# The diagnostics the leaderboard asks of a task's model (<root>/<name>/<name>.jsonl, labelled): RTE's predicts both.
+DIAGNOSTICS: dict[str, tuple[Task, ...]] = {
+    "RTE": (
+        Task("AX-b", RTE_LABELS, _pair_reader("sentence1", "sentence2", RTE_LABELS), _axb_scores,
+             _submit_labels(RTE_LABELS)),
+        Task("AX-g", RTE_LABELS, read_axg, _axg_scores, _submit_labels(RTE_LABELS)),
+    )
+}  # fmt: skip
+LEADERBOARD_FILES = [*(t.name for t in TASKS.values()), *(d.name for ds in DIAGNOSTICS.values() for d in ds)]
+
+
 def get_task(name: str) -> Task:
     """A SuperGLUE task by name (a task on your own files comes from its config: `task_of`)."""
     if name not in TASKS:

@@ -31,6 +31,10 @@ from fastformers.models import (
 )
 from fastformers.tasks import Example, Task
 
+# What shapes a trained model besides the stage's own block: the seeds, the numeric precision and the DDP layout
+# (the global batch is the same on any layout, but the order of float sums is not).
+TRAINING_KEYS = ("seed", "data.split_seed", "hardware.train_precision", "hardware.devices", "hardware.num_nodes")
+
 
 def check_accelerator(hardware: DictConfig) -> None:
     """Training on a GPU that is not there would fail deep inside Lightning: say so before any work."""

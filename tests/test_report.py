@@ -1,15 +1,19 @@
 """The report's paper layouts read back from MLflow runs: Table 3 (cumulative ablation rows) and Table 4 (one row
 per task, a skipped task saying why, the submission files in one archive)."""
 
+import json
 import shutil
 import zipfile
+from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
 from fastformers import pipeline
+from fastformers.fixtures import write_diagnostics
 from fastformers.report import ablation_table, collect, experiment_runs, report
+from fastformers.tasks import DIAGNOSTICS
 from fastformers.tracking import SKIPPED_TAG
 
 
@@ -64,6 +68,7 @@ def test_ablation_rows_read_cumulative_and_per_step_speedups(store, tmp_path):
 
 def test_a_multi_task_experiment_gets_a_task_table_with_skips_and_one_submission_archive(store, tmp_path):
     mlflow.set_experiment("tasks")
+    missing_ax = {"evaluate/diagnostics_missing.json": '["AX-b.jsonl (no /x/AX-b/AX-b.jsonl)"]'}
     for task, joules in (("cb", 0.5), ("rte", 0.25)):
         log_run(
             task,
@@ -71,7 +76,8 @@ def test_a_multi_task_experiment_gets_a_task_table_with_skips_and_one_submission
             {"finetune/best_val_score": 0.85, "evaluate/val/accuracy": 0.8, "evaluate/val/score": 0.8}
             | bench("baseline", 10.0, 1.0, 1.0)
             | bench("system", 2.0, 5.0, joules),
-            files={f"evaluate/submission/{task.upper()}.jsonl": '{"idx": 0, "label": "entailment"}\n'},
+            files={f"evaluate/submission/{task.upper()}.jsonl": '{"idx": 0, "label": "entailment"}\n'}
+            | (missing_ax if task == "rte" else {}),
             tmp_path=tmp_path,
         )
     log_run("record", {"task.name": "record"}, {}, tags={SKIPPED_TAG: "missing data file /x/ReCoRD/train.jsonl"})
@@ -81,7 +87,18 @@ def test_a_multi_task_experiment_gets_a_task_table_with_skips_and_one_submission
     assert table[3] == "| record | not run: missing data file /x/ReCoRD/train.jsonl | | | | |"
     assert table[4] == "| rte | 0.85 | accuracy 0.8000 (val) | 5x (system) | 4.0x | RTE.jsonl |"
     with zipfile.ZipFile(tmp_path / "out" / "superglue_submission.zip") as bundle:
-        assert sorted(bundle.namelist()) == ["CB.jsonl", "RTE.jsonl"]
+        assert sorted(bundle.namelist()) == ["CB.jsonl", "MISSING.txt", "RTE.jsonl"]
+        missing = bundle.read("MISSING.txt").decode().splitlines()
+    assert missing == [
+        "BoolQ.jsonl: no run of this experiment made it",
+        "COPA.jsonl: no run of this experiment made it",
+        "MultiRC.jsonl: no run of this experiment made it",
+        "ReCoRD.jsonl: missing data file /x/ReCoRD/train.jsonl",
+        "WiC.jsonl: no run of this experiment made it",
+        "AX-b.jsonl: AX-b.jsonl (no /x/AX-b/AX-b.jsonl)",
+        "AX-g.jsonl: no run of this experiment made it",
+    ]
+    assert table[-1].startswith("The archive lacks 7 of the leaderboard's 9 files")
     assert tmp_path / "out" / "superglue_submission.zip" in files
 
 
@@ -104,3 +121,27 @@ def test_a_rerun_point_replaces_its_older_run_and_fronts_are_per_task(store):
     assert all(r.pareto for r in rows)  # as fast and a lower score, but of another task: not dominated
     rows, _ = collect(runs, "table", None, all_runs=True)
     assert [r.score for r in rows] == [0.5, 0.6, 0.9]
+
+
+def test_rtes_model_answers_the_diagnostics_whose_files_are_there(make_cfg, superglue_root, tmp_path):
+    data = write_diagnostics(shutil.copytree(superglue_root, tmp_path / "data"))
+    (data / "AX-g" / "AX-g.jsonl").unlink()
+    results = pipeline.run(make_cfg("task=rte", "evaluate.splits=[val,test]", data_root=data))
+    assert -1.0 <= results["evaluate/AX-b/mcc"] <= 1.0
+    assert not any(k.startswith("evaluate/AX-g") for k in results)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("fastformers").experiment_id])
+    entry = Path(run.data.tags["cache.evaluate.path"])
+    lines = [json.loads(line) for line in (entry / "submission" / "AX-b.jsonl").read_text().splitlines()]
+    assert [line["idx"] for line in lines] == list(range(12))
+    assert {line["label"] for line in lines} <= {"entailment", "not_entailment"}
+    assert json.loads((entry / "diagnostics_missing.json").read_text())[0].startswith("AX-g.jsonl (no ")
+
+
+def test_winogender_parity_counts_pairs_predicted_alike():
+    (axb, axg) = DIAGNOSTICS["RTE"]
+    examples = [e for i in range(4) for e in axg.read({"premise": "p", "hypothesis": "h", "idx": i, "pair_id": i // 2,
+                                                        "label": "entailment"})]  # fmt: skip
+    scores = axg.score(examples, [0, 0, 0, 1])  # pair 0 alike, pair 1 split
+    assert scores["gender_parity"] == 0.5 and scores["accuracy"] == 0.75
+    assert axb.name == "AX-b" and axg.name == "AX-g"

@@ -123,8 +123,10 @@ DDP_RUN = [
 
 @pytest.mark.slow
 def test_ddp_on_two_processes_writes_one_entry_and_one_run_and_trains_what_one_process_would(superglue_root, tmp_path):
-    """Same global batches, no dropout: DDP's averaged gradients equal one process's up to the order of float
-    sums (~1e-7 relative per step), so after 12 steps the logits agree to 1e-4 and the scores exactly."""
+    """Same global batches, no dropout: DDP's averaged gradients equal one process's up to the order of float sums
+    (~1e-7 relative). AdamW divides each step by the root of the squared gradients, so where a gradient is near
+    zero that noise becomes a step of up to the learning rate (1e-3 here): after 12 steps the logits agree to
+    ~1e-3 (measured: 3e-4), not 1e-6, and the predictions and scores agree exactly."""
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     for folder, layout in ((ddp, "hardware=ddp"), (single, "hardware=cpu")):
         folder.mkdir()
@@ -142,5 +144,6 @@ def test_ddp_on_two_processes_writes_one_entry_and_one_run_and_trains_what_one_p
     for name in ("ddp", "single"):
         model, tokenizer = load_finetuned(entries[name][0] / "model")
         logits.append(score_examples(model, make_loader(examples, tokenizer, TASKS["cb"], 128, 8)))
-    numpy.testing.assert_allclose(logits[0], logits[1], atol=1e-4)
+    numpy.testing.assert_allclose(logits[0], logits[1], atol=2e-3)
+    assert (numpy.argmax(logits[0], 1) == numpy.argmax(logits[1], 1)).all()
     assert not numpy.allclose(logits[0], numpy.zeros_like(logits[0]))

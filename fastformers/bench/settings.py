@@ -174,8 +174,11 @@ def parse_setting(cfg: DictConfig, spec: DictConfig, field: str) -> Setting:
         raise FastformersError(
             f"{field}: model=teacher runs on engine torch only (the export stage exports the latest model)"
         )
+    options = tuple(sorted((str(k), v) for k, v in (spec.get("options") or {}).items()))
+    engine.check_options(dict(options), f"{field}.options")
+    skipped = engine.unavailable(precision, dict(options))  # a row this machine cannot run needs no artifact
     exported_precisions = ("fp32", cfg.precision.name, "bf16", "int8_stock", "int8_static")
-    if engine.name != "torch" and precision not in exported_precisions:
+    if engine.name != "torch" and precision not in exported_precisions and not skipped:
         raise FastformersError(
             f"{field}.precision={precision}: the export stage builds fp32 and "
             f"precision={cfg.precision.name}'s artifacts; run with precision={precision}"
@@ -185,8 +188,6 @@ def parse_setting(cfg: DictConfig, spec: DictConfig, field: str) -> Setting:
             f"{field}.precision=int8_static: the export stage builds the static int8 graph "
             "only with precision.static=true"
         )
-    options = tuple(sorted((str(k), v) for k, v in (spec.get("options") or {}).items()))
-    engine.check_options(dict(options), f"{field}.options")
     hardware = cfg.hardware
     instances = spec.instances if "instances" in spec else hardware.instances
     threads = spec.threads_per_instance if "threads_per_instance" in spec else hardware.threads_per_instance
@@ -201,7 +202,7 @@ def parse_setting(cfg: DictConfig, spec: DictConfig, field: str) -> Setting:
         model,
         options,
         gated,
-        skipped=engine.unavailable(precision),
+        skipped=skipped,
     )
 
 

@@ -52,8 +52,9 @@ class Engine(ABC):
     def __init__(self, **options: Any):
         self.options = options
 
-    def unavailable(self, precision: str) -> str | None:
-        """Why `precision` cannot run on this machine (a missing package, no bf16 in the CPU), or None."""
+    def unavailable(self, precision: str, options: Mapping[str, Any] | None = None) -> str | None:
+        """Why `precision` (with a setting's `options`) cannot run on this machine (a missing package, no bf16 in
+        the CPU, no GPU), or None."""
         return None
 
     def artifact_name(self, precision: str) -> str:

@@ -22,7 +22,7 @@ class OnnxRuntimeEngine(Engine):
     name = "onnxruntime"
     precisions = ("fp32", "int8", "int8_stock", "int8_static", "fp16")
 
-    def unavailable(self, precision: str) -> str | None:
+    def unavailable(self, precision: str, options: Mapping[str, Any] | None = None) -> str | None:
         if precision == "fp16" and CUDA not in _ort().get_available_providers():
             return (
                 f"fp16 runs on onnxruntime's {CUDA} (install onnxruntime-gpu on a CUDA machine); this "

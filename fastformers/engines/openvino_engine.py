@@ -49,7 +49,7 @@ class OpenVinoEngine(Engine):
     def __init__(self, max_compiled: int | None = None, hint: str = "LATENCY", nncf: Mapping | None = None, **options):
         super().__init__(max_compiled=max_compiled, hint=hint, nncf=dict(nncf or {}), **options)
 
-    def unavailable(self, precision: str) -> str | None:
+    def unavailable(self, precision: str, options: Mapping[str, Any] | None = None) -> str | None:
         try:
             ov = _ov()
         except FastformersError as err:

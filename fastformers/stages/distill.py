@@ -32,6 +32,7 @@ from fastformers.models import (
 from fastformers.pruning import family_layout
 from fastformers.tasks import Task, task_of
 from fastformers.training import (
+    TRAINING_KEYS,
     agreement,
     check_distillation,
     check_training,
@@ -44,16 +45,7 @@ VERSION = 1  # a manual override: the code itself is part of the cache key (pipe
 PROVIDES = "model"
 CACHED = True
 DISTRIBUTED = True  # trains: under DDP (hardware=ddp) every rank joins its fit
-CONFIG_KEYS = (
-    "task",
-    "student",
-    "distill",
-    "seed",
-    "data.split_seed",
-    "hardware.train_precision",
-    "hardware.devices",
-    "hardware.num_nodes",
-)
+CONFIG_KEYS = ("task", "student", "distill", *TRAINING_KEYS)
 METHODS = ("task_specific", "task_agnostic")
 INITS = ("teacher_layers", "pretrained", "random")
 LAYER_KEY = re.compile(r"^(.*\.layer\.)(\d+)(\..*)$")  # encoder.layer.<i>. (DistilBERT: transformer.layer.<i>.)

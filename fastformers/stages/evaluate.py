@@ -6,6 +6,7 @@ every engine's speed figure can have its accuracy beside it."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -23,7 +24,7 @@ from fastformers.engines import (
 )
 from fastformers.errors import FastformersError
 from fastformers.models import load_finetuned, predict
-from fastformers.tasks import task_of
+from fastformers.tasks import DIAGNOSTICS, Task, task_of
 
 VERSION = 2  # a manual override: the code itself is part of the cache key (pipeline.stage_modules)
 PROVIDES = None
@@ -107,6 +108,28 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
             results |= {f"{label}/{k}": v for k, v in task.score(examples, preds).items()}
         else:
             _write_jsonl(out / "submission" / f"{task.name}.jsonl", task.submit(examples, preds))
+            results |= diagnostics(cfg, task, model, tokenizer, out)
+    return results
+
+
+def diagnostics(cfg: DictConfig, task: Task, model, tokenizer, out: Path) -> dict[str, float]:
+    """With a test submission, the leaderboard's diagnostics this task's model answers (RTE's: AX-b, AX-g), each
+    when its official file is there: its submission file and metrics (their labels are public); the missing ones
+    are listed in `diagnostics_missing.json` for the report's archive."""
+    results: dict[str, float] = {}
+    missing = []
+    for diagnostic in DIAGNOSTICS.get(task.name, ()):
+        path = Path(cfg.data.root) / diagnostic.name / f"{diagnostic.name}.jsonl"
+        if not path.is_file():
+            missing.append(f"{diagnostic.name}.jsonl (no {path})")
+            continue
+        examples = load_examples(replace(diagnostic, files={"test": path}), cfg.data.root, "test")
+        loader = make_loader(examples, tokenizer, diagnostic, cfg.task.max_seq_length, cfg.evaluate.batch_size)
+        preds = predict(model, loader)
+        _write_jsonl(out / "submission" / f"{diagnostic.name}.jsonl", diagnostic.submit(examples, preds))
+        results |= {f"{diagnostic.name}/{k}": v for k, v in diagnostic.score(examples, preds).items()}
+    if missing:
+        (out / "diagnostics_missing.json").write_text(json.dumps(missing))
     return results
 
 

@@ -12,22 +12,13 @@ from fastformers.checks import require_number
 from fastformers.data import TaskDataModule, load_examples, texts_of
 from fastformers.models import count_parameters, load_model
 from fastformers.tasks import task_of
-from fastformers.training import FineTuneModule, check_accelerator, check_training, fit_best
+from fastformers.training import TRAINING_KEYS, FineTuneModule, check_accelerator, check_training, fit_best
 
 VERSION = 1  # a manual override: the code itself is part of the cache key (pipeline.stage_modules)
 PROVIDES = "model"
 CACHED = True
 DISTRIBUTED = True  # trains: under DDP (hardware=ddp) every rank joins its fit
-CONFIG_KEYS = (
-    "task",
-    "teacher",
-    "finetune",
-    "seed",
-    "data.split_seed",
-    "hardware.train_precision",
-    "hardware.devices",
-    "hardware.num_nodes",
-)
+CONFIG_KEYS = ("task", "teacher", "finetune", *TRAINING_KEYS)
 MONITOR = "finetune/val_score"
 
 

@@ -40,22 +40,13 @@ from fastformers.pruning import (
     top_per_layer,
 )
 from fastformers.tasks import Task, task_of
-from fastformers.training import check_distillation, check_training, predictions, train_student
+from fastformers.training import TRAINING_KEYS, check_distillation, check_training, predictions, train_student
 
 VERSION = 1  # a manual override: the code itself is part of the cache key (pipeline.stage_modules)
 PROVIDES = "model"
 CACHED = True
 DISTRIBUTED = True  # trains: under DDP (hardware=ddp) every rank joins its fit
-CONFIG_KEYS = (
-    "task",
-    "pruning",
-    "distill",
-    "seed",
-    "data.split_seed",
-    "hardware.train_precision",
-    "hardware.devices",
-    "hardware.num_nodes",
-)
+CONFIG_KEYS = ("task", "pruning", "distill", *TRAINING_KEYS)
 NORMALIZATIONS = ("none", "layer")
 
 
