@@ -332,6 +332,9 @@ class EncodedDataset(torch.utils.data.Dataset):
         return [len(rows) * max(len(row["input_ids"]) for row in rows) for rows in self.rows]
 
 
+BUCKET = 16  # tokens: the length steps TrainOrder groups by
+
+
 class TrainOrder(torch.utils.data.Sampler[list[int]]):
     """The training batches: shuffled every epoch, then (grouped) sorted by length within windows of 50 batches,
     so a batch pads to rows of similar length (BoolQ's long tail made random batches pad ~2x more) while batches
@@ -344,6 +347,11 @@ class TrainOrder(torch.utils.data.Sampler[list[int]]):
         self.lengths, self.batch_size, self.seed, self.grouped = list(lengths), batch_size, seed, grouped
         self.rank, self.world, self.epoch, self.window = rank, world, 0, 50 * batch_size
 
+    def bucket(self, index: int) -> int:
+        """Lengths sorted in steps of BUCKET tokens, shuffled within a step: where length follows the label (short
+        texts of one class), an exact sort would make batches of one class; padding grows by < BUCKET tokens."""
+        return self.lengths[index] // BUCKET
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch  # Lightning calls this before every epoch: each gets its own order
 
@@ -352,7 +360,7 @@ class TrainOrder(torch.utils.data.Sampler[list[int]]):
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
         if self.grouped:
             windows = [order[i : i + self.window] for i in range(0, len(order), self.window)]
-            order = [i for window in windows for i in sorted(window, key=self.lengths.__getitem__, reverse=True)]
+            order = [i for window in windows for i in sorted(window, key=self.bucket, reverse=True)]
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         if self.grouped:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]

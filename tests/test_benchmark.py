@@ -408,7 +408,7 @@ def test_a_setting_can_time_the_teacher_beside_the_distilled_student(make_cfg):
         ),
         (
             ["benchmark.settings=[{name: t, engine: torch, padding: dynamic, options: {enable_cpu_mem_arena: false}}]"],
-            r"benchmark.settings\[0\].options: engine torch takes no options",
+            r"benchmark.settings\[0\].options: engine torch takes only device: cpu \| cuda",
         ),
         (
             ["benchmark.settings=[{name: o, engine: openvino, padding: dynamic, options: {turbo: true}}]"],

@@ -42,7 +42,8 @@ def run_cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
     [
         (
             ["task=glue"],
-            "task=glue: no such option in config group 'task' (options: boolq, cb, copa, multirc, record, rte, wic)",
+            "task=glue: no such option in config group 'task' (options: boolq, cb, copa, multirc, record, rte, "
+            "text_classification, wic)",
         ),
         (["finetune.epohcs=2"], "finetune.epohcs: no such key; did you mean finetune.epochs?"),
         (["techer=tiny_bert"], "techer: no such key; did you mean teacher?"),

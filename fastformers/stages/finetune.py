@@ -45,6 +45,9 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
     module = FineTuneModule(model, task, val, opts)
     data = TaskDataModule(task, tokenizer, train, val, cfg.task.max_seq_length, opts, cfg.seed)
     best_score, epochs, seconds = fit_best(module, data, opts, cfg, out, MONITOR)
+    if task.labels:  # outputs named as the task names its labels, for whoever loads the folder later
+        model.config.id2label = {i: str(label) for i, label in enumerate(task.labels)}
+        model.config.label2id = {name: i for i, name in model.config.id2label.items()}
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     return {
