@@ -316,7 +316,9 @@ def missing_files(client: MlflowClient, latest: dict, bundle: zipfile.ZipFile) -
         for path in (a.path for a in client.list_artifacts(run.info.run_id, "evaluate")):
             if Path(path).name == "diagnostics_missing.json":
                 entries = json.loads(Path(client.download_artifacts(run.info.run_id, path)).read_text())
-                reasons |= {entry.split(" ")[0].removesuffix(".jsonl"): entry for entry in entries}
+                for entry in entries:  # "AX-b.jsonl (no <path>)"
+                    name, _, why = entry.partition(" ")
+                    reasons[name.removesuffix(".jsonl")] = why.strip("()")
         task = TASKS.get(run.data.params["task.name"])
         if task and SKIPPED_TAG in run.data.tags:
             reasons[task.name] = run.data.tags[SKIPPED_TAG]
