@@ -141,10 +141,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             log_stage_artifacts(folder, name, cfg.mlflow.log_models)
             results |= {f"{name}/{k}": float(v) for k, v in metrics.items()}
             log.debug("stage %s metrics: %s", name, metrics)
-            if stage.PROVIDES == "model":
-                provided.setdefault(TEACHER, (folder, key))
-            if stage.PROVIDES:
-                provided[stage.PROVIDES] = (folder, key)
+            record_output(provided, stage, folder, key)
         if cfg.mlflow.serve_model and "onnx" in provided:
             serving.log_served_model(provided["onnx"][0], cfg, provided.get("pick", (None,))[0])
         check_stopped()
@@ -182,11 +179,16 @@ def run_worker(cfg: DictConfig, stages: list, cache: StageCache, data_print: str
                 with tempfile.TemporaryDirectory(prefix=f"fastformers-rank-{name}-") as scratch:
                     stage.run(cfg, {need: folder for need, (folder, _) in inputs.items()}, Path(scratch))
             cache.wait_for(name, key, WORKER_WAIT)
-        if stage.PROVIDES == "model":
-            provided.setdefault(TEACHER, (cache.entry(name, key), key))
-        if stage.PROVIDES:
-            provided[stage.PROVIDES] = (cache.entry(name, key), key)
+        record_output(provided, stage, cache.entry(name, key), key)
     return {}
+
+
+def record_output(provided: dict[str, tuple[Path, str]], stage, folder: Path, key: str) -> None:
+    """What later stages may read: the stage's output by name, and the run's first model as its teacher."""
+    if stage.PROVIDES == "model":
+        provided.setdefault(TEACHER, (folder, key))
+    if stage.PROVIDES:
+        provided[stage.PROVIDES] = (folder, key)
 
 
 def headline(stage: str, metrics: dict) -> str:
