@@ -78,8 +78,12 @@ def this_host() -> str:
 
 
 def pid_namespace() -> int:
-    """This process's pid namespace (containers sharing a host name have their own): pids compare only within one."""
-    return os.stat("/proc/self/ns/pid").st_ino
+    """This process's pid namespace (containers sharing a host name have their own): pids compare only within one.
+    0 where there is no /proc (not Linux): then only processes of that same kind of host are judged."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
 
 
 def start_time(pid: int) -> float | None:
