@@ -14,7 +14,9 @@ DIR/battery.md. `--only` takes case names and group names (data, config, weights
 
 Expected: every bad input is refused with exit 2 and one `fastformers: error:` line, no traceback and no run left
 RUNNING; the fuzz raises nothing but FastformersError; after kill -9 or SIGTERM (and the next start) no run is left
-RUNNING and no scratch folder is left in the cache; each concurrent pair on a fresh store ends with both runs
+RUNNING and no scratch folder is left in the cache (a stopped build is kept as one `.<key>.failed-*` folder, which
+the next build of that entry adopts); a cache entry that cannot be read is refused with exit 2 and kept; a live build
+lock held from another pid namespace is waited for; each concurrent pair on a fresh store ends with both runs
 FINISHED; a tracking server that is down is reported in under 10 s (wall time of the whole command).
 """
 
@@ -196,6 +198,11 @@ def cache_entries(out: Path) -> set[str]:
 
 def scratch_folders(out: Path) -> list[Path]:
     return sorted((out / "cache").glob("*/.*.tmp"))
+
+
+def failed_folders(out: Path) -> list[Path]:
+    """Builds that failed or were stopped, kept (one per key) for the next build of their entry to resume from."""
+    return sorted((out / "cache").glob("*/.*.failed-*"))
 
 
 def sha256(path: Path) -> str:
@@ -583,12 +590,17 @@ def kill9_then_restart(battery: Battery, row: Row, cwd: Path) -> None:
         problems.append(f"no checkpoint before the kill (job exit {killed.exit}: {error_line(killed.stderr)})")
     left, _ = running_count(out)
     row.notes.append(f"{left} RUNNING after kill -9, {len(scratch_folders(out))} scratch folders")
+    checkpoints = sorted(str(p.name) for p in (out / "cache" / "finetune").glob(".*.tmp/checkpoints/*"))
     again = battery.cli(*battery.quick(out), cwd=cwd, timeout=battery.run_timeout)
     problems += expect_success(row, again, out)
     runs = run_states(out) or []
     row.notes.append("runs " + ",".join(r.info.status for r in sorted(runs, key=lambda r: r.info.start_time)))
     if scratch := scratch_folders(out):
         problems.append(f"scratch left: {', '.join(str(p.relative_to(out)) for p in scratch)}")
+    failed = failed_folders(out)  # the killed build (epochs=50: another key than the restart's), kept to resume
+    if len(failed) != 1 or not list(failed[0].glob("checkpoints/*")):
+        problems.append(f"expected the killed build kept as 1 failed folder with its checkpoints, found {len(failed)}")
+    row.notes.append(f"killed build's checkpoints {checkpoints}, kept in {len(failed)} failed folder")
     conclude(row, problems + lost_after(row, before, out))
 
 
@@ -629,6 +641,128 @@ def sigterm_sweep(battery: Battery, row: Row, cwd: Path) -> None:
     )
     if scratch := scratch_folders(out):
         problems.append(f"scratch left: {', '.join(str(p.relative_to(out)) for p in scratch)}")
+    kept = failed_folders(out)  # the stopped job's build, kept for a re-run to resume from
+    row.notes.append(f"failed folders kept: {', '.join(str(p.relative_to(out)) for p in kept) or 'none'}")
+    if reached and not kept:
+        problems.append("the stopped job's scratch folder was not kept as a failed folder")
+    conclude(row, problems)
+
+
+# ------------------------------------------------------------------------- the stage cache's locks and read errors
+
+
+def finetune_entry(out: Path) -> Path | None:
+    """The primed cache's fine-tuned model entry (the first stage of `experiment=quick`)."""
+    found = sorted(p for p in (out / "cache" / "finetune").glob("*") if p.name[0] != ".")
+    return found[0] if found else None
+
+
+def cli_as_nobody(battery: Battery, cwd: Path, *args: str) -> Result:
+    """The CLI as user nobody (root reads any file whatever its mode): a file of mode 000 then fails to open."""
+    command = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *battery.command(*args)]
+    started = time.monotonic()
+    env = {**battery.env(), "HOME": str(cwd)}
+    limit = battery.timeout
+    done = subprocess.run(
+        command, check=False, cwd=cwd, env=env, capture_output=True, text=True, errors="replace", timeout=limit
+    )
+    (cwd / "nobody.out").write_text(done.stdout)
+    (cwd / "nobody.err").write_text(done.stderr)
+    return Result(done.returncode, done.stdout, done.stderr, time.monotonic() - started)
+
+
+def open_to_nobody(battery: Battery, cwd: Path) -> None:
+    """Lets user nobody through the battery's folders (mkdtemp makes them 0700) and write the case's folder."""
+    for folder in [cwd, *cwd.parents]:
+        folder.chmod(folder.stat().st_mode | 0o755)
+        if folder == battery.root:
+            break
+    shutil.chown(cwd, "nobody", "nogroup")
+    for path in cwd.rglob("*"):
+        shutil.chown(path, "nobody", "nogroup")
+
+
+def cache_read_error(battery: Battery, row: Row, cwd: Path) -> None:
+    """A cache entry whose manifest cannot be read (an OSError: here EACCES) is reported, not deleted."""
+    out = cwd / "outputs"
+    before = prime(battery, row, out)
+    entry = finetune_entry(out)
+    if entry is None:
+        conclude(row, ["no finetune entry primed"])
+        return
+    open_to_nobody(battery, cwd)
+    manifest = entry / "manifest.json"
+    shutil.chown(manifest, "root", "root")
+    manifest.chmod(0o000)
+    refused = cli_as_nobody(battery, cwd, *battery.quick(out))
+    problems = expect_refusal(row, refused, out)
+    if "could not read it" not in row.error or str(entry) not in row.error:
+        problems.append("the error line does not name the entry and the read error")
+    manifest.chmod(0o644)
+    problems += lost_after(row, before, out)
+    again = battery.cli(*battery.quick(out), cwd=cwd, timeout=battery.run_timeout)
+    if again.code != 0 or "stage finetune: from the cache" not in again.stdout:
+        problems.append(f"the next run did not read finetune from the cache (exit {again.exit})")
+    row.notes.append(
+        f"next run: exit {again.exit}, finetune from the cache: {'stage finetune: from the cache' in again.stdout}"
+    )
+    conclude(row, problems)
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from fastformers.cache import StageCache, owner_identity
+root, key, release = sys.argv[1:4]
+with StageCache(root).claimed("finetune", key) as mine:
+    me = owner_identity()
+    print(f"holding {mine} as {me['pid']}@{me['host']} in pid namespace {me['pid_ns']}", flush=True)
+    deadline = time.monotonic() + 900
+    while not Path(release).exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    claim = (Path(root) / "finetune" / f".{key}.lock").read_text().strip()
+    owner = (Path(root) / "finetune" / (Path(claim).name + ".owner")).read_text()
+    print("still mine at release:", str(me["pid_ns"]) in owner, flush=True)
+"""
+
+
+def lock_from_other_namespace(battery: Battery, row: Row, cwd: Path) -> None:
+    """A live build lock held from another pid namespace (a container with our host name, its pid meaningless here)
+    is waited for, not taken over; the waiting run builds once it is released."""
+    out = cwd / "outputs"
+    prime(battery, row, out)
+    entry = finetune_entry(out)
+    if entry is None:
+        conclude(row, ["no finetune entry primed"])
+        return
+    shutil.rmtree(entry)  # the run needs it again, under the same key
+    release = cwd / "release"
+    holder = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", HOLDER, str(out / "cache"), entry.name,
+         str(release)], cwd=cwd, env=battery.env(), stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    battery.jobs.append(holder)
+    assert holder.stdout is not None
+    held = holder.stdout.readline().strip()
+    problems = [] if held.startswith("holding True") else [f"the holder did not take the lock: {held!r}"]
+    row.notes.append(held)
+    started = time.monotonic()
+    job = battery.background(*battery.quick(out), cwd=cwd, tag="waiter")
+    waiting = lambda: "stage finetune: waiting for" in (cwd / "waiter.out").read_text()  # noqa: E731
+    if not wait_until(waiting, job, battery.timeout):
+        problems.append("the run never said it waits")
+    time.sleep(10)  # a while longer under a live lease: it must go on waiting
+    if job.poll() is not None or "stage finetune: ran" in (cwd / "waiter.out").read_text():
+        problems.append("the run did not wait for the live lock")
+    release.touch()
+    rest, _ = holder.communicate(timeout=60)
+    if "still mine at release: True" not in rest:
+        problems.append(f"the lock was taken over while live ({rest.strip()!r})")
+    result = battery.finished(job, cwd, "waiter", battery.run_timeout, started)
+    problems += expect_success(row, result, out)
+    if "stage finetune: ran" not in result.stdout:
+        problems.append("the run did not build finetune after the release")
+    row.notes.append(f"waited {'yes' if waiting() else 'no'}, finished in {result.wall:.0f} s")
     conclude(row, problems)
 
 
@@ -745,6 +879,8 @@ CASES = [
     Case("kill9_then_restart", "processes", kill9_then_restart, primed=True),
     Case("sigterm_sweep", "processes", sigterm_sweep),
     Case("concurrent_pairs", "processes", concurrent_pairs),
+    Case("cache_read_error", "processes", cache_read_error, primed=True),
+    Case("lock_other_pidns", "processes", lock_from_other_namespace, primed=True),
     *(Case(name, "fuzz", fuzz_case(maker)) for name, maker in FUZZ_TASKS.items()),
 ]
 

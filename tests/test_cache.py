@@ -1,8 +1,13 @@
 """The stage cache: keyed by config, atomic, and never loads a damaged entry."""
 
+import logging
+from pathlib import Path
+
 import pytest
 
-from fastformers.cache import StageCache, cache_key
+from fastformers import cache as cache_module
+from fastformers.cache import FAILED, StageCache, cache_key
+from fastformers.errors import FastformersError
 
 
 def test_key_changes_with_any_config_value():
@@ -12,36 +17,128 @@ def test_key_changes_with_any_config_value():
 
 def test_built_entry_is_found_again(tmp_path):
     cache = StageCache(tmp_path)
-    with cache.build("finetune", "k1", {"why": "test"}) as scratch:
-        (scratch / "model.bin").write_bytes(b"weights")
+    build_entry(cache)
     manifest = cache.lookup("finetune", "k1")
     assert manifest["files"]["model.bin"]["size"] == 7
     assert (cache.entry("finetune", "k1") / "model.bin").read_bytes() == b"weights"
 
 
-def test_a_failed_build_leaves_nothing(tmp_path):
+def build_entry(cache: StageCache, key: str = "k1", content: bytes = b"weights") -> Path:
+    with cache.build("finetune", key, {}) as scratch:
+        (scratch / "model.bin").write_bytes(content)
+    return cache.entry("finetune", key)
+
+
+def fail_build(cache: StageCache, error: type[BaseException] = RuntimeError) -> None:
+    with pytest.raises(error), cache.build("finetune", "k1", {}) as scratch:
+        (scratch / "checkpoints").mkdir(exist_ok=True)
+        (scratch / "checkpoints" / "last.ckpt").write_text("epoch 3")
+        raise error("killed")
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])  # KeyboardInterrupt: Ctrl-C and SIGTERM
+def test_a_failed_build_is_kept_adopted_by_the_rerun_and_removed_after_success(tmp_path, error, caplog):
     cache = StageCache(tmp_path)
-    with pytest.raises(RuntimeError), cache.build("finetune", "k1", {}) as scratch:
-        (scratch / "half.bin").write_bytes(b"half")
-        raise RuntimeError("killed")
+    with caplog.at_level(logging.WARNING, logger="fastformers.cache"):
+        fail_build(cache, error)
+        fail_build(cache, error)  # a second failure: still one failed folder, the newest
     assert cache.lookup("finetune", "k1") is None
-    assert list((tmp_path / "finetune").iterdir()) == []
-
-
-@pytest.mark.parametrize("damage", ["truncate", "delete_manifest", "corrupt_manifest"])
-def test_damaged_entries_are_removed_not_loaded(tmp_path, damage):
-    cache = StageCache(tmp_path)
+    (failed,) = (tmp_path / "finetune").iterdir()
+    assert FAILED.match(failed.name) and (failed / "checkpoints" / "last.ckpt").read_text() == "epoch 3"
+    assert f"the failed build's files are kept in {failed}" in caplog.text
     with cache.build("finetune", "k1", {}) as scratch:
+        assert (scratch / "checkpoints" / "last.ckpt").read_text() == "epoch 3"  # the re-run resumes from it
         (scratch / "model.bin").write_bytes(b"weights")
-    entry = cache.entry("finetune", "k1")
+    assert [p.name for p in (tmp_path / "finetune").iterdir()] == ["k1"]
+
+
+def test_a_success_removes_the_keys_failed_folders_it_did_not_adopt(tmp_path):
+    cache = StageCache(tmp_path)
+    fail_build(cache)
+    (tmp_path / "finetune" / ".k1.failed-20000101T000000Z-abcdef").mkdir()  # made by a process at the same time
+    build_entry(cache)
+    assert [p.name for p in (tmp_path / "finetune").iterdir()] == ["k1"]
+
+
+@pytest.mark.parametrize(
+    "damage", ["truncate", "delete_file", "delete_manifest", "corrupt_manifest", "edit_manifest", "not_a_dict"]
+)
+def test_proven_damage_deletes_the_entry_so_it_is_rebuilt(tmp_path, damage, caplog):
+    cache = StageCache(tmp_path)
+    entry = build_entry(cache)
+    manifest = entry / "manifest.json"
     if damage == "truncate":
         (entry / "model.bin").write_bytes(b"wei")
+    elif damage == "delete_file":
+        (entry / "model.bin").unlink()
     elif damage == "delete_manifest":
-        (entry / "manifest.json").unlink()
+        manifest.unlink()
+    elif damage == "corrupt_manifest":
+        manifest.write_text("{not json")
+    elif damage == "edit_manifest":  # still valid JSON with the right sizes, but not what it hashed
+        manifest.write_text(manifest.read_text().replace('"key": "k1"', '"key": "k2"'))
     else:
-        (entry / "manifest.json").write_text("{not json")
-    assert cache.lookup("finetune", "k1") is None
+        manifest.write_text("[]")
+    with caplog.at_level(logging.WARNING, logger="fastformers.cache"):
+        assert cache.lookup("finetune", "k1") is None
     assert not entry.exists()
+    assert f"cache entry {entry} is damaged" in caplog.text
+
+
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied"), OSError(116, "Stale file handle")])
+def test_a_read_error_is_retried_then_raised_and_the_entry_kept(tmp_path, monkeypatch, error):
+    cache = StageCache(tmp_path)
+    entry = build_entry(cache)
+    monkeypatch.setattr(cache_module, "RETRY_WAIT", 0.0)
+    reads = []
+    real = Path.read_bytes
+
+    def failing(path: Path) -> bytes:
+        if path.name == "manifest.json":
+            reads.append(path)
+            raise error
+        return real(path)
+
+    monkeypatch.setattr(Path, "read_bytes", failing)
+    with pytest.raises(FastformersError, match=rf"cache entry {entry}: could not read it after 3 tries .*kept"):
+        cache.lookup("finetune", "k1")
+    assert len(reads) == cache_module.TRIES
+    monkeypatch.setattr(Path, "read_bytes", real)
+    assert entry.is_dir() and cache.lookup("finetune", "k1") is not None
+
+
+def test_a_read_error_that_passes_is_not_reported(tmp_path, monkeypatch):
+    cache = StageCache(tmp_path)
+    build_entry(cache)
+    monkeypatch.setattr(cache_module, "RETRY_WAIT", 0.0)
+    real, failures = Path.read_bytes, [OSError(5, "Input/output error")]
+
+    def once(path: Path) -> bytes:
+        if path.name == "manifest.json" and failures:
+            raise failures.pop()
+        return real(path)
+
+    monkeypatch.setattr(Path, "read_bytes", once)
+    assert cache.lookup("finetune", "k1") is not None and not failures
+
+
+def test_full_verification_finds_a_same_size_change_the_default_does_not_hash(tmp_path, monkeypatch):
+    cache = StageCache(tmp_path)
+    entry = build_entry(cache)
+    (entry / "model.bin").write_bytes(b"WEIGHTS")  # same size, other content
+    hashed = []
+    monkeypatch.setattr(cache_module, "_sha256", lambda path: hashed.append(path) or "x")
+    assert cache.lookup("finetune", "k1") is not None  # sizes only: cheap, nothing hashed
+    assert hashed == []
+    monkeypatch.undo()
+    monkeypatch.setenv(cache_module.VERIFY_ENV, "full")
+    assert cache.lookup("finetune", "k1") is None and not entry.exists()
+
+
+def test_an_unknown_verify_mode_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv(cache_module.VERIFY_ENV, "paranoid")
+    with pytest.raises(FastformersError, match=r"FASTFORMERS_CACHE_VERIFY='paranoid': expected 'sizes'"):
+        StageCache(tmp_path).lookup("finetune", "k1")
 
 
 def fake_package(root, helper_code: str, helper_doc: str = "What the helper does.") -> None:
@@ -56,12 +153,10 @@ def fake_package(root, helper_code: str, helper_doc: str = "What the helper does
 
 
 def fingerprint_of(root, monkeypatch) -> str:
-    from fastformers import cache
-
-    monkeypatch.setattr(cache, "PACKAGE_ROOT", root)
-    cache._code_of.cache_clear()
-    cache._imported_modules.cache_clear()
-    return cache.code_fingerprint("fastformers.stages.demo")
+    monkeypatch.setattr(cache_module, "PACKAGE_ROOT", root)
+    cache_module._code_of.cache_clear()
+    cache_module._imported_modules.cache_clear()
+    return cache_module.code_fingerprint("fastformers.stages.demo")
 
 
 def test_the_code_key_follows_imported_code_not_its_docstrings_or_comments(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from fastformers import pipeline
-from fastformers.cache import StageCache, this_host
+from fastformers.cache import StageCache, owner_identity, owner_tag, this_host
 from fastformers.checks import require_number
 from fastformers.errors import FastformersError
 from fastformers.models import load_finetuned, load_pretrained
@@ -203,28 +203,32 @@ def dead_pid() -> int:
     return child.pid
 
 
-def test_scratch_folders_of_gone_processes_are_removed_live_ones_kept(tmp_path, caplog):
+def test_scratch_folders_of_gone_processes_are_kept_as_failed_folders_live_ones_left_alone(tmp_path, caplog):
     cache = StageCache(tmp_path)
     stage = tmp_path / "finetune"
-    host = this_host()
-    gone = stage / f".k1.0123abcd.{dead_pid()}@{host}.tmp"
-    mine = stage / f".k2.0123abcd.{os.getpid()}@{host}.tmp"
-    elsewhere = stage / f".k3.0123abcd.{dead_pid()}@not-{host}.tmp"
-    older = stage / ".k4.0123abcd.tmp"  # made before scratch names held a pid: its builder is unknown
-    for folder in (gone, mine, elsewhere, older):
+    me = owner_identity()
+    gone = stage / f".k1.0123abcd.{owner_tag({**me, 'pid': dead_pid()})}.tmp"
+    mine = stage / f".k2.0123abcd.{owner_tag(me)}.tmp"
+    elsewhere = stage / f".k3.0123abcd.{owner_tag({**me, 'pid': dead_pid(), 'host': 'not-' + me['host']})}.tmp"
+    container = stage / f".k5.0123abcd.{owner_tag({**me, 'pid': dead_pid(), 'pid_ns': 1})}.tmp"  # same host name
+    older = stage / f".k4.0123abcd.{dead_pid()}@{this_host()}.tmp"  # made before names held a start and namespace
+    for folder in (gone, mine, elsewhere, container, older):
         (folder / "checkpoints").mkdir(parents=True)
     with caplog.at_level(logging.INFO, logger="fastformers.cache"):
         assert cache.lookup("finetune", "k0") is None
-    assert not gone.exists() and mine.is_dir() and elsewhere.is_dir() and older.is_dir()
+    (failed,) = stage.glob(".k1.failed-*")  # kept for the next build of k1 to resume from
+    assert (failed / "checkpoints").is_dir() and not gone.exists()
+    assert mine.is_dir() and elsewhere.is_dir() and container.is_dir() and older.is_dir()
     assert [r.getMessage() for r in caplog.records if "scratch" in r.getMessage()] == [
-        f"cache: removed {gone}, the scratch folder of process {gone.name.split('.')[3].split('@')[0]}, which is gone"
+        f"cache: the scratch folder of process {gone.name.split('.')[3].split('-')[0]}, which is gone, is kept as "
+        f"{failed} (a re-run of stage finetune resumes from them)"
     ]
 
 
-def test_a_build_names_its_scratch_folder_by_pid_and_host(tmp_path):
+def test_a_build_names_its_scratch_folder_by_its_owner(tmp_path):
     cache = StageCache(tmp_path)
     with cache.build("finetune", "k1", {}) as scratch:
-        assert scratch.name.endswith(f".{os.getpid()}@{this_host()}.tmp") and scratch.name.startswith(".k1.")
+        assert scratch.name.endswith(f".{owner_tag(owner_identity())}.tmp") and scratch.name.startswith(".k1.")
         (scratch / "model.bin").write_bytes(b"weights")
     assert cache.lookup("finetune", "k1") is not None
     assert "." not in this_host() and socket.gethostname()

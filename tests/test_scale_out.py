@@ -8,10 +8,12 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy
 import pytest
+from flufl.lock import Lock
 
 from fastformers import cache as cache_module
 from fastformers.cache import StageCache
@@ -45,42 +47,100 @@ def test_parallel_jobs_build_a_shared_entry_once(tmp_path):
         job.join(30)
     assert [job.exitcode for job in jobs] == [0, 0, 0]
     assert len(log.read_text().splitlines()) == 1
-    assert not list((tmp_path / "c" / "finetune").glob(".*.lock"))  # released
+    assert not list((tmp_path / "c" / "finetune").glob(".k1.lock*"))  # released: lock, claims, owner files
 
 
-def _lock(cache: StageCache, holder: dict, age: float = 0.0) -> Path:
-    lock = cache.root / "finetune" / ".k1.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    lock.write_text(json.dumps({"token": "t", **holder}))
-    os.utime(lock, (time.time() - age, time.time() - age))
+def _held(cache: StageCache, owner: dict, expired: bool = False) -> Lock:
+    """The entry's build lock as another builder holds it: a flufl lock with `owner` recorded beside its claim."""
+    path = cache.root / "finetune" / ".k1.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = Lock(str(path), lifetime=timedelta(seconds=cache_module.LEASE))
+    lock.lock()
+    Path(lock.claimfile + cache_module.OWNER_SUFFIX).write_text(json.dumps(owner))
+    if expired:  # its last refresh is long past: flufl breaks it
+        os.utime(path, (time.time() - 120, time.time() - 120))
     return lock
 
 
-def _claim_in_thread(cache: StageCache) -> threading.Event:
-    done = threading.Event()
+def _claim_in_thread(cache: StageCache) -> tuple[threading.Thread, list[bool]]:
+    """A job claiming the entry; the list gets what `claimed` yielded once the claim is released."""
+    got: list[bool] = []
 
     def claim():
         with cache.claimed("finetune", "k1") as mine:
-            assert mine
-            done.set()
+            got.append(mine)
 
-    threading.Thread(target=claim, daemon=True).start()
-    return done
+    thread = threading.Thread(target=claim, daemon=True)
+    thread.start()
+    return thread, got
 
 
-def test_a_dead_builders_lock_is_taken_over_and_a_live_ones_is_waited_for(tmp_path, monkeypatch):
+def _dead_pid() -> int:
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+
+
+def _owner(**changes) -> dict:
+    return {**cache_module.owner_identity(), **changes}
+
+
+@pytest.mark.parametrize(
+    "owner",
+    [
+        pytest.param(lambda: _owner(pid=_dead_pid()), id="pid-gone"),
+        pytest.param(lambda: _owner(started=1.0), id="pid-reused"),  # our pid, another start time
+    ],
+)
+def test_a_dead_builders_lock_on_this_host_is_taken_over_at_once(tmp_path, monkeypatch, owner, capsys):
     monkeypatch.setattr(cache_module, "POLL", 0.05)
     cache = StageCache(tmp_path)
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    _lock(cache, {"host": cache_module.this_host(), "pid": int(gone.stdout)})  # this host, process gone
-    assert _claim_in_thread(cache).wait(5)
-    _lock(cache, {"host": "other-node", "pid": 1}, age=cache_module.STALE + 60)  # another host, no heartbeat
-    assert _claim_in_thread(cache).wait(5)
-    lock = _lock(cache, {"host": "other-node", "pid": 1})  # another host, heartbeat fresh: a live build
-    done = _claim_in_thread(cache)
-    assert not done.wait(0.5)
-    lock.unlink()  # its builder finished (here: without an entry, so this job builds)
-    assert done.wait(5)
+    _held(cache, owner())  # its lease is fresh for LEASE seconds: only the owner check can end it
+    thread, got = _claim_in_thread(cache)
+    thread.join(60)
+    assert got == [True]
+    assert not list((tmp_path / "finetune").glob(".k1.lock*"))  # released: the lock, claims and owner files
+    assert "waiting for" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "owner",
+    [
+        pytest.param(lambda: _owner(pid_ns=1, pid=_dead_pid()), id="container-same-host-name"),
+        pytest.param(lambda: _owner(host="other-node", pid=_dead_pid()), id="other-host"),
+    ],
+)
+def test_a_live_lease_of_another_namespace_or_host_is_waited_for_an_expired_one_taken_over(
+    tmp_path, monkeypatch, owner, capsys
+):
+    monkeypatch.setattr(cache_module, "POLL", 0.05)
+    cache = StageCache(tmp_path)
+    held = owner()
+    lock = _held(cache, held)  # its pid does not exist here, which proves nothing in another namespace or host
+    thread, got = _claim_in_thread(cache)
+    thread.join(3)
+    assert thread.is_alive() and got == []  # still waiting
+    lock.unlock()  # its builder finished (here: without an entry, so this job builds)
+    thread.join(60)
+    assert got == [True]
+    assert f"stage finetune: waiting for {held['pid']}@{held['host']}, which is building it" in capsys.readouterr().out
+    _held(cache, owner(), expired=True)  # its builder died: nobody refreshed the lease
+    thread, got = _claim_in_thread(cache)
+    thread.join(60)
+    assert got == [True]
+
+
+def test_a_builder_keeps_refreshing_its_lease(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_module, "HEARTBEAT", 0.05)
+    cache = StageCache(tmp_path)
+    lock = tmp_path / "finetune" / ".k1.lock"
+    with cache.claimed("finetune", "k1") as mine:
+        assert mine
+        first = lock.stat().st_mtime  # the end of the lease
+        deadline = time.monotonic() + 60
+        while lock.stat().st_mtime <= first:  # mtime has 1 s steps here (flufl writes whole seconds)
+            assert time.monotonic() < deadline, "the lease was never refreshed"
+            time.sleep(0.1)
+        assert lock.stat().st_mtime > time.time() + cache_module.LEASE - 30
+    assert not lock.exists()
 
 
 def test_a_ddp_worker_stops_waiting_when_nobody_builds_the_entry(tmp_path, monkeypatch):

@@ -323,4 +323,5 @@ def test_a_terminated_job_ends_its_mlflow_run_failed(superglue_root, tmp_path):
         raise AssertionError(f"the job ignored SIGTERM for 120 s:\n{log.read_text()[-3000:]}") from None
     _, (run,) = runs_of(store(tmp_path), "stopped")
     assert run.info.status == "FAILED", log.read_text()[-3000:]
-    assert not list((tmp_path / "outputs" / "cache" / "finetune").iterdir())  # the scratch entry is gone
+    (kept,) = (tmp_path / "outputs" / "cache" / "finetune").iterdir()  # no entry: the stopped build's files, kept
+    assert ".failed-" in kept.name and list(kept.glob("checkpoints/*"))
