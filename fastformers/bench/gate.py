@@ -179,7 +179,8 @@ def score_margin(
 
 
 def margin_label(margin: int | None, cap: int = MARGIN_CAP) -> str:
-    return f">{cap}" if margin is None else str(margin)
+    """A margin for the table; None or -1 (the stored form of None): beyond the search's cap."""
+    return f">{cap}" if margin is None or margin < 0 else str(margin)
 
 
 @dataclass(frozen=True)
