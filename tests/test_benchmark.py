@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 
 from fastformers import pipeline
 from fastformers.bench.analysis import apply_gate, apply_memory_budget, pick
-from fastformers.bench.timing import measure_interleaved, rotated
+from fastformers.bench.gate import Labelled
+from fastformers.bench.timing import measure_interleaved, round_order
 from fastformers.bench.workload import deal, make_batches
 from fastformers.data import EncodedDataset, load_examples
 from fastformers.energy import EnergyMeter, choose_meter
@@ -141,9 +142,19 @@ def test_an_instance_that_fails_fails_the_benchmark_with_its_error(graph_and_dat
         )
 
 
-def test_interleaved_rounds_rotate_the_order_and_keep_each_settings_outputs(graph_and_data):
+def test_round_orders_let_every_row_lead_in_turn_and_vary_its_neighbours():
+    orders = [round_order(6, r, seed=5) for r in range(12)]
+    assert all(sorted(order) == list(range(6)) for order in orders)
+    assert sorted(order[0] for order in orders[:6]) == list(range(6))  # each leads once in the first 6 rounds
+    for row in range(6):
+        before = {order[order.index(row) - 1] for order in orders if order.index(row) > 0}
+        assert len(before) > 1  # no row always follows the same neighbour
+    assert orders == [round_order(6, r, seed=5) for r in range(12)]  # seeded: the same run replays
+    assert orders != [round_order(6, r, seed=6) for r in range(12)]
+
+
+def test_interleaved_rounds_shuffle_the_order_and_keep_each_settings_outputs(graph_and_data):
     graph, tokenizer, dataset = graph_and_data
-    assert [rotated(3, r) for r in range(4)] == [[0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 1, 2]]
     orders = []
     layout = plan_layout(1, 1)
     starters = [
@@ -153,9 +164,9 @@ def test_interleaved_rounds_rotate_the_order_and_keep_each_settings_outputs(grap
         ),
     ]
     dynamic, bucketed = measure_interleaved(starters, repeats=3, on_order=orders.append)
-    assert orders == [[0, 1], [1, 0], [0, 1]]
+    assert orders == [round_order(2, r) for r in range(3)] and {order[0] for order in orders} == {0, 1}
     assert len(dynamic.pass_seconds) == len(bucketed.pass_seconds) == 3
-    assert len(dynamic.latencies) == len(bucketed.latencies) == 2
+    assert len(dynamic.latencies) == len(bucketed.latencies) == 2 * 3  # the latency calls of every round
     for index in range(len(dataset)):  # bucket padding is masked: same logits
         np.testing.assert_allclose(dynamic.rows[index], bucketed.rows[index], atol=1e-5)
     # passes of the two settings never overlap: each ran alone on the machine
@@ -227,7 +238,7 @@ def test_benchmark_stage_measures_every_setting_with_its_accuracy(make_cfg):
     folder = run.data.tags["cache.benchmark.path"]
     report = json.loads(open(f"{folder}/benchmark.json").read())
     assert [r["name"] for r in report["rows"]] == rows
-    assert report["interleaving"] == [rows, rows[1:] + rows[:1]]  # round 2 starts with the second setting
+    assert report["interleaving"] == [[rows[i] for i in round_order(len(rows), r)] for r in range(2)]
     by_name = {r["name"]: r for r in report["rows"]}
     assert by_name["onnx_int8"]["predictions"] == by_name[rows[-1]]["predictions"]  # layouts agree, in order
     table = open(f"{folder}/table.txt").read()
@@ -446,20 +457,40 @@ def test_operator_times_sum_kernel_events_per_operator_type():
     assert operator_times(events) == {"SkipLayerNormalization": 0.7, "QAttention": 0.5}
 
 
-def gate_rows(scores: dict[str, float], gated: set[str]) -> list[dict]:
-    return [
-        {"name": name, "gated": name in gated, "skipped": None, "metrics": {"score": score}}
-        for name, score in scores.items()
+GATE = OmegaConf.create(
+    {"reference": "onnx_fp32", "max_disagreement": 0.05, "alpha": 0.05, "permutations": 200, "bootstrap": 50, "seed": 0}
+)
+
+
+def gate_row(name: str, preds: list[int], gated: bool, precision: str = "int8") -> dict:
+    return {"name": name, "gated": gated, "precision": precision, "skipped": None, "predictions": preds,
+            "metrics": {"score": 0.0}}  # fmt: skip
+
+
+def test_the_gate_fails_a_clear_loss_or_a_wide_disagreement_never_a_few_moved_examples():
+    golds = [0, 1] * 28  # 56 labelled examples, as CB's val
+    reference = list(golds)
+    two_moved = [1 - g if i < 2 else g for i, g in enumerate(golds)]  # the CB row: 2 of 56 differ
+    ten_lost = [1 - g if i < 10 else g for i, g in enumerate(golds)]
+    pool = list(range(1000))
+    rows = [
+        gate_row("onnx_fp32", reference, False, "fp32"),
+        gate_row("few_moved", two_moved, True),
+        gate_row("clear_loss", ten_lost, True),
+        gate_row("wide_disagreement", reference, True),
+        gate_row("stock", ten_lost, False),
     ]
-
-
-def test_a_gated_lever_may_lose_at_most_max_drop_points_against_its_reference():
-    rows = gate_rows(
-        {"onnx_fp32": 0.700, "lever_ok": 0.697, "lever_bad": 0.688, "stock": 0.600}, gated={"lever_ok", "lever_bad"}
+    pools = {"onnx_fp32": pool, "few_moved": pool[:970] + [-1] * 30, "clear_loss": pool,
+             "wide_disagreement": pool[:900] + [-1] * 100, "stock": pool}  # fmt: skip
+    sample = Labelled(
+        golds, [2] * 56, [[i] for i in range(56)], lambda pos, preds: sum(preds[i] == golds[i] for i in pos) / len(pos)
     )
-    failed = apply_gate(rows, OmegaConf.create({"reference": "onnx_fp32", "max_drop": 0.5}))
-    assert failed == ["lever_bad scores 1.20 points below onnx_fp32"]
-    assert [r["metrics"].get("gate_passed") for r in rows] == [None, 1.0, 0.0, None]  # ungated rows are not held
+    failed = apply_gate(rows, GATE, sample, pools)
+    assert [name.split(":")[0] for name in failed] == ["clear_loss", "wide_disagreement"]
+    assert "p=0.000977 < alpha" in failed[0] and "95% lower bound" in failed[1]
+    assert [r["metrics"].get("gate_passed") for r in rows] == [None, 1.0, 0.0, 0.0, None]  # the stock row: shown
+    assert rows[4]["gate"]["score_passed"] == 0.0 and "gate" not in rows[0]
+    assert rows[1]["gate"]["differing_units"] == 2 and rows[1]["gate"]["gate_margin"] >= 1
 
 
 GATED = (
@@ -469,20 +500,20 @@ GATED = (
 )
 
 
-def test_a_lever_that_fails_its_gate_fails_the_run_loudly_after_writing_its_table(make_cfg):
-    # max_drop=-1: the lever must score a point above its reference, which an identical graph cannot
+def test_a_lever_that_fails_its_gate_fails_the_run_loudly_after_writing_its_table(make_cfg, monkeypatch):
+    # an identical graph agrees everywhere: the agreement test is told it failed, to follow the error path
+    monkeypatch.setattr("fastformers.bench.gate.agreement_fails", lambda d, n, limit: True)
     cfg = make_cfg(
         "stages=[finetune,export,benchmark]",
         "finetune.epochs=1",
         "benchmark.repeats=1",
         "benchmark.latency_examples=0",
         GATED,
-        "benchmark.gate.max_drop=-1",
     )
     with pytest.raises(
         FastformersError,
-        match=r"benchmark gate: lever scores -?0.00 points below onnx_fp32 "
-        r"\(benchmark.gate.max_drop=-1 points; the table is logged",
+        match=r"benchmark gate: lever: disagrees with onnx_fp32 on 0.0% of 27 pool examples .*"
+        r"\(benchmark.gate; the table is logged",
     ):
         pipeline.run(cfg)
     client, (run,) = mlflow_runs(cfg)

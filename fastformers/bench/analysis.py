@@ -7,11 +7,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import statistics
 import time
+from collections.abc import Sequence
 
 import numpy as np
 from omegaconf import DictConfig
 
+from fastformers.bench import gate
 from fastformers.bench.settings import Setting
 from fastformers.data import EncodedDataset
 from fastformers.energy import EnergyMeter
@@ -58,14 +61,15 @@ def skipped_row(setting: Setting) -> dict:
 def summarize(setting: Setting, served: Served, examples, task: Task, cfg: DictConfig, meter: EnergyMeter) -> dict:
     """One flat numeric record of a setting: speed, latency, memory, energy, cost, and task metrics."""
     seconds = served.pass_seconds
-    median = int(np.argsort(seconds)[len(seconds) // 2])
-    wall, count = seconds[median], len(examples)
+    wall, count = statistics.median(seconds), len(examples)
     metrics = {
         "examples": count,
         "wall_seconds": wall,
         "wall_seconds_min": min(seconds),
         "wall_seconds_max": max(seconds),
         "throughput": count / wall,
+        "throughput_lo": count / max(seconds),  # the slowest and fastest pass: two rows whose ranges overlap
+        "throughput_hi": count / min(seconds),  # are not measurably different
         "peak_rss_mb": served.peak_rss_mb,
         "instances": setting.layout.instances,
         "threads_per_instance": setting.layout.threads,
@@ -74,8 +78,9 @@ def summarize(setting: Setting, served: Served, examples, task: Task, cfg: DictC
     if served.latencies:
         p50, p90, p99 = np.percentile(served.latencies, [50, 90, 99]) * 1000
         metrics |= {"latency_p50_ms": p50, "latency_p90_ms": p90, "latency_p99_ms": p99}
-    energy = served.energy_joules[median]
-    if energy is not None:
+    readings = [e for e in served.energy_joules if e is not None]
+    if readings:
+        energy = statistics.median(readings)
         metrics |= {
             "energy_joules": energy,
             "joules_per_example": energy / count,
@@ -129,25 +134,77 @@ def compare_with_reference(rows: list[dict], reference: str) -> dict:
     return best
 
 
-def apply_gate(rows: list[dict], gate: DictConfig) -> list[str]:
-    """Rows that may change predictions (gated) must keep the score within `gate.max_drop` points of the
-    gate's reference row; those that do not are marked, never picked, and listed."""
-    reference = next((row for row in timed(rows) if row["name"] == gate.reference), None)
+def labelled_sample(task: Task, examples: Sequence) -> gate.Labelled:
+    """What the score test needs of the timed examples: golds, the choices of each, the units the task's metric
+    counts (a MultiRC question; else each example) and the task's score on any of them."""
+    units: dict = {}
+    for i, example in enumerate(examples):
+        key = (example.meta["passage"], example.meta["question"]) if task.name == "MultiRC" else i
+        units.setdefault(key, []).append(i)
+
+    def score(positions: Sequence[int], preds: Sequence[int]) -> float:
+        return task.score([examples[i] for i in positions], [preds[i] for i in positions])["score"]
+
+    choices = [len(task.labels) if task.labels else len(e.pairs) for e in examples]
+    return gate.Labelled([e.label for e in examples], choices, list(units.values()), score)
+
+
+def gate_limits(opts: DictConfig) -> gate.GateLimits:
+    return gate.GateLimits(opts.max_disagreement, opts.alpha, opts.permutations, opts.bootstrap, opts.seed)
+
+
+def shown_in_gate(row: dict, reference: str) -> bool:
+    """Rows the gate judges: the gated ones (held to it) and any other low-precision row (the stock int8
+    reference among them), shown beside them for comparison but never failed."""
+    return not row["skipped"] and row["name"] != reference and (row["gated"] or row["precision"] != "fp32")
+
+
+def apply_gate(rows: list[dict], opts: DictConfig, sample: gate.Labelled, pools: dict[str, list[int]]) -> list[str]:
+    """Rows that may change predictions (gated) must agree with the gate's float reference on the pool and not
+    lose score against it on the labelled units (fastformers/bench/gate.py); those that fail are marked, never
+    picked, and listed. `pools`: each judged row's predictions on the pool, by row name."""
+    reference = next((row for row in timed(rows) if row["name"] == opts.reference), None)
     if reference is None:
-        raise FastformersError(f"benchmark.gate.reference={gate.reference!r} was not timed in this run")
+        raise FastformersError(f"benchmark.gate.reference={opts.reference!r} was not timed in this run")
     if "score" not in reference["metrics"]:
         raise FastformersError("benchmark.gate: the benchmark split has no labels to score the gated settings on")
     failed = []
-    for row in timed(rows):
-        if not row["gated"]:
+    for row in rows:
+        if not shown_in_gate(row, opts.reference):
             continue
-        drop = 100 * (reference["metrics"]["score"] - row["metrics"]["score"])
-        row["metrics"]["score_drop_points"] = drop
-        row["metrics"]["gate_passed"] = float(drop <= gate.max_drop)
-        if drop > gate.max_drop:
-            failed.append(f"{row['name']} scores {drop:.2f} points below {gate.reference}")
+        verdict = gate.judge(
+            pools[row["name"]],
+            pools[opts.reference],
+            row["predictions"],
+            reference["predictions"],
+            sample,
+            gate_limits(opts),
+        )
+        row["gate"] = verdict
+        row["metrics"] |= {f"gate_{k}" if not k.startswith("gate_") else k: v for k, v in verdict.items()}
+        if not row["gated"]:
+            del row["metrics"]["gate_passed"]  # shown for comparison, never held
+        elif not verdict["gate_passed"]:
+            failed.append(f"{row['name']}: {gate_reason(verdict, opts)}")
             log.warning("benchmark gate: %s", failed[-1])
     return failed
+
+
+def gate_reason(verdict: dict, opts: DictConfig) -> str:
+    """Why a row failed, in one clause per failed test."""
+    reasons = []
+    if not verdict["agreement_passed"]:
+        reasons.append(
+            f"disagrees with {opts.reference} on {verdict['disagreement']:.1%} of {verdict['pool_examples']} pool "
+            f"examples (95% lower bound {verdict['disagreement_lower_one_sided']:.1%} > "
+            f"max_disagreement {opts.max_disagreement:.1%})"
+        )
+    if not verdict["score_passed"]:
+        reasons.append(
+            f"scores {verdict['score_delta_points']:+.2f} points vs {opts.reference} over "
+            f"{verdict['differing_units']} differing units (p={verdict['score_p']:.3g} < alpha {opts.alpha})"
+        )
+    return "; ".join(reasons)
 
 
 def apply_memory_budget(rows: list[dict], budget_mb: float) -> None:

@@ -54,8 +54,8 @@ class Setting:
 
 
 def plan_settings(cfg: DictConfig) -> list[Setting]:
-    """The rows: each configured setting (an identical repeat is kept once), the last one again at every
-    extra layout of `benchmark.layouts`, then the search's candidates and the reference at the search's layouts."""
+    """The rows: each configured setting (an identical repeat is kept once), the reference and the last one again
+    at every extra layout of `benchmark.layouts`, or the reference at the search's layouts, then its candidates."""
     if not cfg.benchmark.settings:
         raise FastformersError("benchmark.settings is empty: name at least one, e.g. ${benchmark.baseline}")
     rows: list[Setting] = []
@@ -63,7 +63,11 @@ def plan_settings(cfg: DictConfig) -> list[Setting]:
         add_row(rows, parse_setting(cfg, spec, f"benchmark.settings[{i}]"), f"benchmark.settings[{i}]")
     search = cfg.benchmark.search
     if not search:
-        add_layouts(rows, rows[-1], extra_layouts(cfg, cfg.benchmark.layouts, "benchmark.layouts"), cfg)
+        layouts, last = extra_layouts(cfg, cfg.benchmark.layouts, "benchmark.layouts"), rows[-1]
+        reference = next((row for row in rows if row.name == cfg.benchmark.reference), None)
+        if reference is not None:  # the stock reference at every layout the last setting gets: `vs ref` is
+            add_layouts(rows, reference, layouts, cfg)  # then best against best
+        add_layouts(rows, last, layouts, cfg)  # last: the pick without a search is among the last rows' layouts
         return rows
     if cfg.benchmark.layouts:
         raise FastformersError(

@@ -15,7 +15,8 @@ from fastformers.instances import Batch, Work
 
 def instance_work(cfg: DictConfig, setting: Setting, dataset: EncodedDataset, tokenizer) -> list[Work]:
     """The sample batched and padded as the setting says, dealt out to its instances; the first
-    `latency_examples` are dealt out the same way as batch-size-1 calls."""
+    `latency_examples` are dealt out the same way as batch-size-1 calls. Every setting is warmed on every input
+    shape it will see (bucketed or dynamic), so no row pays a cold first call of a shape inside the clock."""
     opts, instances = cfg.benchmark, setting.layout.instances
     length = cfg.task.max_seq_length if setting.padding == "fixed" else None
     batches = make_batches(
@@ -25,7 +26,7 @@ def instance_work(cfg: DictConfig, setting: Setting, dataset: EncodedDataset, to
         dataset, range(min(opts.latency_examples, len(dataset))), 1, tokenizer, length, False, setting.bucket
     )
     return [
-        Work(share, latency_share, opts.warmup_batches, opts.repeats, every_shape=bool(setting.bucket))
+        Work(share, latency_share, opts.warmup_batches, opts.repeats, every_shape=True)
         for share, latency_share in zip(deal(batches, instances), deal(singles, instances))
     ]
 
