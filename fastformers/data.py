@@ -339,7 +339,8 @@ class TrainOrder(torch.utils.data.Sampler[list[int]]):
     """The training batches: shuffled every epoch, then (grouped) sorted by length within windows of 50 batches,
     so a batch pads to rows of similar length (BoolQ's long tail made random batches pad ~2x more) while batches
     still come in random order. Under DDP each of `world` ranks takes every world-th example of each global batch
-    (the short last one padded with repeats), so together they train on the batch one process would."""
+    (the short last one padded with repeats), so together they train on the batch one process would. An epoch's
+    batches depend on seed + epoch alone, so a resumed run trains epoch e on the batches an uninterrupted one does."""
 
     def __init__(
         self, lengths: Sequence[int], batch_size: int, seed: int, grouped: bool, rank: int = 0, world: int = 1
@@ -353,7 +354,8 @@ class TrainOrder(torch.utils.data.Sampler[list[int]]):
         return self.lengths[index] // BUCKET
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch  # Lightning calls this before every epoch: each gets its own order
+        self.epoch = epoch  # training.EpochSeed calls this before every epoch (Lightning's set_epoch calls miss a
+        # batch sampler), and __iter__ draws lazily, at the epoch's first batch: each epoch gets its own order
 
     def global_batches(self) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)

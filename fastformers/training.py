@@ -4,6 +4,8 @@ soft targets and TinyBERT-style intermediate losses), `fit_best` (Trainer, best 
 
 from __future__ import annotations
 
+import logging
+import os
 import random
 import shutil
 import sys
@@ -14,13 +16,13 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from transformers import get_linear_schedule_with_warmup
 
 from fastformers import distributed, tracking
 from fastformers.checks import require_number
-from fastformers.data import TaskDataModule, make_loader
+from fastformers.data import TaskDataModule, TrainOrder, make_loader
 from fastformers.errors import FastformersError, check_stopped
 from fastformers.models import (
     example_scores,
@@ -31,9 +33,13 @@ from fastformers.models import (
 )
 from fastformers.tasks import Example, Task
 
+log = logging.getLogger(__name__)
+
 # What shapes a trained model besides the stage's own block: the seeds, the numeric precision and the DDP layout
 # (the global batch is the same on any layout, but the order of float sums is not).
 TRAINING_KEYS = ("seed", "data.split_seed", "hardware.train_precision", "hardware.devices", "hardware.num_nodes")
+CHECKPOINTS = "checkpoints"  # under a training stage's output folder until the stage's final save
+LAST = "last.ckpt"  # ModelCheckpoint's name for the resumable checkpoint
 
 
 def check_accelerator(hardware: DictConfig) -> None:
@@ -128,10 +134,20 @@ class FineTuneModule(L.LightningModule):
 
 class EpochLine(L.Callback):
     """One line per epoch on the terminal: the epoch, train loss, val score, time so far and what is left; and,
-    after every batch, whether a stop signal arrived."""
+    after every batch, whether a stop signal arrived. Its clock is saved in the checkpoints, so a resumed run
+    reports the training time of all its attempts."""
 
     def __init__(self, stage: str, epochs: int):
         self.stage, self.epochs, self.started = stage, epochs, time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def state_dict(self) -> dict[str, float]:
+        return {"elapsed": self.elapsed()}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self.started -= state_dict["elapsed"]
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
         check_stopped()  # a stop signal swallowed inside a library call still stops training here
@@ -140,7 +156,7 @@ class EpochLine(L.Callback):
         if not trainer.is_global_zero:
             return
         done = trainer.current_epoch + 1
-        elapsed = time.perf_counter() - self.started
+        elapsed = self.elapsed()
         metrics = trainer.callback_metrics
         loss = metrics.get(f"{self.stage}/train_loss_epoch", metrics.get(f"{self.stage}/train_loss"))
         score = metrics.get(f"{self.stage}/val_score")
@@ -157,6 +173,70 @@ class EpochLine(L.Callback):
             print(line, flush=True)
 
 
+class EpochSeed(L.Callback):
+    """Every epoch starts from seed + epoch: its batch order (TrainOrder) and torch's RNG (dropout). Lightning
+    saves no RNG state and does not reach TrainOrder's set_epoch, so without this a resumed epoch would train
+    on other batches with other dropout masks than the same epoch of an uninterrupted run."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        order = getattr(trainer.train_dataloader, "batch_sampler", None)
+        if isinstance(order, TrainOrder):
+            order.set_epoch(trainer.current_epoch)  # the loader draws its batches lazily, after this hook
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch, batch_idx: int) -> None:
+        """At the first step rather than the epoch start: creating the epoch's loader iterator draws from torch's
+        RNG, before this epoch's start hook in a resumed run and after it in an uninterrupted one."""
+        if batch_idx == 0:
+            torch.manual_seed(self.seed + trainer.current_epoch)  # every device's generator too
+
+
+class MovableCheckpoint(ModelCheckpoint):
+    """A ModelCheckpoint whose saved state still works after its folder moved: the state (in last.ckpt) holds
+    absolute paths, and a resumed build runs in the failed build's folder under another name, so each path is
+    re-rooted by file name into this callback's folder (otherwise Lightning drops the best score)."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        folder = Path(self.dirpath or ".")
+
+        def moved(path):
+            return str(folder / Path(path).name) if path else path
+
+        state = dict(state_dict, dirpath=self.dirpath)
+        for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            state[key] = moved(state.get(key))
+        state["best_k_models"] = {moved(path): score for path, score in state.get("best_k_models", {}).items()}
+        super().load_state_dict(state)
+
+
+class LastCheckpoint(Checkpoint):
+    """`last.ckpt`: what a resumed fit needs (weights, optimizer, LR schedule, loop and callbacks' state), at
+    every epoch end; a Checkpoint listed after the best-epoch tracker, so Lightning calls it after that tracker
+    and early stopping have updated their state. Not ModelCheckpoint(save_last=True): Lightning 2.6 writes that
+    only in a step where it also saved a top-k file. Written beside and renamed, so a kill -9 mid-write keeps
+    the previous one."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / LAST
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        partial = self.path.with_suffix(".partial")
+        trainer.save_checkpoint(partial)  # every rank takes part; rank 0 writes
+        if trainer.is_global_zero:
+            os.replace(partial, self.path)
+
+
+class ResumableEarlyStopping(EarlyStopping):
+    """Early stopping that stays stopped across a resume: Lightning does not save `should_stop`, so a run
+    resumed from the checkpoint of the epoch that stopped it would otherwise train one more epoch."""
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self.stopped_epoch:
+            trainer.should_stop = True
+
+
 def minutes(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
@@ -171,14 +251,20 @@ def fit_best(
 ) -> tuple[float, int, float]:
     """Trains with Lightning, then restores the best epoch's weights into `module`.
 
-    Returns (best monitored score, epochs run, seconds). Checkpoints live in `out/checkpoints` only while
-    training: the caller saves the model in save_pretrained form.
+    Returns (best monitored score, epochs run, seconds of all attempts). Resumable: at every epoch end
+    `out/checkpoints` gets the best epoch's weights and `last.ckpt` (weights, optimizer, LR schedule, loop and
+    callback state); a call whose `out` holds an earlier attempt's last.ckpt continues from it, and one whose
+    last.ckpt is at the last epoch only restores the best weights. An exception, SIGTERM or kill -9 mid-epoch
+    loses that partial epoch (it is trained again, with the same batches and dropout: EpochSeed). Under DDP the
+    other ranks' folders are temporary, so training starts over. The caller removes the checkpoints
+    (`drop_checkpoints`) once its final save succeeded, so a failure after training keeps them.
     """
-    best = ModelCheckpoint(
-        dirpath=out / "checkpoints", monitor=monitor, mode="max", save_top_k=1, save_weights_only=True
-    )
-    callbacks = [best, EpochLine(monitor.split("/", maxsplit=1)[0], opts.epochs)]
-    callbacks += [EarlyStopping(monitor=monitor, mode="max", patience=opts.patience)] if opts.patience else []
+    folder = out / CHECKPOINTS
+    resume = resume_point(folder, cfg)
+    best = MovableCheckpoint(dirpath=folder, monitor=monitor, mode="max", save_top_k=1, save_weights_only=True)
+    line = EpochLine(monitor.split("/", maxsplit=1)[0], opts.epochs)
+    callbacks = [best, LastCheckpoint(folder), line, EpochSeed(cfg.seed)]  # last after best: holds its new state
+    callbacks += [ResumableEarlyStopping(monitor=monitor, mode="max", patience=opts.patience)] if opts.patience else []
     worker = distributed.is_worker(cfg.hardware)
     trainer = L.Trainer(
         max_epochs=opts.epochs,
@@ -194,14 +280,32 @@ def fit_best(
         enable_model_summary=False,
         default_root_dir=str(out),
     )
-    started = time.perf_counter()
-    trainer.fit(module, datamodule=data)
-    seconds = time.perf_counter() - started
-    if not trainer.is_global_zero:  # rank 0 alone restores the best epoch and writes the model
-        return float(best.best_model_score or 0.0), trainer.current_epoch, seconds
-    module.load_state_dict(torch.load(best.best_model_path, weights_only=True)["state_dict"])
-    shutil.rmtree(out / "checkpoints")
-    return float(best.best_model_score or 0.0), trainer.current_epoch, seconds
+    trainer.fit(module, datamodule=data, ckpt_path=resume)
+    if trainer.is_global_zero:  # rank 0 alone restores the best epoch and writes the model
+        module.load_state_dict(torch.load(best.best_model_path, weights_only=True)["state_dict"])
+    return float(best.best_model_score or 0.0), trainer.current_epoch, line.elapsed()
+
+
+def resumes(out: Path, cfg: DictConfig) -> bool:
+    """Whether `fit_best` will continue an earlier attempt's training in `out` (not under DDP: the other ranks'
+    folders are temporary, so they could not follow)."""
+    return (out / CHECKPOINTS / LAST).is_file() and distributed.world_size(cfg.hardware) == 1
+
+
+def resume_point(folder: Path, cfg: DictConfig) -> Path | None:
+    """An earlier attempt's last.ckpt to continue from, if any. Anything else left in the folder (no last.ckpt
+    yet, or a DDP run) is removed: Lightning would otherwise save beside it under versioned names."""
+    if resumes(folder.parent, cfg):
+        log.info("resuming from %s", folder / LAST)
+        return folder / LAST
+    if folder.exists() and not distributed.is_worker(cfg.hardware):
+        shutil.rmtree(folder)
+    return None
+
+
+def drop_checkpoints(out: Path) -> None:
+    """The last thing a training stage does, after its final save: the cache entry keeps the model only."""
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
 
 
 def soft_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -549,3 +549,34 @@ def test_session_options_reach_each_setting_and_the_profiler_the_pick_and_refere
         assert row["profile"]["examples"] == 6 and "Attention" in row["profile"]["kernel_ms"]
         assert sum(row["profile"]["kernel_ms"].values()) <= row["profile"]["wall_ms"]
     assert not list(Path(run.data.tags["cache.benchmark.path"]).glob("ort*"))  # the traces: summarized, removed
+
+
+def test_a_profiler_crash_keeps_the_timings_written_before_it_and_the_stage_succeeds(make_cfg, monkeypatch):
+    from fastformers.engines.onnxruntime_engine import OnnxRuntimeEngine
+
+    seen_before: list[dict] = []
+
+    def crashing_profile(self, path, precision, threads, options, batches, out, bucket):
+        seen_before.append(json.loads((out / "benchmark.json").read_text()))
+        raise RuntimeError("profiler trace unreadable\nsecond line")
+
+    monkeypatch.setattr(OnnxRuntimeEngine, "profile", crashing_profile)
+    results = pipeline.run(
+        make_cfg(
+            "stages=[finetune,export,benchmark]",
+            "finetune.epochs=1",
+            "benchmark.repeats=1",
+            "benchmark.latency_examples=0",
+            "benchmark.profile_examples=4",
+            "benchmark.settings=[{name: onnx_fp32, engine: onnxruntime, precision: fp32, padding: dynamic}]",
+        )
+    )
+    assert results["benchmark/onnx_fp32/throughput"] > 0
+    (before,) = seen_before  # the pick, profiled once; its timings were on disk when the profiler started
+    assert before["rows"][0]["metrics"]["throughput"] > 0 and before["pick"] == "onnx_fp32"
+    _, (run,) = mlflow_runs(make_cfg())
+    folder = Path(run.data.tags["cache.benchmark.path"])
+    report = json.loads((folder / "benchmark.json").read_text())
+    assert report["profile_errors"] == {"onnx_fp32": "RuntimeError: profiler trace unreadable"}
+    assert report["rows"][0]["metrics"] == before["rows"][0]["metrics"] and "profile" not in report["rows"][0]
+    assert "profile of onnx_fp32 failed (RuntimeError: profiler trace unreadable)" in (folder / "table.txt").read_text()

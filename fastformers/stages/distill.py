@@ -36,6 +36,7 @@ from fastformers.training import (
     agreement,
     check_distillation,
     check_training,
+    drop_checkpoints,
     predictions,
     train_student,
     uniform_layer_map,
@@ -155,6 +156,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
 
     student_preds = predictions(student, tokenizer, task, val, max_length, opts.eval_batch_size)
     teacher_score = task.score(val, teacher_preds)["score"] if any(e.label is not None for e in val) else float("nan")
+    drop_checkpoints(out)  # only now: a failure before this line leaves a resumable training (fit_best)
     return {
         "best_val_score": student_score,
         "teacher_val_score": teacher_score,

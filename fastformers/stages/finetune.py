@@ -7,12 +7,21 @@ from pathlib import Path
 
 import lightning as L
 from omegaconf import DictConfig
+from transformers import AutoTokenizer
 
 from fastformers.checks import require_number
 from fastformers.data import TaskDataModule, load_examples, texts_of
 from fastformers.models import count_parameters, load_model
 from fastformers.tasks import task_of
-from fastformers.training import TRAINING_KEYS, FineTuneModule, check_accelerator, check_training, fit_best
+from fastformers.training import (
+    TRAINING_KEYS,
+    FineTuneModule,
+    check_accelerator,
+    check_training,
+    drop_checkpoints,
+    fit_best,
+    resumes,
+)
 
 VERSION = 1  # a manual override: the code itself is part of the cache key (pipeline.stage_modules)
 PROVIDES = "model"
@@ -41,6 +50,8 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
     val = load_examples(task, spec=cfg.finetune.val_split, **read)
     L.seed_everything(cfg.seed, workers=True)
     model, tokenizer = load_model(cfg.teacher, task, texts_of(train))
+    if not cfg.teacher.pretrained:
+        tokenizer = same_tokenizer_as_checkpoint(model, tokenizer, out, cfg)
     opts = cfg.finetune
     module = FineTuneModule(model, task, val, opts)
     data = TaskDataModule(task, tokenizer, train, val, cfg.task.max_seq_length, opts, cfg.seed)
@@ -50,6 +61,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         model.config.label2id = {name: i for i, name in model.config.id2label.items()}
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
+    drop_checkpoints(out)  # only now: a failure before this line leaves a resumable training (fit_best)
     return {
         "best_val_score": best_score,
         "epochs_run": epochs,
@@ -57,3 +69,16 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         "train_examples": len(train),
         "parameters": count_parameters(model),
     }
+
+
+def same_tokenizer_as_checkpoint(model, tokenizer, out: Path, cfg: DictConfig):
+    """A random-init teacher's tokenizer is trained on the task, and the tokenizers library breaks ties between
+    merges differently from run to run: a resumed fit must read its data with the tokenizer its checkpoint was
+    trained with. So the tokenizer is saved before training, and an attempt that resumes reuses it."""
+    folder = out / "model"
+    if resumes(out, cfg) and (folder / "tokenizer.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model.resize_token_embeddings(len(tokenizer))  # the checkpoint then restores the weights
+    else:
+        tokenizer.save_pretrained(folder)
+    return tokenizer

@@ -40,7 +40,14 @@ from fastformers.pruning import (
     top_per_layer,
 )
 from fastformers.tasks import Task, task_of
-from fastformers.training import TRAINING_KEYS, check_distillation, check_training, predictions, train_student
+from fastformers.training import (
+    TRAINING_KEYS,
+    check_distillation,
+    check_training,
+    drop_checkpoints,
+    predictions,
+    train_student,
+)
 
 VERSION = 1  # a manual override: the code itself is part of the cache key (pipeline.stage_modules)
 PROVIDES = "model"
@@ -145,6 +152,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         score_final, redistill_seconds = redistill(model, teacher, tokenizer, task, train, val, cfg, out)
     save_pruned(model, tokenizer, out / "model", source_name(cfg), params_before)
     params_after = count_parameters(model)
+    drop_checkpoints(out)  # only now: a failure before this line leaves a resumable re-distillation (fit_best)
     return {
         "heads_kept": len(heads[0]),
         "heads_before": head_scores.shape[1],
