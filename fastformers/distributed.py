@@ -158,12 +158,12 @@ class Decisions:
     def wait(self, stage: str, key: str | None, patience: float = ALIVE_LIMIT) -> tuple[str, str]:
         """Rank 0's (action, key) for `stage`, waiting while rank 0 is alive; `key`, when given, must be rank 0's
         too (a different one: the ranks run different configs or code)."""
-        quiet_since = time.monotonic()
+        quiet_since, last_beat = time.monotonic(), None
         while (decided := self._read(f"{stage}.json")) is None:
             if (failed := self._read("failed.json")) is not None:
                 raise FastformersError(f"stage {stage}: rank 0 failed: {failed['error']}")
-            if self._heartbeat_age() < ALIVE_EVERY * 2:
-                quiet_since = time.monotonic()
+            if (beat := self._last_beat()) != last_beat:  # a new touch, whatever the clocks of the nodes say
+                quiet_since, last_beat = time.monotonic(), beat
             elif time.monotonic() - quiet_since > patience:
                 raise FastformersError(
                     f"stage {stage}: rank 0 published no decision in {self.folder} and no heartbeat for "
@@ -183,11 +183,11 @@ class Decisions:
         except FileNotFoundError:
             return None
 
-    def _heartbeat_age(self) -> float:
+    def _last_beat(self) -> int | None:
         try:
-            return time.time() - (self.folder / "alive").stat().st_mtime
+            return (self.folder / "alive").stat().st_mtime_ns
         except FileNotFoundError:
-            return float("inf")
+            return None
 
 
 def decisions_folder(cache_root: Path, hardware: DictConfig) -> Path:
