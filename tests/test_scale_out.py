@@ -20,7 +20,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from fastformers import cache as cache_module
-from fastformers import distributed, pipeline
+from fastformers import distributed, pipeline, tracking
 from fastformers.cache import StageCache, cache_key
 from fastformers.cli import CONF_DIR
 from fastformers.data import fingerprint, load_examples, make_loader
@@ -234,7 +234,8 @@ def hold_distill_then_build(overrides: list[str], job_log: str, held: str, patie
                 },
             )
             held = HeldStage(stage, Path(job_log), Path(held), patience)
-            pipeline.run_cached(cache, name, key, held, one, inputs, payload, "another-job")
+            with tracking.start_run(one):  # a job's own run (the training logs into it), ended FINISHED
+                pipeline.run_cached(cache, name, key, held, one, inputs, payload, "another-job")
             return
         pipeline.record_output(provided, stage, cache.entry(name, key), key)
 
@@ -311,6 +312,7 @@ def test_a_ddp_job_reads_an_entry_another_job_builds_while_it_waits_and_does_not
     assert output.count("stage finetune: ran") == 1 and "stage distill: from the cache" in output
     _, runs = runs_of(store(tmp_path), "held")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert [run.info.status for run in runs_of(store(tmp_path), "other")[1]] == ["FINISHED"]
     assert (runs[0].data.tags["cache.finetune"], runs[0].data.tags["cache.distill"]) == ("miss", "hit")
     (entry,) = (tmp_path / "outputs" / "cache" / "distill").iterdir()
     assert json.loads((entry / "manifest.json").read_text())["built_by_run"] == "another-job"
