@@ -119,7 +119,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         return run_worker(cfg, stages, cache, data_print)
     provided: dict[str, tuple[Path, str]] = {}
     results: dict[str, float] = {}
-    with tracking.start_run(cfg) as active:
+    with tracking.start_run(cfg) as active, distributed.leading(cache.root, cfg.hardware) as decisions:
         for name, stage in zip(cfg.stages, stages):
             inputs = {need: provided[need] for need in stage.uses(cfg)}
             payload = stage_payload(cfg, name, stage, data_print, inputs)
@@ -128,7 +128,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             key = cache_key(payload)
             log.info("stage %s: started", name)
             started = time.perf_counter()
-            folder, hit = run_cached(cache, name, key, stage, cfg, inputs, payload, active.info.run_id)
+            folder, hit = run_cached(cache, name, key, stage, cfg, inputs, payload, active.info.run_id, decisions)
             check_stopped()  # a stop signal the stage's libraries swallowed: the run must not end FINISHED
             metrics = json.loads((folder / METRICS_FILE).read_text())
             print(
@@ -166,20 +166,22 @@ WORKER_WAIT = 1800.0  # seconds a DDP worker waits for rank 0 to start an entry 
 
 
 def run_worker(cfg: DictConfig, stages: list, cache: StageCache, data_print: str) -> dict[str, float]:
-    """A DDP rank other than 0: it joins the fit of every training stage rank 0 builds (its own copy of the
-    output is thrown away) and reads rank 0's entries in between; the stages after the last training stage run
-    on rank 0 alone. It writes no cache entry and no MLflow run."""
+    """A DDP rank other than 0: for each stage up to the last training stage it waits for rank 0's decision,
+    joins the fit of each training stage rank 0 builds (its own copy of the output is thrown away) and reads
+    the entries rank 0 writes or reads; never its own cache lookup, which may differ from rank 0's (another job
+    may be building the entry). The stages after the last training stage run on rank 0 alone. It writes no cache
+    entry and no MLflow run."""
+    decisions = distributed.following(cache.root, cfg.hardware)
     trains = [i for i, stage in enumerate(stages) if stage.DISTRIBUTED]
     provided: dict[str, tuple[Path, str]] = {}
     for name, stage in list(zip(cfg.stages, stages))[: trains[-1] + 1 if trains else 0]:
         inputs = {need: provided[need] for need in stage.uses(cfg)}
-        key = cache_key(stage_payload(cfg, name, stage, data_print, inputs))
-        if cache.lookup(name, key) is None:
-            if stage.DISTRIBUTED:
-                with tempfile.TemporaryDirectory(prefix=f"fastformers-rank-{name}-") as scratch:
-                    stage.run(cfg, {need: folder for need, (folder, _) in inputs.items()}, Path(scratch))
-            cache.wait_for(name, key, WORKER_WAIT)
-        record_output(provided, stage, cache.entry(name, key), key)
+        own = cache_key(stage_payload(cfg, name, stage, data_print, inputs)) if stage.CACHED else None
+        action, key = decisions.wait(name, own)  # a measurement's key holds rank 0's run id: take rank 0's
+        if action == distributed.BUILD and stage.DISTRIBUTED:
+            with tempfile.TemporaryDirectory(prefix=f"fastformers-rank-{name}-") as scratch:
+                stage.run(cfg, {need: folder for need, (folder, _) in inputs.items()}, Path(scratch))
+        record_output(provided, stage, cache.wait_for(name, key, WORKER_WAIT), key)
     return {}
 
 
@@ -270,10 +272,23 @@ def objectives(cfg: DictConfig, results: dict[str, float]) -> float | tuple[floa
     return values[0] if len(values) == 1 else tuple(values)
 
 
-def run_cached(cache: StageCache, name: str, key: str, stage, cfg: DictConfig, inputs, payload, run_id: str):
+def run_cached(
+    cache: StageCache,
+    name: str,
+    key: str,
+    stage,
+    cfg: DictConfig,
+    inputs,
+    payload,
+    run_id: str,
+    decisions: distributed.Decisions | None = None,
+):
     """The stage's cache entry, built now unless an intact one exists or another job is building it (then it
-    waits and reads theirs); returns (folder, was_cached)."""
+    waits and reads theirs); returns (folder, was_cached). Under DDP, `decisions` tells the other ranks which it
+    is before anything is done, so that they join exactly the fits rank 0 runs."""
     with cache.claimed(name, key) as mine:
+        if decisions is not None:
+            decisions.publish(name, key, distributed.BUILD if mine else distributed.READ)
         if not mine:
             return cache.entry(name, key), True
         with cache.build(name, key, {"payload": payload, "built_by_run": run_id}) as scratch:

@@ -792,6 +792,48 @@ def concurrent_pairs(battery: Battery, row: Row, cwd: Path) -> None:
     conclude(row, [] if good == battery.pairs else [f"{battery.pairs - good} pairs not both FINISHED"])
 
 
+def ddp_while_locked(battery: Battery, row: Row, cwd: Path) -> None:
+    """A DDP quick job (2 ranks, Lightning's launcher) whose distill entry another process holds the build lock of
+    and builds (tests/test_scale_out.py's `hold_distill_then_build`): rank 0 waits and reads it, and rank 1 must
+    follow rank 0 rather than train distill alone. Expected: exit 0 within the run timeout, its run FINISHED."""
+    out = cwd / "outputs"
+    args = [*battery.quick(out), "hardware=ddp", "stages=[finetune,distill,evaluate]", "student=minilm_l3",
+            "student.layers=[1]", "finetune.batch_size=8", "distill.batch_size=8"]  # fmt: skip
+    log, held = cwd / "ddp.out", cwd / "held"
+    log.touch()
+    hold = "import sys; from tests.test_scale_out import hold_distill_then_build; hold_distill_then_build("
+    hold += "sys.argv[1:-2], *sys.argv[-2:])"
+    with (cwd / "holder.out").open("w") as stream:
+        holder = subprocess.Popen(
+            [sys.executable, "-c", hold, *args, str(log), str(held)],
+            cwd=REPO,  # `tests` importable
+            env=battery.env(),
+            stdout=stream,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    battery.jobs.append(holder)
+    problems = []
+    if not wait_until(held.exists, holder, battery.run_timeout):
+        problems.append(f"the holder never took the distill lock (exit {holder.poll()}, see holder.out)")
+    started = time.monotonic()
+    job = battery.background(*args, cwd=cwd, tag="ddp")
+    result = battery.finished(job, cwd, "ddp", battery.run_timeout, started)
+    problems += expect_success(row, result, out)
+    if result.code is None:
+        problems.append(f"hung: killed after {battery.run_timeout:.0f} s")
+    try:
+        holder.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        kill_group(holder)
+    runs = [r for r in run_states(out) or [] if r.data.tags.get("cache.distill")]
+    if [r.info.status for r in runs] != ["FINISHED"]:
+        problems.append(f"DDP job's runs: {','.join(r.info.status for r in runs) or 'none'}, expected one FINISHED")
+    else:
+        row.notes.append(f"distill {runs[0].data.tags['cache.distill']} (built by the holder), {result.wall:.0f} s")
+    conclude(row, problems)
+
+
 # -------------------------------------------------------------------------------------------------------- fuzz
 
 
@@ -881,6 +923,7 @@ CASES = [
     Case("concurrent_pairs", "processes", concurrent_pairs),
     Case("cache_read_error", "processes", cache_read_error, primed=True),
     Case("lock_other_pidns", "processes", lock_from_other_namespace, primed=True),
+    Case("ddp_while_locked", "processes", ddp_while_locked),
     *(Case(name, "fuzz", fuzz_case(maker)) for name, maker in FUZZ_TASKS.items()),
 ]
 

@@ -1,9 +1,13 @@
 """Scaling out: parallel jobs build a shared cache entry once (the build lock, its stale-lock rule), and DDP
-training on 2 processes writes one entry and one MLflow run and trains the model one process would."""
+training on 2 processes writes one entry and one MLflow run, trains the model one process would, and follows
+rank 0's build-or-read decisions while another job holds a build lock (Lightning's launcher and torchrun)."""
 
+import contextlib
 import json
 import multiprocessing
 import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -12,15 +16,19 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy
+import psutil
 import pytest
 from flufl.lock import Lock
+from omegaconf import OmegaConf
 
 from fastformers import cache as cache_module
-from fastformers.cache import StageCache
-from fastformers.data import load_examples, make_loader
+from fastformers import distributed, pipeline, tracking
+from fastformers.cache import StageCache, cache_key
+from fastformers.cli import CONF_DIR
+from fastformers.data import fingerprint, load_examples, make_loader
 from fastformers.errors import FastformersError
 from fastformers.models import load_finetuned, score_examples
-from fastformers.tasks import TASKS
+from fastformers.tasks import TASKS, task_of
 from fastformers.tracking import ROLE_TAG
 from tests.test_sweeps import TINY, TINY_SWEEP, cli, runs_of, store
 
@@ -207,3 +215,168 @@ def test_ddp_on_two_processes_writes_one_entry_and_one_run_and_trains_what_one_p
     numpy.testing.assert_allclose(logits[0], logits[1], atol=2e-3)
     assert (numpy.argmax(logits[0], 1) == numpy.argmax(logits[1], 1)).all()
     assert not numpy.allclose(logits[0], numpy.zeros_like(logits[0]))
+
+
+# ---------------------------------------------------------------- DDP ranks follow rank 0's build-or-read decisions
+
+
+def test_a_ddp_worker_follows_rank_0s_decisions_and_stops_when_rank_0_fails_or_goes_silent(tmp_path, monkeypatch):
+    monkeypatch.setattr(distributed, "POLL", 0.01)
+    rank0 = distributed.Decisions(tmp_path)
+    rank0.publish("finetune", "k1", distributed.READ)
+    assert rank0.wait("finetune", "k1") == (distributed.READ, "k1")
+    assert rank0.wait("finetune", None) == (distributed.READ, "k1")  # a measurement: rank 0's key is taken
+    with pytest.raises(FastformersError, match="stage finetune: rank 0's cache key k1 differs from this rank's k2"):
+        rank0.wait("finetune", "k2")
+    with pytest.raises(FastformersError, match=r"stage distill: rank 0 published no decision .* \(did rank 0 fail"):
+        rank0.wait("distill", "k3", patience=0.1)  # no heartbeat ever
+    rank0.fail("RuntimeError: out of memory")
+    with pytest.raises(FastformersError, match="stage distill: rank 0 failed: RuntimeError: out of memory"):
+        rank0.wait("distill", "k3", patience=60)
+
+
+def test_one_process_publishes_no_decisions(tmp_path):
+    with distributed.leading(tmp_path, OmegaConf.create({"devices": 1, "num_nodes": 1})) as decisions:
+        assert decisions is None
+    assert not (tmp_path / distributed.DECISIONS).exists()
+
+
+HELD_RUN = [
+    *DDP_RUN,
+    "stages=[finetune,distill,evaluate]",
+    "student=minilm_l3",
+    "student.layers=[1]",  # a 1-layer student of the 2-layer tiny teacher
+    "distill.batch_size=8",
+    "mlflow.experiment_name=held",
+]
+WAITING = "stage distill: waiting"  # what cache.claimed prints while another job holds the lock
+
+
+class HeldStage:
+    """A stage that, once its build lock is held, waits until the DDP job's rank 0 waits for that lock (its
+    line in the job's log), then builds as usual: the lock is surely held while rank 0 reaches the stage."""
+
+    def __init__(self, stage, job_log: Path, held: Path, patience: float):
+        self.stage, self.job_log, self.held, self.patience = stage, job_log, held, patience
+
+    def run(self, cfg, inputs, out):
+        self.held.touch()
+        deadline = time.monotonic() + self.patience
+        while WAITING not in self.job_log.read_text(errors="replace"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the DDP job never waited for the distill lock ({self.job_log})")
+            time.sleep(0.2)
+        return self.stage.run(cfg, inputs, out)
+
+
+def hold_distill_then_build(overrides: list[str], job_log: str, held: str, patience: float = 600.0) -> None:
+    """Another job of a sweep: takes the distill entry's build lock of the DDP job given by `overrides` (the
+    cache's own API, through pipeline.run_cached), holds it until that job's rank 0 waits for it, then builds
+    the entry on one process (the DDP job's finetune entry as its teacher) and releases the lock."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    stages = pipeline.validate(cfg)
+    cache = StageCache(Path(cfg.paths.cache_dir).resolve())
+    data_print = fingerprint(cfg.data.root, task_of(cfg))
+    provided: dict = {}
+    for name, stage in zip(cfg.stages, stages):
+        inputs = {need: provided[need] for need in stage.uses(cfg)}
+        payload = pipeline.stage_payload(cfg, name, stage, data_print, inputs)
+        key = cache_key(payload)
+        if name == "distill":
+            one = OmegaConf.merge(  # one process, its own MLflow run (the key above is the DDP job's)
+                cfg,
+                {
+                    "hardware": {"devices": 1, "num_nodes": 1, "strategy": "auto"},
+                    "mlflow": {"experiment_name": "other"},
+                },
+            )
+            held = HeldStage(stage, Path(job_log), Path(held), patience)
+            with tracking.start_run(one):  # a job's own run (the training logs into it), ended FINISHED
+                pipeline.run_cached(cache, name, key, held, one, inputs, payload, "another-job")
+            return
+        pipeline.record_output(provided, stage, cache.entry(name, key), key)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def ddp_command(launcher: str, *args: str) -> list[str]:
+    """The two ways of starting DDP ranks: Lightning starts ranks 1.. at rank 0's first fit; torchrun starts both
+    (no --rdzv-id: the run id is 'none', as in a plain `torchrun --nproc_per_node=2`)."""
+    if launcher == "lightning":
+        return [sys.executable, "-m", "fastformers.cli", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+            "-m", "fastformers.cli", *args]  # fmt: skip
+
+
+def finish_or_kill(job: subprocess.Popen, log: Path, seconds: float) -> int:
+    """The job's exit code once every rank has ended (Lightning's rank 1 is not our child: rank 0 may exit first,
+    and a rank stuck in a collective only fails once rank 0 is gone); the test fails if that takes `seconds`."""
+    deadline = time.monotonic() + seconds
+    try:
+        code = job.wait(timeout=seconds)
+        while any(p.status() != psutil.STATUS_ZOMBIE for p in group_members(job.pid)):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        return code
+    except (subprocess.TimeoutExpired, AssertionError):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+        pytest.fail(f"the DDP job hung (killed after {seconds:.0f} s); its log ends:\n{log.read_text()[-3000:]}")
+
+
+def group_members(group: int) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getpgid(process.pid) == group:
+                found.append(process)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["lightning", "torchrun"])
+def test_a_ddp_job_reads_an_entry_another_job_builds_while_it_waits_and_does_not_hang(
+    launcher, superglue_root, tmp_path
+):
+    """Rank 0 fits finetune with rank 1, then finds distill's lock held by another job, waits, and reads that job's
+    entry. Rank 1 must read it too: before, its own lookup missed and it entered distill's fit alone (a hang)."""
+    args = ["hardware=ddp", *HELD_RUN, f"data.root={superglue_root}", f"paths.output_dir={tmp_path / 'outputs'}"]
+    log, held = tmp_path / "job.log", tmp_path / "held"
+    log.touch()
+    other = multiprocessing.get_context("spawn").Process(
+        target=hold_distill_then_build, args=(args, str(log), str(held), 300.0)
+    )
+    other.start()
+    deadline = time.monotonic() + 120
+    while not held.exists():
+        assert other.is_alive() and time.monotonic() < deadline, "the other job never took the distill lock"
+        time.sleep(0.2)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_RUN_ID", None)
+    with log.open("w") as stream:
+        job = subprocess.Popen(ddp_command(launcher, *args), cwd=tmp_path, env=env, stdout=stream,
+                               stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    code = finish_or_kill(job, log, 300)
+    other.join(60)
+    output = log.read_text()
+    assert code == 0 and other.exitcode == 0, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]  # rank 1 too ended without an error
+    assert output.count("stage finetune: ran") == 1 and "stage distill: from the cache" in output
+    _, runs = runs_of(store(tmp_path), "held")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert [run.info.status for run in runs_of(store(tmp_path), "other")[1]] == ["FINISHED"]
+    assert (runs[0].data.tags["cache.finetune"], runs[0].data.tags["cache.distill"]) == ("miss", "hit")
+    (entry,) = (tmp_path / "outputs" / "cache" / "distill").iterdir()
+    assert json.loads((entry / "manifest.json").read_text())["built_by_run"] == "another-job"
+    decisions = {
+        p.stem: json.loads(p.read_text())["action"] for p in tmp_path.glob("outputs/cache/.ddp/*/run-0/*.json")
+    }
+    assert decisions == {"finetune": "build", "distill": "read", "evaluate": "build"}
