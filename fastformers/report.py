@@ -22,6 +22,8 @@ from fastformers.tracking import ROLE_TAG, SKIPPED_TAG, absolute_uri, sqlite_pat
 
 SCORE = re.compile(r"^evaluate/(.+)/score$")
 BENCHMARK = re.compile(r"^benchmark/(.+)/latency_p50_ms$")
+ROWS_PLOT = "rows_{run}.png"  # every row of one benchmark run
+TASKS_PLOT = "tasks_vs_teacher.png"  # a multi-task experiment: each task against its own teacher
 PLOTS = {
     "accuracy_vs_latency.png": ("latency_p50_ms", "latency at batch size 1, p50 (ms)", True),
     "accuracy_vs_throughput.png": ("throughput", "throughput (examples/s)", False),
@@ -224,6 +226,119 @@ def plot(rows: list[Row], out: Path, title: str) -> list[Path]:
     return written
 
 
+@dataclass
+class Point:
+    """One benchmark row as the per-row plot draws it: score with its interval against each speed measure."""
+
+    name: str
+    score: float
+    score_lo: float  # the score's 95% interval: the gate's paired bootstrap of the delta, added to its reference's
+    score_hi: float
+    throughput: float
+    throughput_lo: float  # the slowest and fastest timed pass
+    throughput_hi: float
+    latency_p50_ms: float | None
+    gmacs: float | None  # multiply-adds per example (GFLOPs / 2 where the run has only FLOPs)
+    gated_out: bool
+    label: str  # "" or "reference" / "pick" / "reference, pick"
+
+
+def benchmark_json(client: MlflowClient, run) -> dict | None:
+    """A run's benchmark.json (every row it timed), read back from its MLflow artifacts; None without one."""
+    if not any(a.path == "benchmark/benchmark.json" for a in client.list_artifacts(run.info.run_id, "benchmark")):
+        return None
+    return json.loads(Path(client.download_artifacts(run.info.run_id, "benchmark/benchmark.json")).read_text())
+
+
+def row_points(bench: dict) -> list[Point]:
+    """Every timed, scored row of a benchmark report; the score interval from the gate where it judged the row."""
+    rows = [row for row in bench["rows"] if not row["skipped"] and "score" in row["metrics"]]
+    by_name = {row["name"]: row for row in rows}
+    points = []
+    for row in rows:
+        m, gate = row["metrics"], row.get("gate") or {}
+        reference = by_name.get(bench.get("agreement_reference") or "")
+        base = reference["metrics"]["score"] if reference and gate else m["score"]
+        lo, hi = (gate.get(f"score_delta_{k}_points") for k in ("lo", "hi"))
+        macs = m.get("gmacs_per_example", m["gflops_per_example"] / 2 if "gflops_per_example" in m else None)
+        labels = [word for word, name in (("reference", bench.get("reference")), ("pick", bench.get("pick")))
+                  if name == row["name"]]  # fmt: skip
+        points.append(
+            Point(
+                row["name"],
+                m["score"],
+                base + lo / 100 if lo is not None else m["score"],
+                base + hi / 100 if hi is not None else m["score"],
+                m["throughput"],
+                m.get("throughput_lo", m["throughput"]),
+                m.get("throughput_hi", m["throughput"]),
+                m.get("latency_p50_ms"),
+                macs,
+                m.get("gate_passed") == 0.0,
+                ", ".join(labels),
+            )
+        )
+    return points
+
+
+def plot_rows(points: list[Point], out: Path, title: str) -> Path:
+    """Every row of one benchmark run: score (with its interval) against throughput (with its range), p50
+    latency and multiply-adds; gated-out rows drawn as crosses, the reference and the pick labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    views = [("throughput", "throughput (examples/s)"), ("latency_p50_ms", "latency at batch size 1, p50 (ms)")]
+    if any(p.gmacs is not None for p in points):
+        views.append(("gmacs", "multiply-adds per example (G)"))
+    fig, axes = plt.subplots(1, len(views), figsize=(6 * len(views), 5), dpi=100, squeeze=False)
+    for ax, (key, label) in zip(axes[0], views):
+        for p in points:
+            x = getattr(p, key)
+            if x is None:
+                continue
+            xerr = [[p.throughput - p.throughput_lo], [p.throughput_hi - p.throughput]] if key == "throughput" else None
+            ax.errorbar(
+                x,
+                p.score,
+                yerr=[[p.score - p.score_lo], [p.score_hi - p.score]],
+                xerr=xerr,
+                fmt="x" if p.gated_out else "o",
+                color="tab:red" if p.gated_out else ("tab:green" if p.label else "tab:blue"),
+                capsize=2,
+            )
+            text = p.name + (f" ({p.label})" if p.label else "") + (" gate failed" if p.gated_out else "")
+            ax.annotate(text, (x, p.score), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set(xlabel=label, ylabel="task score (official metric)", title=title)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / ROWS_PLOT.format(run=re.sub(r"[^A-Za-z0-9_.-]+", "_", title))
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_tasks(rows: list[Row], teachers: dict[str, float | None], out: Path) -> Path:
+    """A multi-task experiment: one panel per task, its teacher's score beside the system's, the speed-up in
+    the title (scores of different tasks never share an axis or a front)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(3 * len(rows), 4), dpi=100, squeeze=False)
+    for ax, row in zip(axes[0], sorted(rows, key=lambda r: r.task)):
+        teacher = teachers.get(row.run_id)
+        ax.bar(["teacher", "system"], [teacher or 0.0, row.score], color=["tab:gray", "tab:blue"])
+        speedup = f"{row.speedup:.1f}x" if row.speedup else "?"
+        ax.set(title=f"{row.task}: {speedup} ({row.setting})", ylim=(0, 1), ylabel="score")
+    fig.tight_layout()
+    fig.savefig(out / TASKS_PLOT)
+    plt.close(fig)
+    return out / TASKS_PLOT
+
+
 def ablation_table(runs) -> list[str]:
     """The paper's Table 3 layout for runs that carry `row.order` (conf/ablation/): each row's own setting (the
     benchmark's pick where it searched engines and layouts), its speed-up over the baseline timed in the same run
@@ -336,8 +451,17 @@ def report(
     client = MlflowClient(tracking_uri)
     experiment_id, runs = experiment_runs(client, experiment)
     rows, parent = collect(runs, experiment, setting, all_runs)
-    files = write_tables(rows, out) + plot(rows, out, f"{experiment}: {', '.join(sorted({r.task for r in rows}))}")
     by_id = {run.info.run_id: run for run in runs}
+    files = write_tables(rows, out)
+    if len({r.task for r in rows}) > 1:  # one front through different tasks means nothing: a panel per task
+        teachers = {r.run_id: by_id[r.run_id].data.metrics.get("finetune/best_val_score") for r in rows}
+        files.append(plot_tasks(rows, teachers, out))
+    else:
+        files += plot(rows, out, f"{experiment}: {rows[0].task}")
+    for row in rows:  # a benchmark run: every row it timed, not only its pick
+        bench = benchmark_json(client, by_id[row.run_id])
+        if bench and (points := row_points(bench)):
+            files.append(plot_rows(points, out, row.run))
     if table := ablation_table([by_id[row.run_id] for row in rows]):
         (out / "ablation.md").write_text("\n".join(table) + "\n")
         files.append(out / "ablation.md")

@@ -29,6 +29,7 @@ from fastformers.onnx import sibling
 from fastformers.onnx.convert import export_onnx
 from fastformers.onnx.optimize import optimize
 from fastformers.onnx.quantize import (
+    Int8Options,
     convert_fp16,
     matmul_input_stats,
     outlier_matmuls,
@@ -89,7 +90,7 @@ def test_a_graph_fused_without_skip_layer_norm_stays_so_in_every_session(bert, t
         suffix="plain_ln",
     )
     assert fusions["SkipLayerNormalization"] == 0 and fusions["LayerNormalization"] == 2 * LAYERS
-    quantized = quantize_int8(unfused, "QInt8", True, False)
+    quantized = quantize_int8(unfused)
     for graph in (unfused, quantized):  # quantization keeps the graph's word on its session
         assert disabled_optimizers(graph, [CPU]) == ["SkipLayerNormFusion"]
         dumped = tmp_path / f"session_{graph.stem}.onnx"  # what onnxruntime runs after its own fusions
@@ -149,7 +150,7 @@ def weight_inputs(graph: onnx.ModelProto, op_type: str) -> list[bool]:
 def test_int8_quantizes_dense_weights_and_keeps_predictions(bert, tmp_path, weight_type, per_channel, dtype):
     source = tmp_path / "model.onnx"
     source.write_bytes(bert["fused"].read_bytes())
-    quantized = quantize_int8(source, weight_type, per_channel, reduce_range=False)
+    quantized = quantize_int8(source, Int8Options(weight_type, per_channel))
     assert quantized.name == "model_quantized.onnx"
     graph = onnx.load(str(quantized))
     ops = [node.op_type for node in graph.graph.node]
@@ -191,7 +192,7 @@ def test_the_matmul_fed_by_an_outlier_is_found_on_calibration_data_and_kept_floa
     fused = outlier_graph["fused"]
     (chosen,) = outlier_matmuls(outlier_graph["stats"], 1)
     assert "layer.1/output/dense" in chosen
-    graph = onnx.load(str(quantize_int8(fused, "QInt8", True, False, [chosen])))
+    graph = onnx.load(str(quantize_int8(fused, Int8Options.stock(), [chosen])))
     float_matmuls = [node.name for node in graph.graph.node if node.op_type == "MatMul"]
     assert chosen in float_matmuls and weight_inputs(graph, "MatMulInteger")
     assert json.loads(sibling(fused, "quantized").with_suffix(".json").read_text())["nodes_kept_float"] == [chosen]
@@ -210,7 +211,7 @@ def test_smoothing_moves_the_outlier_into_the_weights_without_changing_the_float
         return channel_max.max() / np.median(channel_max)
 
     assert spread(after.channel_max) < spread(stats[chosen].channel_max) / 3
-    graph = onnx.load(str(quantize_int8(smoothed, "QInt8", True, False)))
+    graph = onnx.load(str(quantize_int8(smoothed)))
     assert "MatMul" not in [node.op_type for node in graph.graph.node]  # every dense layer in int8 now
     assert [node.op_type for node in graph.graph.node if node.name == f"{chosen}/smooth"] == ["Mul"]
 
@@ -290,8 +291,8 @@ def test_a_graph_that_disagrees_with_pytorch_fails_the_stage_loudly(make_cfg):
             "'evaluate' needs the 'onnx' output of an earlier stage",
         ),
         (
-            ["stages=[finetune,export]", "precision=int8", "precision.weight_type=QInt4"],
-            "precision.weight_type='QInt4' must be one of",
+            ["stages=[finetune,export]", "precision=int8", "engines.onnxruntime.int8.int8.weight_type=QInt4"],
+            "engines.onnxruntime.int8.int8.weight_type='QInt4' must be one of",
         ),
         (["stages=[finetune,export]", "export.opset=11"], "export.opset=11"),
         (["stages=[finetune,export]", "precision=int8", "precision.min_agreement=1.5"], "precision.min_agreement=1.5"),
@@ -301,16 +302,28 @@ def test_a_graph_that_disagrees_with_pytorch_fails_the_stage_loudly(make_cfg):
             r"precision.calibration_split='val\[:50%\]' overlaps the evaluation split",
         ),
         (
-            ["stages=[finetune,export]", "precision=int8", "precision.outlier_matmuls=-1"],
-            "precision.outlier_matmuls=-1",
+            ["stages=[finetune,export]", "precision=int8", "engines.onnxruntime.int8.int8.outlier_matmuls=-1"],
+            "engines.onnxruntime.int8.int8.outlier_matmuls=-1",
         ),
         (
-            ["stages=[finetune,export]", "precision=int8", "precision.outliers=drop"],
-            "precision.outliers='drop' must be one",
+            ["stages=[finetune,export]", "precision=int8", "engines.onnxruntime.int8.int8.outliers=drop"],
+            "engines.onnxruntime.int8.int8.outliers='drop' must be one",
         ),
         (
-            ["stages=[finetune,export]", "precision=int8", "precision.outliers=smooth", "precision.smooth_alpha=1.5"],
-            r"precision.smooth_alpha=1.5 must be a number in \(0, 1\)",
+            ["stages=[finetune,export]", "precision=int8", "engines.onnxruntime.int8.int8.smooth_alpha=1.5"],
+            r"engines.onnxruntime.int8.int8.smooth_alpha=1.5 must be in \(0, 1\)",
+        ),
+        (
+            ["stages=[finetune,export]", "precision=int8", "+precision.reduce_range=true"],
+            r"precision.reduce_range moved to the engines' int8 variants",
+        ),
+        (
+            ["stages=[finetune,export]", "precision=int8", "engines.openvino.int8.int8_of.overflow_fix=half"],
+            r"engines.openvino.int8.int8_of.overflow_fix='half' must be one of",
+        ),
+        (
+            ["stages=[finetune,export]", "precision=int8", "+engines.onnxruntime.int8.int8_x.when={avx512: false}"],
+            r"engines.onnxruntime.int8.int8_x.when: avx512=False: a variant's condition names a CPU feature",
         ),
     ],
 )
@@ -361,8 +374,8 @@ def int8_export(superglue_root, tmp_path_factory):
         "finetune.learning_rate=5e-3",
         "precision=int8",
         "precision.static=true",
-        "precision.outlier_matmuls=1",
-        "precision.outliers=float",
+        "engines.onnxruntime.int8.int8.outlier_matmuls=1",
+        "engines.onnxruntime.int8.int8.outliers=float",
     )
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(export, "load_examples", recording)
@@ -408,3 +421,21 @@ def test_int8_export_builds_openvino_artifacts_whose_fp32_model_matches_pytorch(
     assert fp32["max_abs_diff"] < cfg.export.fp32_max_abs_diff and fp32["agreement"] == 1.0
     assert results["export/parity/openvino/fp32/max_abs_diff"] == fp32["max_abs_diff"]
     assert "openvino/int8" in index["parity"]  # recorded for the benchmark's gate, not held by the export
+
+
+def test_int8_export_builds_every_declared_variant_and_each_runs(int8_export):
+    """Every variant of both engines is built whatever this CPU needs (one cache entry fits any machine), with
+    its recipe beside it, and runs through its engine in the parity check."""
+    index = int8_export["index"]
+    onnx_variants = ("int8", "int8_stock", "int8_rr", "int8_u8u8")
+    for key in [f"onnxruntime/{v}" for v in onnx_variants] + ["openvino/int8", "openvino/int8_of"]:
+        assert key in index["artifacts"] and index["parity"][key]["agreement"] >= 0.5
+    settings = index["settings"]
+    assert (
+        settings["onnxruntime/int8_rr"]["reduce_range"] is True
+        and settings["onnxruntime/int8"]["reduce_range"] is False
+    )
+    assert settings["onnxruntime/int8_u8u8"]["weight_type"] == "QUInt8"
+    assert settings["onnxruntime/int8_stock"]["nodes_kept_float"] == []
+    assert len(settings["onnxruntime/int8_rr"]["nodes_kept_float"]) == 2  # the fixture's override reached int8 only
+    assert index["artifacts"]["openvino/int8_of"] == "model/openvino/model_int8_of.xml"

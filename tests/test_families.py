@@ -143,7 +143,7 @@ def test_pruned_model_exports_with_parity_fuses_and_runs_int8(family, cb_texts, 
     rewire(model, KEPT_HEADS, KEPT_NEURONS)
     exported = export_onnx(model, tokenizer, tmp_path / "model.onnx", opset=17)
     fused, fusions = optimize(exported, *attention_shape(model), model_type=family_layout(model).onnx_model_type)
-    int8 = quantize_int8(fused, "QInt8", per_channel=True, reduce_range=False)
+    int8 = quantize_int8(fused)
     batch = inputs(tokenizer)
     expected = model(**batch).logits.detach().numpy()
     feeds = {k: v.numpy() for k, v in model_inputs(batch).items()}

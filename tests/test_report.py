@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from fastformers import pipeline
 from fastformers.fixtures import write_diagnostics
-from fastformers.report import ablation_table, collect, experiment_runs, report
+from fastformers.report import ablation_table, collect, experiment_runs, report, row_points
 from fastformers.tasks import DIAGNOSTICS
 from fastformers.tracking import SKIPPED_TAG
 
@@ -145,3 +145,56 @@ def test_winogender_parity_counts_pairs_predicted_alike():
     scores = axg.score(examples, [0, 0, 0, 1])  # pair 0 alike, pair 1 split
     assert scores["gender_parity"] == 0.5 and scores["accuracy"] == 0.75
     assert axb.name == "AX-b" and axg.name == "AX-g"
+
+
+def bench_row(name, score, throughput, gate=None, skipped=None, passed=None):
+    metrics = {} if skipped else {"score": score, "throughput": throughput, "throughput_lo": throughput * 0.9,
+                                  "throughput_hi": throughput * 1.1, "latency_p50_ms": 1000 / throughput,
+                                  "gflops_per_example": 2.0}  # fmt: skip
+    if passed is not None:
+        metrics["gate_passed"] = passed
+    return {"name": name, "skipped": skipped, "metrics": metrics, "gate": gate}
+
+
+def test_a_benchmark_run_plots_every_row_with_gated_out_rows_marked_and_the_pick_labelled(store, tmp_path):
+    mlflow.set_experiment("speed")
+    interval = {"score_delta_lo_points": -2.0, "score_delta_hi_points": 1.0}
+    bench_json = {
+        "reference": "onnx_int8_stock",
+        "pick": "ours",
+        "agreement_reference": "onnx_fp32",
+        "rows": [
+            bench_row("onnx_fp32", 0.80, 50),
+            bench_row("onnx_int8_stock", 0.79, 80, interval, passed=1.0),
+            bench_row("ours", 0.80, 120, interval, passed=1.0),
+            bench_row(
+                "broken", 0.60, 150, {"score_delta_lo_points": -25.0, "score_delta_hi_points": -15.0}, passed=0.0
+            ),
+            bench_row("openvino_bf16", 0, 0, skipped="this CPU offers no bf16 arithmetic"),
+        ],
+    }
+    log_run(
+        "rte/speed",
+        {"task.name": "rte"},
+        {"evaluate/val/score": 0.8} | bench("ours", 1.0, 3.0),
+        tags={"benchmark.pick": "ours"},
+        files={"benchmark/benchmark.json": json.dumps(bench_json)},
+        tmp_path=tmp_path,
+    )
+    files = report(store, "speed", tmp_path / "out")
+    assert tmp_path / "out" / "rows_rte_speed.png" in files
+    points = row_points(bench_json)
+    assert [p.name for p in points] == ["onnx_fp32", "onnx_int8_stock", "ours", "broken"]  # one marker per timed row
+    assert [p.gated_out for p in points] == [False, False, False, True]
+    assert [p.label for p in points] == ["", "reference", "pick", ""]
+    assert points[2].score_lo == pytest.approx(0.78) and points[2].score_hi == pytest.approx(0.81)  # fp32 + delta
+    assert points[2].gmacs == 1.0 and points[2].throughput_lo == pytest.approx(108)
+
+
+def test_a_multi_task_experiment_plots_each_task_against_its_own_teacher(store, tmp_path):
+    mlflow.set_experiment("table")
+    for task in ("cb", "rte"):
+        log_run(task, {"task.name": task}, {"finetune/best_val_score": 0.85, "evaluate/val/score": 0.8}
+                | bench("system", 2.0, 5.0))  # fmt: skip
+    files = {path.name for path in report(store, "table", tmp_path / "out")}
+    assert "tasks_vs_teacher.png" in files and "accuracy_vs_latency.png" not in files  # no front across tasks

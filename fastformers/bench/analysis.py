@@ -10,6 +10,7 @@ import os
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from omegaconf import DictConfig
@@ -49,6 +50,7 @@ def describe(setting: Setting) -> dict:
         "options": dict(setting.options),
         "gated": setting.gated,
         "candidate": setting.candidate,
+        "stock": setting.stock,
         "cores": [list(c) for c in setting.layout.cores],
     }
 
@@ -213,14 +215,56 @@ def apply_memory_budget(rows: list[dict], budget_mb: float) -> None:
         row["metrics"]["within_memory"] = float(row["metrics"]["peak_rss_mb"] <= budget_mb)
 
 
-def pick(rows: list[dict]) -> dict | None:
-    """The fastest candidate row that passed its gate and fits the memory budget."""
-    eligible = [
+@dataclass(frozen=True)
+class Pick:
+    """The pick, and why: the fastest eligible row, unless it is not measurably faster than the best eligible
+    stock int8 row (its slowest pass no faster than that row's fastest), which is then picked instead."""
+
+    row: dict | None
+    fastest: dict | None = None  # the fastest eligible row, when the stock row was picked over it
+    stock: bool = False  # the pick is a stock int8 row
+
+    @property
+    def note(self) -> str | None:
+        """The table's word on a stock pick."""
+        if not (self.row and self.stock):
+            return None
+        if self.fastest is None:
+            return f"the stock int8 row {self.row['name']} is itself the fastest that passed"
+        fast, base = self.fastest["metrics"], self.row["metrics"]
+        return (
+            f"the stock int8 row {self.row['name']}: the fastest that passed, {self.fastest['name']} "
+            f"({fast['throughput_lo']:.2f}-{fast['throughput_hi']:.2f} ex/s), is not measurably faster than it "
+            f"({base['throughput_lo']:.2f}-{base['throughput_hi']:.2f} ex/s)"
+        )
+
+
+def eligible(rows: list[dict]) -> list[dict]:
+    """Candidates that passed their gate and fit the memory budget."""
+    return [
         row
         for row in timed(rows)
         if row["candidate"] and row["metrics"].get("gate_passed", 1.0) and row["metrics"].get("within_memory", 1.0)
     ]
-    return max(eligible, key=lambda row: row["metrics"]["throughput"]) if eligible else None
+
+
+def pick(rows: list[dict]) -> Pick:
+    """The fastest eligible candidate, never measurably slower than an eligible stock int8 row: unless its
+    throughput range lies wholly above the best such row's, that stock row is the pick."""
+    passing = eligible(rows)
+    if not passing:
+        return Pick(None)
+    throughput = lambda row: row["metrics"]["throughput"]  # noqa: E731
+    fastest = max(passing, key=throughput)
+    stock = [row for row in passing if row.get("stock")]
+    if fastest.get("stock"):
+        return Pick(fastest, stock=True)
+    if not stock:
+        return Pick(fastest)
+    best_stock = max(stock, key=throughput)
+    if fastest["metrics"]["throughput_lo"] > best_stock["metrics"]["throughput_hi"]:
+        return Pick(fastest)
+    return Pick(best_stock, fastest, stock=True)
 
 
 def end_to_end(examples, tokenizer, setting: Setting, cfg: DictConfig, wall: float) -> dict:

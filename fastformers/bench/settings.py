@@ -1,7 +1,9 @@
 """Benchmark settings: each names an engine, a precision, padding (and a shape bucket), a model and a layout.
 `benchmark.search` expands to every engine x precision x bucket x layout this machine offers: the candidates
 the pick is made from; a candidate this machine cannot run (bf16 without bf16 arithmetic) stays in the plan
-as a skipped row with its reason."""
+as a skipped row with its reason. `int8` in the search stands for the engine's int8 variants this CPU needs
+(engines/variants.py), its stock recipe among them: a configured row that does the same work (the stock reference)
+becomes that candidate instead of being timed twice."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-from fastformers.engines import check_target, get_engine
+from fastformers.engines import Engine, check_target, get_engine
+from fastformers.engines.variants import int8_features, selected
 from fastformers.errors import FastformersError
 from fastformers.instances import Layout, layouts_filling, plan_layout, usable_cores
 
@@ -46,6 +49,7 @@ class Setting:
     options: tuple[tuple[str, object], ...] = ()  # engine options (e.g. onnxruntime session entries)
     gated: bool = False  # may change predictions: held to benchmark.gate
     candidate: bool = False  # one of the pick's candidates
+    stock: bool = False  # the engine's stock int8 recipe: the pick must be measurably faster than it (analysis.pick)
     skipped: str | None = None  # why this machine cannot run it
 
     @property
@@ -74,9 +78,11 @@ def plan_settings(cfg: DictConfig) -> list[Setting]:
             "benchmark.layouts applies without a search; with benchmark.search, set "
             "benchmark.search.layouts (e.g. auto)"
         )
-    unknown = sorted(set(search) - {"engines", "buckets", "layouts"})
+    unknown = sorted(set(search) - {"engines", "buckets", "layouts", "variants"})
     if unknown:
-        raise FastformersError(f"benchmark.search: unknown key {unknown[0]!r}; it takes engines, buckets, layouts")
+        raise FastformersError(
+            f"benchmark.search: unknown key {unknown[0]!r}; it takes engines, buckets, layouts, variants"
+        )
     layouts = extra_layouts(cfg, search.get("layouts"), "benchmark.search.layouts") or [
         (cfg.hardware.instances, cfg.hardware.threads_per_instance)
     ]
@@ -89,8 +95,19 @@ def plan_settings(cfg: DictConfig) -> list[Setting]:
             )
         add_layouts(rows, reference, layouts, cfg)
     for candidate in search_candidates(cfg, layouts):
-        add_row(rows, candidate, "benchmark.search")
+        add_candidate(rows, candidate)
     return rows
+
+
+def add_candidate(rows: list[Setting], candidate: Setting) -> None:
+    """A search candidate, or, where a configured row already does its work at its layout (the stock reference),
+    that row made a gated candidate: one timing, one verdict."""
+    for i, row in enumerate(rows):
+        as_candidate = dataclasses.replace(row, gated=True, candidate=True)
+        if row.layout == candidate.layout and same_work(as_candidate, candidate):
+            rows[i] = as_candidate
+            return
+    add_row(rows, candidate, "benchmark.search")
 
 
 def add_row(rows: list[Setting], setting: Setting, field: str) -> None:
@@ -119,7 +136,7 @@ def search_candidates(cfg: DictConfig, layouts: list[tuple[int, int]]) -> list[S
     search, rows = cfg.benchmark.search, []
     for engine_name, precisions in (search.get("engines") or {}).items():
         engine = get_engine(engine_name, cfg.engines)
-        for precision in precisions:
+        for precision in expand_int8(engine, precisions, search.get("variants") or "needed"):
             check_target(engine, precision, f"benchmark.search.engines.{engine_name}")
             reason = engine.unavailable(precision)
             for bucket in (search.get("buckets") or [None]) if engine.static_shapes else [None]:
@@ -137,12 +154,29 @@ def search_candidates(cfg: DictConfig, layouts: list[tuple[int, int]]) -> list[S
                             bucket,
                             gated=True,
                             candidate=True,
+                            stock=is_stock(engine, precision),
                             skipped=reason,
                         )
                     )
     if not rows:
         raise FastformersError("benchmark.search.engines is empty: name at least one engine and its precisions")
     return rows
+
+
+def expand_int8(engine: Engine, precisions, selection: str) -> list[str]:
+    """`int8` as the engine's int8 variants this CPU needs (`selection`: needed | all); other names as given."""
+    expanded: list[str] = []
+    for precision in precisions:
+        names = selected(engine.variants, selection, int8_features()) if precision == "int8" else []
+        for name in names or [precision]:
+            if name not in expanded:
+                expanded.append(name)
+    return expanded
+
+
+def is_stock(engine: Engine, precision: str) -> bool:
+    variant = engine.variants.get(precision)
+    return bool(variant and variant.stock)
 
 
 def check_bucket(bucket, max_length: int, field: str) -> None:
@@ -181,7 +215,9 @@ def parse_setting(cfg: DictConfig, spec: DictConfig, field: str) -> Setting:
     options = tuple(sorted((str(k), v) for k, v in (spec.get("options") or {}).items()))
     engine.check_options(dict(options), f"{field}.options")
     skipped = engine.unavailable(precision, dict(options))  # a row this machine cannot run needs no artifact
-    exported_precisions = ("fp32", cfg.precision.name, "bf16", "int8_stock", "int8_static")
+    exported_precisions = {"fp32", cfg.precision.name, "bf16", "int8_static"}
+    if cfg.precision.name == "int8":
+        exported_precisions |= set(engine.variants)  # the export builds every declared variant
     if engine.name != "torch" and precision not in exported_precisions and not skipped:
         raise FastformersError(
             f"{field}.precision={precision}: the export stage builds fp32 and "
@@ -206,6 +242,7 @@ def parse_setting(cfg: DictConfig, spec: DictConfig, field: str) -> Setting:
         model,
         options,
         gated,
+        stock=is_stock(engine, precision),
         skipped=skipped,
     )
 

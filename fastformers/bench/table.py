@@ -111,7 +111,7 @@ def format_table(report: dict, cfg: DictConfig) -> str:
         memory = f" and {report['memory_budget_mb']:.0f} MB peak memory" if report.get("memory_budget_mb") else ""
         lines.append(
             f"pick: {pick['name']} = {pick['engine']} {pick['precision']}, {padding_label(pick)}, "
-            f"{pick['layout']}: the fastest candidate{gate}{memory}"
+            f"{pick['layout']}: " + (report.get("pick_note") or f"the fastest candidate{gate}{memory}")
         )
     elif report.get("candidates"):
         lines.append("pick: none (no candidate passed the accuracy gate within the memory budget)")

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from fastformers.engines.variants import Variant
 from fastformers.errors import FastformersError
 
 Infer = Callable[[dict[str, np.ndarray]], np.ndarray]  # int64 feeds in, float32 logits [rows, classes] out
@@ -51,6 +52,7 @@ class Engine(ABC):
 
     def __init__(self, **options: Any):
         self.options = options
+        self.variants: dict[str, Variant] = {}  # its int8 variants by precision name (engines/variants.py)
 
     def unavailable(self, precision: str, options: Mapping[str, Any] | None = None) -> str | None:
         """Why `precision` (with a setting's `options`) cannot run on this machine (a missing package, no bf16 in

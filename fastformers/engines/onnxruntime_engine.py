@@ -1,7 +1,8 @@
-"""ONNX Runtime: the fused graph of onnxruntime's transformer optimizer, int8 by its quantizer (ours: outlier
-MatMuls kept float; `int8_stock`: quantize_dynamic as shipped, the reference every speed-up is held to;
-`int8_static`: calibrated MatMul scales), fp16 on the CUDA provider. onnxruntime and PyTorch are imported
-where used: an instance serving a graph never loads PyTorch, so its memory is the graph's."""
+"""ONNX Runtime: the fused graph of onnxruntime's transformer optimizer, int8 by its quantizer in the variants
+conf/engines/onnxruntime.yaml declares (`int8`: ours, outlier MatMuls kept float; `int8_stock`: quantize_dynamic's
+per-channel preset on the default fusions, the reference every speed-up is held to; `int8_rr`, `int8_u8u8`: what
+CPUs without VNNI need), `int8_static` (calibrated MatMul scales), fp16 on the CUDA provider. onnxruntime and
+PyTorch are imported where used: an instance serving a graph never loads PyTorch, so its memory is the graph's."""
 
 from __future__ import annotations
 
@@ -12,15 +13,26 @@ from typing import Any
 import numpy as np
 
 from fastformers.engines import Engine, ExportContext, Infer, feeds_for
+from fastformers.engines.variants import Variant, parse_variants
 from fastformers.errors import FastformersError
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+RECIPE = ("weight_type", "per_channel", "reduce_range", "outlier_matmuls", "outliers", "smooth_alpha", "fusions")
+OUTLIER_TREATMENTS = ("float", "smooth")
+FUSIONS = ("project", "stock")  # export.fusion_options, or the optimizer's defaults (the stock pipeline)
 
 
 class OnnxRuntimeEngine(Engine):
     name = "onnxruntime"
-    precisions = ("fp32", "int8", "int8_stock", "int8_static", "fp16")
+
+    def __init__(self, int8: Mapping | None = None, **options: Any):
+        super().__init__(**options)
+        self.variants = parse_variants(int8, "engines.onnxruntime.int8", RECIPE)
+        for variant in self.variants.values():
+            check_recipe(variant)
+        self.precisions = ("fp32", *self.variants, "int8_static", "fp16")
+        self._stats: dict[Path, dict] = {}  # MatMul input statistics per source graph, during one prepare
 
     def unavailable(self, precision: str, options: Mapping[str, Any] | None = None) -> str | None:
         if precision == "fp16" and CUDA not in _ort().get_available_providers():
@@ -40,31 +52,67 @@ class OnnxRuntimeEngine(Engine):
         artifacts = {"fp32": fp32}
         precision = ctx.precision
         if precision.name == "int8":
-            source, float_matmuls = fp32, []
-            if precision.outlier_matmuls:
-                stats = quantize.matmul_input_stats(fp32, ctx.calibration())
-                outliers = quantize.outlier_matmuls(stats, precision.outlier_matmuls)
-                if precision.outliers == "smooth":
-                    source = artifacts["smoothed"] = quantize.smooth_matmuls(
-                        fp32, stats, outliers, precision.smooth_alpha
-                    )
-                else:
-                    float_matmuls = outliers
-            artifacts["int8"] = quantize.quantize_int8(
-                source, precision.weight_type, precision.per_channel, precision.reduce_range, float_matmuls
-            )
-            # the stock pipeline's graph too (default fusions, quantize_dynamic as shipped), for the reference row
-            stock, _ = optimize(
-                ctx.onnx, ctx.num_heads, ctx.hidden_size, {}, suffix="optimized_stock", model_type=ctx.model_type
-            )
-            artifacts["int8_stock"] = quantize.quantize_int8(stock, "QInt8", True, False)
-            stock.unlink()  # an intermediate: only its quantized graph is kept
-            stock.with_suffix(".json").unlink()
+            for variant in self.variants.values():  # every one declared: the cache entry fits any CPU
+                artifacts |= self.quantize_variant(ctx, variant, fp32)
             if precision.static:
+                source, float_matmuls = self.outlier_treatment(ctx, self.project_variant(), fp32)
                 artifacts["int8_static"] = quantize.quantize_int8_static(source, ctx.calibration(), float_matmuls)
         elif precision.name == "fp16":
             artifacts["fp16"] = quantize.convert_fp16(fp32)
         return artifacts
+
+    def project_variant(self) -> Variant:
+        """The recipe the static graph starts from: `int8` when declared, else the stock one."""
+        return self.variants.get("int8") or next(v for v in self.variants.values() if v.stock)
+
+    def quantize_variant(self, ctx: ExportContext, variant: Variant, fp32: Path) -> dict[str, Path]:
+        """One variant's graph (plus the smoothed float graph it was quantized from, when it smooths)."""
+        from fastformers.onnx import quantize
+        from fastformers.onnx.optimize import optimize
+
+        recipe, built = variant.settings, {}
+        tag = variant.name.removeprefix("int8").lstrip("_")  # int8 -> model_optimized_quantized.onnx (as before)
+        source, suffix = fp32, "quantized" + (f"_{tag}" if tag else "")
+        if recipe.get("fusions", "project") == "stock":  # the stock pipeline's own graph: default fusions
+            source, _ = optimize(
+                ctx.onnx,
+                ctx.num_heads,
+                ctx.hidden_size,
+                {},
+                suffix=f"optimized_{tag or 'stock'}",
+                model_type=ctx.model_type,
+            )
+            suffix = "quantized"  # model_optimized_stock_quantized.onnx
+        treated, float_matmuls = self.outlier_treatment(ctx, variant, source)
+        if treated != source and variant.name == "int8":
+            built["smoothed"] = treated  # the float graph it was quantized from: held to fp32 parity
+        options = quantize.Int8Options(
+            str(recipe.get("weight_type", "QInt8")),
+            bool(recipe.get("per_channel", True)),
+            bool(recipe.get("reduce_range", False)),
+        )
+        built[variant.name] = quantize.quantize_int8(treated, options, float_matmuls, suffix=suffix)
+        if source != fp32:  # an intermediate: only its quantized graph is kept
+            source.unlink()
+            source.with_suffix(".json").unlink()
+        return built
+
+    def outlier_treatment(self, ctx: ExportContext, variant: Variant, source: Path) -> tuple[Path, list[str]]:
+        """The graph to quantize and the MatMuls to keep float: the `outlier_matmuls` with the most extreme
+        inputs on the calibration sample are kept float or smoothed."""
+        from fastformers.onnx import quantize
+
+        count = int(variant.settings.get("outlier_matmuls", 0))
+        if not count:
+            return source, []
+        if source not in self._stats:  # one calibration pass per source graph, shared by the variants
+            self._stats[source] = quantize.matmul_input_stats(source, ctx.calibration())
+        stats = self._stats[source]
+        outliers = quantize.outlier_matmuls(stats, count)
+        if variant.settings.get("outliers", "float") == "smooth":
+            alpha = float(variant.settings.get("smooth_alpha", 0.5))
+            return quantize.smooth_matmuls(source, stats, outliers, alpha), []
+        return source, outliers
 
     def load(
         self, path: Path, precision: str, threads: int | None, options: Mapping[str, Any], bucket: int | None = None
@@ -89,6 +137,30 @@ class OnnxRuntimeEngine(Engine):
             session_options(None, dict(options))
         except FastformersError as err:
             raise FastformersError(f"{field}: {err}") from None
+
+
+def check_recipe(variant: Variant) -> None:
+    """A variant's recipe fields, refused with the field named before any export work."""
+    where, recipe = f"engines.onnxruntime.int8.{variant.name}", variant.settings
+    from fastformers.onnx.quantize import WEIGHT_TYPES
+
+    if recipe.get("weight_type", "QInt8") not in WEIGHT_TYPES:
+        raise FastformersError(
+            f"{where}.weight_type={recipe['weight_type']!r} must be one of {list(WEIGHT_TYPES)} (QUInt8: u8u8 kernels)"
+        )
+    count = recipe.get("outlier_matmuls", 0)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise FastformersError(f"{where}.outlier_matmuls={count!r} must be an integer >= 0 (0 = none kept float)")
+    if recipe.get("outliers", "float") not in OUTLIER_TREATMENTS:
+        raise FastformersError(f"{where}.outliers={recipe['outliers']!r} must be one of {list(OUTLIER_TREATMENTS)}")
+    alpha = recipe.get("smooth_alpha", 0.5)
+    if not isinstance(alpha, int | float) or not 0 < alpha < 1:
+        raise FastformersError(f"{where}.smooth_alpha={alpha!r} must be in (0, 1)")
+    if recipe.get("fusions", "project") not in FUSIONS:
+        raise FastformersError(f"{where}.fusions={recipe['fusions']!r} must be one of {list(FUSIONS)}")
+    for key in ("per_channel", "reduce_range"):
+        if not isinstance(recipe.get(key, False), bool):
+            raise FastformersError(f"{where}.{key}={recipe[key]!r} must be true or false")
 
 
 def _ort():

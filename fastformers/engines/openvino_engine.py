@@ -18,13 +18,26 @@ from typing import Any
 import numpy as np
 
 from fastformers.engines import Engine, ExportContext, Infer, feeds_for
+from fastformers.engines.variants import Variant, parse_variants
 from fastformers.errors import FastformersError
 
 log = logging.getLogger(__name__)
 
+
+class _Hints(dict):
+    """Every int8 variant (int8_of, ...) runs its float parts in f32, as int8 does."""
+
+    def __missing__(self, precision: str) -> str:
+        if precision.startswith("int8"):
+            return "f32"
+        raise KeyError(precision)
+
+
 # explicit f32: on a CPU with bf16, OpenVINO runs bf16 unless told otherwise; int8 runs its float parts in f32
-HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+HINTS = _Hints({"fp32": "f32", "bf16": "bf16", "int8": "f32"})
 OPTIONS = ("max_compiled", "hint", "cache_dir")
+RECIPE = ("overflow_fix",)  # an int8 variant's own NNCF settings, beside the shared `nncf` block
+OVERFLOW_FIXES = ("disable", "first_layer_only", "enable")  # nncf.OverflowFix values
 
 
 def _ov():
@@ -42,12 +55,26 @@ def cpu_capabilities(ov) -> list[str]:
 
 class OpenVinoEngine(Engine):
     name = "openvino"
-    precisions = ("fp32", "bf16", "int8")
     float_precisions = ("fp32",)
     static_shapes = True
 
-    def __init__(self, max_compiled: int | None = None, hint: str = "LATENCY", nncf: Mapping | None = None, **options):
+    def __init__(
+        self,
+        max_compiled: int | None = None,
+        hint: str = "LATENCY",
+        nncf: Mapping | None = None,
+        int8: Mapping | None = None,
+        **options,
+    ):
         super().__init__(max_compiled=max_compiled, hint=hint, nncf=dict(nncf or {}), **options)
+        self.variants = parse_variants(int8, "engines.openvino.int8", RECIPE)
+        for variant in self.variants.values():
+            fix = variant.settings.get("overflow_fix")
+            if fix is not None and fix not in OVERFLOW_FIXES:
+                raise FastformersError(
+                    f"engines.openvino.int8.{variant.name}.overflow_fix={fix!r} must be one of {list(OVERFLOW_FIXES)}"
+                )
+        self.precisions = ("fp32", "bf16", *self.variants)
 
     def unavailable(self, precision: str, options: Mapping[str, Any] | None = None) -> str | None:
         try:
@@ -58,7 +85,7 @@ class OpenVinoEngine(Engine):
             capabilities = cpu_capabilities(ov)
             if "BF16" not in capabilities:
                 return f"this CPU offers no bf16 arithmetic (OpenVINO's CPU capabilities: {list(capabilities)})"
-        if precision == "int8":
+        if precision in self.variants:
             try:
                 import nncf  # noqa: F401
             except ImportError:
@@ -66,7 +93,7 @@ class OpenVinoEngine(Engine):
         return None
 
     def artifact_name(self, precision: str) -> str:
-        return "int8" if precision == "int8" else "fp32"  # bf16 is the fp32 model compiled with a bf16 hint
+        return "fp32" if precision == "bf16" else precision  # bf16 is the fp32 model compiled with a bf16 hint
 
     def prepare(self, ctx: ExportContext) -> dict[str, Path]:
         ov = _ov()
@@ -76,18 +103,23 @@ class OpenVinoEngine(Engine):
         artifacts = {"fp32": folder / "model.xml"}
         ov.save_model(model, str(artifacts["fp32"]), compress_to_fp16=False)
         if ctx.precision.name == "int8":
-            artifacts["int8"] = folder / "model_int8.xml"
-            ov.save_model(self.quantize(model, ctx.calibration()), str(artifacts["int8"]), compress_to_fp16=False)
+            for name, variant in self.variants.items():  # every one declared: the cache entry fits any CPU
+                artifacts[name] = folder / f"model_{name}.xml"
+                quantized = self.quantize(model, ctx.calibration(), variant)
+                ov.save_model(quantized, str(artifacts[name]), compress_to_fp16=False)
         return artifacts
 
-    def quantize(self, model, feeds: list[dict[str, np.ndarray]]):
+    def quantize(self, model, feeds: list[dict[str, np.ndarray]], variant: Variant | None = None):
         """NNCF post-training int8 (its transformer preset: SmoothQuant, bias correction, no quantized
-        softmax inputs) calibrated on `feeds`, which come from the calibration split (never the eval one)."""
+        softmax inputs) calibrated on `feeds`, which come from the calibration split (never the eval one);
+        the variant's `overflow_fix` halves the weights' range where u8s8 sums could saturate (no VNNI)."""
         import nncf
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
         names = [port.get_any_name() for port in model.inputs]
         options = self.options["nncf"]
         ignored = options.get("ignored_types") or []
+        fix = (variant.settings if variant else {}).get("overflow_fix")  # unset: NNCF's own default
         return nncf.quantize(
             model,
             nncf.Dataset([feeds_for(names, feed, "calibration") for feed in feeds]),
@@ -96,6 +128,7 @@ class OpenVinoEngine(Engine):
             preset=getattr(nncf.QuantizationPreset, str(options.get("preset", "mixed")).upper()),
             fast_bias_correction=bool(options.get("fast_bias_correction", True)),
             ignored_scope=nncf.IgnoredScope(types=list(ignored), validate=False) if ignored else None,
+            advanced_parameters=AdvancedQuantizationParameters(overflow_fix=OverflowFix(fix) if fix else None),
         )
 
     def load(

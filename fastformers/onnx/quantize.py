@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.transformers.onnx_model import OnnxModel
 
+from fastformers.errors import FastformersError
 from fastformers.onnx import sibling, write_settings
 
 log = logging.getLogger(__name__)
@@ -30,18 +31,36 @@ QUANTIZED_OPS = ["MatMul", "Attention"]  # weights of the dense layers; Q·Kᵀ 
 CUDA = "CUDAExecutionProvider"
 
 
+@dataclass(frozen=True)
+class Int8Options:
+    """One setting of onnxruntime's dynamic quantizer. QInt8 weights run u8s8 kernels, QUInt8 u8u8 ones;
+    `reduce_range` keeps weights to 7 bits so u8s8 sums cannot saturate on CPUs without VNNI."""
+
+    weight_type: str = "QInt8"  # QInt8 | QUInt8
+    per_channel: bool = True  # one scale per output column: keeps fp32's accuracy (docs/speed.md)
+    reduce_range: bool = False
+
+    @classmethod
+    def stock(cls) -> Int8Options:
+        """The reference preset: per-channel QInt8 over MatMul/Attention, full range (what users get today)."""
+        return cls()
+
+    def __post_init__(self) -> None:
+        if self.weight_type not in WEIGHT_TYPES:
+            raise FastformersError(f"weight_type={self.weight_type!r} must be one of {list(WEIGHT_TYPES)}")
+
+
 def quantize_int8(
     path: Path,
-    weight_type: str,
-    per_channel: bool,
-    reduce_range: bool,
+    options: Int8Options | None = None,
     float_nodes: Sequence[str] = (),
     suffix: str = "quantized",
 ) -> Path:
     """Dynamic quantization: int8 weights for MatMul/Attention, activations quantized on the fly;
-    `float_nodes` stay fp32."""
+    `float_nodes` stay fp32. `options`: None = the stock preset."""
+    options = options or Int8Options.stock()
     target = sibling(path, suffix)
-    options = {
+    extra = {
         "MatMulConstBOnly": True,  # only MatMuls with a weight side: Q·Kᵀ and attention·V stay float
         "DefaultTensorType": onnx.TensorProto.FLOAT,
     }  # fused ops lack type info the quantizer needs
@@ -49,20 +68,18 @@ def quantize_int8(
         str(path),
         str(target),
         op_types_to_quantize=QUANTIZED_OPS,
-        per_channel=per_channel,
-        reduce_range=reduce_range,
-        weight_type=WEIGHT_TYPES[weight_type],
+        per_channel=options.per_channel,
+        reduce_range=options.reduce_range,
+        weight_type=WEIGHT_TYPES[options.weight_type],
         nodes_to_exclude=list(float_nodes),
-        extra_options=dict(options),
+        extra_options=dict(extra),
     )  # quantize_dynamic mutates the dict it gets
     write_settings(
         target,
         {
             "quantizer": "onnxruntime.quantization.quantize_dynamic",
             "op_types": QUANTIZED_OPS,
-            "weight_type": weight_type,
-            "per_channel": per_channel,
-            "reduce_range": reduce_range,
+            **asdict(options),
             "nodes_kept_float": list(float_nodes),
             "extra_options": {"MatMulConstBOnly": True, "DefaultTensorType": "FLOAT"},
             "onnxruntime": ort.__version__,

@@ -181,7 +181,8 @@ def analyse(cfg: DictConfig, rows: list[dict], sample=None, pools: dict[str, lis
         "gate_rows": [row["name"] for row in rows if row.get("gate")],
         "memory_budget_mb": budget,
         "candidates": candidates,
-        "pick": chosen["name"] if chosen else None,
+        "pick": chosen.row["name"] if chosen.row else None,
+        "pick_note": chosen.note,  # why a stock int8 row is the pick
     }
 
 

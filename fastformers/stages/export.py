@@ -1,7 +1,9 @@
 """Stage `export`: the latest model as an ONNX graph with dynamic batch and sequence axes, then each engine of
-`export.engines` builds the artifacts it runs for `precision` (onnxruntime: fused graph, int8 graphs or fp16;
-openvino: IR in fp32 and NNCF int8). Every artifact is compared with PyTorch on real eval inputs through its
-engine, and a float one that drifts fails the stage. `export.json` indexes what was built."""
+`export.engines` builds the artifacts it runs for `precision` (onnxruntime: fused graph, a graph per int8 variant
+or fp16; openvino: IR in fp32 and NNCF int8 per variant). With int8, every variant the engines declare is built,
+whatever this CPU needs: the cache key (which holds `engines`, so the variant definitions) then fits any machine.
+Every artifact is compared with PyTorch on real eval inputs through its engine, and a float one that drifts fails
+the stage. `export.json` indexes what was built."""
 
 from __future__ import annotations
 
@@ -27,15 +29,14 @@ from fastformers.tasks import task_of
 
 log = logging.getLogger(__name__)
 
-VERSION = 4  # a manual override: the code itself is part of the cache key (pipeline.stage_modules)
+VERSION = 5  # a manual override: the code itself is part of the cache key (pipeline.stage_modules)
 PROVIDES = "onnx"
 CACHED = True
 DISTRIBUTED = False
 CONFIG_KEYS = ("task", "export", "precision", "engines", "data.split_seed")
 
 PRECISIONS = ("fp32", "int8", "fp16")
-OUTLIER_TREATMENTS = ("smooth", "float")
-WEIGHT_TYPES = ("QInt8", "QUInt8")
+MOVED_TO_VARIANTS = ("weight_type", "per_channel", "reduce_range", "outlier_matmuls", "outliers", "smooth_alpha")
 
 
 def uses(cfg: DictConfig) -> tuple[str, ...]:
@@ -48,17 +49,12 @@ def validate(cfg: DictConfig) -> None:
         raise FastformersError(f"precision.name={precision.name!r} must be one of {list(PRECISIONS)}")
     require_number(cfg, "precision.min_agreement", 0, 1, lo_open=True)
     if precision.name == "int8":
-        if precision.weight_type not in WEIGHT_TYPES:
+        moved = sorted(set(precision) & set(MOVED_TO_VARIANTS))
+        if moved:
             raise FastformersError(
-                f"precision.weight_type={precision.weight_type!r} must be one of {list(WEIGHT_TYPES)}"
+                f"precision.{moved[0]} moved to the engines' int8 variants: set it per variant in "
+                f"engines.onnxruntime.int8.<variant>.{moved[0]} (conf/engines/onnxruntime.yaml)"
             )
-        require_number(cfg, "precision.outlier_matmuls", 0, integer=True)
-        if precision.outliers not in OUTLIER_TREATMENTS:
-            raise FastformersError(
-                f"precision.outliers={precision.outliers!r} must be one of {list(OUTLIER_TREATMENTS)}"
-            )
-        if precision.outliers == "smooth":
-            require_number(cfg, "precision.smooth_alpha", 0, 1, lo_open=True, hi_open=True)
         require_number(cfg, "precision.calibration_examples", 1, integer=True, null="all")
         check_disjoint(precision.calibration_split, cfg.task.eval_split, "precision.calibration_split")
     if precision.name == "fp16":
