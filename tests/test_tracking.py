@@ -120,6 +120,7 @@ def test_the_cli_checks_the_server_before_importing_mlflow_or_torch(tmp_path):
 def test_a_stopped_run_ends_killed_and_a_failed_one_failed(make_cfg):
     cfg = make_cfg()
     client = MlflowClient(tracking.tracking_uri(cfg))
+    errors.STOPPED_RUNS.clear()
     try:
         with pytest.raises(SystemExit), tracking.start_run(cfg) as stopped:
             try:  # Ctrl-C inside Lightning's fit: it exits 1 while handling the KeyboardInterrupt
@@ -244,6 +245,7 @@ def test_a_sweep_parent_is_tagged_with_its_process_and_ended_when_the_multirun_s
         assert client.get_run(finished).info.status == "FINISHED"
     finally:
         sweep.end_parent("FINISHED")
+        errors.STOPPED_RUNS.clear()
 
 
 TINY = ["teacher=tiny_bert", "finetune.batch_size=8"]
