@@ -16,7 +16,8 @@ from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from fastformers.checks import first_line
-from fastformers.errors import STOP_SIGNALS, FastformersError
+from fastformers.errors import STOP_SIGNALS, FastformersError, stop_message, stop_signal
+from fastformers.tracking_server import check_server
 
 log = logging.getLogger("fastformers")
 
@@ -26,17 +27,31 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # the repo's to
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | tuple[float, ...] | None:
     """Returns the run's `sweep_objectives` (by default its main metric), so Hydra sweepers can optimise them."""
+    try:
+        check_tracking_server(cfg)  # before the heavy imports: a server that is down fails within seconds
+    except FastformersError as err:
+        fail(err)
     # imported here, not at the top: spawned benchmark instances re-import this module
     from fastformers.quiet import quiet_dependencies
 
     quiet_dependencies()  # before importing the pipeline: some noise is raised while modules are imported
     from fastformers import pipeline
 
-    signal.signal(signal.SIGTERM, _stop)
+    _catch_stop_signals()
     try:
         return pipeline.objectives(cfg, pipeline.run(cfg))
     except FastformersError as err:
         fail(err)
+
+
+def check_tracking_server(cfg: DictConfig) -> None:
+    """Asks an http(s) tracking server whether it is up, with nothing heavy imported yet (mlflow, torch and
+    lightning take seconds to import); a URI that does not resolve is left to `pipeline.validate` to name."""
+    try:
+        uri = str(cfg.mlflow.tracking_uri)
+    except OmegaConfBaseException:
+        return
+    check_server(uri)
 
 
 def fail(err: FastformersError) -> NoReturn:
@@ -51,28 +66,43 @@ _stopped_by = STOP_SIGNALS  # the signal that stopped this process, if one did
 
 
 def _stop(signum, frame):
-    """SIGTERM (a scheduler or launcher cancelling the job) unwinds like Ctrl-C: the MLflow run ends FAILED
-    instead of staying RUNNING, and unfinished cache entries are removed."""
+    """SIGTERM (a scheduler or launcher cancelling the job) and Ctrl-C unwind as KeyboardInterrupt: the MLflow run
+    ends KILLED instead of staying RUNNING, and unfinished cache entries are removed. Only the first signal raises:
+    a second one must not interrupt the cleanup the first started."""
     _stopped_by.append(signum)  # Lightning turns the KeyboardInterrupt into SystemExit(1); `entry` still knows
-    raise KeyboardInterrupt(f"stopped by signal {signum}")
+    if len(_stopped_by) == 1:
+        raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+
+def _catch_stop_signals() -> None:
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop)
 
 
 def entry() -> None:
-    """The console script: `report` as first word reads MLflow back; anything else is a Hydra run."""
+    """The console script: `report` as first word reads MLflow back; anything else is a Hydra run. A run stopped
+    by a signal ends with one line saying what it marked KILLED, and exit status 128 + the signal's number."""
     if sys.argv[1:2] == ["report"]:
         from fastformers.report import main as report
 
         raise SystemExit(report(sys.argv[2:]))
-    signal.signal(signal.SIGTERM, _stop)  # from the start: a multirun stopped between jobs unwinds too
+    _catch_stop_signals()  # from the start: a multirun stopped between jobs unwinds too
     from hydra._internal import utils as hydra_internal
 
     hydra_report = hydra_internal.run_and_report
     hydra_internal.run_and_report = lambda func: hydra_report(lambda: config_errors_in_one_line(func))
     try:
         main()
-    except BaseException as stopped:
-        _end_sweep("KILLED" if isinstance(stopped, KeyboardInterrupt) or _stopped_by else "FAILED")
-        raise
+    except BaseException as err:
+        signum = stop_signal(err)
+        _end_sweep("KILLED" if signum is not None else "FAILED")
+        if signum is None:
+            raise
+        line = stop_message(signum)
+        if log.hasHandlers():
+            log.warning("%s", line.removeprefix("fastformers: "))
+        print(line, file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum) from None
     finally:
         hydra_internal.run_and_report = hydra_report
 

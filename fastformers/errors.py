@@ -1,11 +1,16 @@
 """The one exception type the CLI turns into a single clear error line, and the record of a stop signal."""
 
+from __future__ import annotations
+
+import signal
+
 
 class FastformersError(Exception):
     """Bad input or config: the message names the field or file and says what to do."""
 
 
-STOP_SIGNALS: list[int] = []  # signals received (SIGTERM from a scheduler, a launcher cancelling a job)
+STOP_SIGNALS: list[int] = []  # signals received (SIGTERM from a scheduler, a launcher cancelling a job; Ctrl-C)
+STOPPED_RUNS: list[str] = []  # what a stop ended and marked KILLED ("run <id> (<name>)"), for the CLI's last line
 
 
 def check_stopped() -> None:
@@ -14,3 +19,23 @@ def check_stopped() -> None:
     this after every batch and the pipeline after every stage, and a stopped job never ends FINISHED."""
     if STOP_SIGNALS:
         raise KeyboardInterrupt(f"stopped by signal {STOP_SIGNALS[0]}")
+
+
+def stop_signal(err: BaseException | None = None) -> int | None:
+    """The signal that stopped this process, if one did: the first recorded stop signal, else SIGINT when `err` is
+    a KeyboardInterrupt or was raised while handling one (Lightning turns it into SystemExit(1))."""
+    if STOP_SIGNALS:
+        return STOP_SIGNALS[0]
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return signal.SIGINT
+        seen.add(id(err))
+        err = err.__context__
+    return None
+
+
+def stop_message(signum: int) -> str:
+    """The one line a stopped command ends with: what stopped it and which runs it marked KILLED."""
+    what = f"{' and '.join(STOPPED_RUNS)} marked KILLED" if STOPPED_RUNS else "no run was open"
+    return f"fastformers: stopped by {signal.Signals(signum).name}: {what}"

@@ -16,12 +16,10 @@ import os
 import time
 
 from hydra.experimental.callback import Callback
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from fastformers import tracking
-from fastformers.errors import FastformersError
-from fastformers.tracking import PARENT_ENV, ROLE_TAG
+from fastformers.errors import STOPPED_RUNS, FastformersError
+from fastformers.tracking_server import check_server
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +29,17 @@ _open: dict[str, str | int] = {}  # the parent run this process started and has 
 class MlflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         """Opens the store (checking the server, creating the store and the experiment under the store's lock,
-        ending runs whose process is gone), then creates the sweep's parent run."""
+        ending runs whose process is gone), then creates the sweep's parent run. Hydra builds this callback for
+        every command, so mlflow (seconds to import) is imported only here, once a server was found up."""
         from fastformers.cli import fail
 
         try:
+            check_server(str(config.mlflow.tracking_uri))
+            from mlflow.tracking import MlflowClient
+
+            from fastformers import tracking
+            from fastformers.tracking import PARENT_ENV, ROLE_TAG
+
             experiment = tracking.open_experiment(config)
         except FastformersError as err:
             fail(err)
@@ -49,20 +54,26 @@ class MlflowSweepCallback(Callback):
         _open.update(uri=uri, run_id=run.info.run_id, pid=os.getpid())
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from fastformers.tracking import PARENT_ENV
+
         os.environ.pop(PARENT_ENV, None)
         end_parent("FINISHED")
 
 
 def end_parent(status: str) -> None:
-    """Ends the parent run of the multirun this process started, if it is still open (FINISHED, FAILED, KILLED)."""
+    """Ends the parent run of the multirun this process started, if it is still open (FINISHED, FAILED, KILLED),
+    retried while the store is locked (`tracking.write_end`)."""
     if not _open or _open["pid"] != os.getpid():  # a forked worker inherits `_open`; the parent is not its own
         return
+    from fastformers import tracking
+
     uri, run_id = str(_open["uri"]), str(_open["run_id"])
     _open.clear()
-    try:
-        MlflowClient(uri).set_terminated(run_id, status)
-    except Exception as err:  # on the way out of a failed sweep: say so, and let the first error be the one shown
-        log.warning("could not end the sweep's parent run %s as %s: %s", run_id, status, err)
+    problem = tracking.write_end(uri, run_id, status)
+    if problem is not None:  # on the way out of a failed sweep: say so, and let the first error be the one shown
+        log.warning("could not end the sweep's parent run %s as %s: %s", run_id, status, problem)
+    elif status == "KILLED":
+        STOPPED_RUNS.append(f"the sweep's parent run {run_id}")
 
 
 atexit.register(end_parent, "FAILED")  # the last resort for a multirun not started by `fastformers.cli.entry`

@@ -3,28 +3,36 @@
 Every run (and sweep parent) is tagged with the host and process that own it, so that a run whose process is gone
 (killed, crashed, its machine rebooted) is marked KILLED the next time a run starts in its experiment, instead of
 staying RUNNING for ever. A local SQLite store is created under a file lock (`<db>.lock`), so that processes started
-together on a fresh folder do not race MLflow's table creation and migrations; a tracking server is asked whether it
-is up before anything else is done."""
+together on a fresh folder do not race MLflow's table creation and migrations, and is switched to WAL on a local disk;
+a tracking server is asked whether it is up before anything else is done (fastformers/tracking_server.py).
+
+A run always records its end: FINISHED, FAILED, or KILLED when a stop signal (SIGTERM, Ctrl-C) ended it, even while
+another process or thread writes to the store (see `end_run`)."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import gc
 import logging
 import os
 import socket
-import ssl
-import urllib.error
-import urllib.request
+import sqlite3
+import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+import psutil
 from lightning.pytorch.loggers import MLFlowLogger
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from fastformers.errors import FastformersError
+from fastformers.errors import STOPPED_RUNS, FastformersError, stop_signal
+from fastformers.tracking_server import check_server
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +43,17 @@ HOST_TAG = "fastformers.host"  # the machine whose process owns a run ...
 PID_TAG = "fastformers.pid"  # ... that process ...
 PID_START_TAG = "fastformers.pid_start"  # ... and when it started (Linux: ticks after boot), against pid reuse
 SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
-SERVER_TIMEOUT_S = 4.0  # how long a tracking server gets to answer /health before a run refuses to start
+# How long the end of a run is retried while the store stays locked; each try itself waits up to MLflow's SQLite
+# busy timeout (`PRAGMA busy_timeout = 20000` on every session), so a writer holding the store for a minute is
+# outlasted.
+END_RETRY_S = 60.0
+# Filesystems on which SQLite's WAL mode is safe: WAL needs shared memory between the processes that open the store,
+# which a network filesystem (nfs, cifs, sshfs, lustre ...) does not give; any type not listed keeps the rollback
+# journal.
+LOCAL_FILESYSTEMS = frozenset(
+    {"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "jfs", "reiserfs", "bcachefs", "tmpfs", "ramfs"}
+    | {"overlay", "apfs", "hfs", "ufs", "ffs"}
+)
 
 
 def tracking_uri(cfg: DictConfig) -> str:
@@ -94,38 +112,6 @@ def store_lock(uri: str) -> Iterator[None]:
         yield
 
 
-def check_server(uri: str, setting: str = "mlflow.tracking_uri") -> None:
-    """Fails at once, naming the URI, when nothing answers at an http(s) tracking URI (MLflow would retry for
-    minutes, then print tracebacks). Any answer counts as up (an HTTP error, a TLS handshake this check does not
-    configure): MLflow itself then says what is wrong."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=SERVER_TIMEOUT_S):
-            return
-    except urllib.error.HTTPError:
-        return
-    except (urllib.error.URLError, OSError) as err:
-        if isinstance(getattr(err, "reason", err), ssl.SSLError):  # it answered; MLflow has its own TLS settings
-            return
-        reason = why_unreachable(err)
-    raise FastformersError(
-        f"{setting}={uri}: no MLflow server answers there ({reason}); start one, or drop the override to use the "
-        "local SQLite store"
-    )
-
-
-def why_unreachable(err: BaseException) -> str:
-    reason = err.reason if isinstance(err, urllib.error.URLError) else err
-    if isinstance(reason, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(reason, TimeoutError | socket.timeout):
-        return f"no answer in {SERVER_TIMEOUT_S:g} s"
-    if isinstance(reason, socket.gaierror):
-        return "unknown host"
-    return str(getattr(reason, "strerror", None) or reason)
-
-
 def open_experiment(cfg: DictConfig) -> str:
     """Points MLflow at the run's store and returns its experiment's id: the server is checked first; the store's
     first use (tables, migrations) and the get-or-create of the experiment (with its artifacts beside a local store,
@@ -148,23 +134,118 @@ def open_experiment(cfg: DictConfig) -> str:
             if uri.startswith("sqlite:"):
                 location = (Path(cfg.paths.output_dir).resolve() / "mlartifacts" / name).as_uri()
             experiment = mlflow.create_experiment(name, artifact_location=location)
+        if db is not None:
+            use_wal(db)
         end_orphans(MlflowClient(uri), experiment)
     return experiment
 
 
-def start_run(cfg: DictConfig) -> mlflow.ActiveRun:
-    """Starts this job's run; leaving the `with` block on an exception marks it FAILED (mlflow does that)."""
+def use_wal(db: Path) -> None:
+    """Switches a local store to WAL (persistent in the file): readers then never block a writer, so a run can
+    record its end while another process or thread reads the store. Not on a network filesystem (see
+    `on_local_disk`); a store another process holds right now keeps its journal this time (tried again next run)."""
+    if not on_local_disk(db):
+        return
+    with contextlib.closing(sqlite3.connect(db, timeout=5)) as con:
+        try:
+            con.execute("PRAGMA journal_mode=WAL").fetchall()
+        except sqlite3.OperationalError as err:
+            log.debug("%s stays in its journal mode: %s", db, err)
+
+
+def on_local_disk(path: Path) -> bool:
+    """Whether `path` lies on a local filesystem: the type of its mount (the longest mount point above it, from the
+    kernel's mount table through psutil) is one of LOCAL_FILESYSTEMS."""
+    path = path.resolve()
+    mounts = [m for m in psutil.disk_partitions(all=True) if path.is_relative_to(m.mountpoint)]
+    if not mounts:
+        return False
+    return max(mounts, key=lambda m: len(m.mountpoint)).fstype in LOCAL_FILESYSTEMS
+
+
+@contextmanager
+def start_run(cfg: DictConfig) -> Iterator[mlflow.ActiveRun]:
+    """Starts this job's run and ends it when the `with` block is left: FINISHED, FAILED on an exception, KILLED when
+    a stop signal ended it (MLflow's own `ActiveRun` would say FAILED, and Lightning turns the stop into
+    SystemExit(1))."""
     if os.environ.pop("MLFLOW_RUN_ID", None):
         log.warning("ignoring MLFLOW_RUN_ID from the environment: each job gets its own run")
     experiment = open_experiment(cfg)
     run = mlflow.start_run(experiment_id=experiment, run_name=cfg.mlflow.run_name, tags=parent_tags() | owner_tags())
-    try:  # the caller's `with` owns the run only once this returns: a failure (or SIGTERM) before must end it
+    status = "FAILED"
+    try:
         mlflow.log_params(flat_params(cfg))
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-    except BaseException:
-        mlflow.end_run("FAILED")  # as the `with` block ends a run that raised
+        yield run
+        status = "FINISHED"
+    except BaseException as err:
+        if stop_signal(err) is not None:
+            status = "KILLED"
+            release_interrupted(err)
         raise
-    return run
+    finally:
+        end_run(tracking_uri(cfg), run, status)
+
+
+def release_interrupted(err: BaseException) -> None:
+    """Drops what a stopped call left behind: a signal that lands inside an MLflow write leaves the SQLite statement
+    it interrupted alive in the traceback's frames, and that statement keeps its lock on the store (the run's end
+    would then wait on this very process, and fail "database is locked")."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [err]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)  # frames still running (the callers) are left as they are
+        pending += [current.__context__, current.__cause__]
+    gc.collect()
+
+
+def end_run(uri: str, run: mlflow.ActiveRun, status: str) -> None:
+    """Records the run's end and closes it in MLflow. A stopped run that cannot be recorded says so in one line
+    (the next run's `end_orphans` marks it KILLED); a run that finished but cannot record it fails naming the store."""
+    problem = write_end(uri, run.info.run_id, status)
+    with quiet_store_errors(), contextlib.suppress(MlflowException):
+        mlflow.end_run(status)  # pops the active run (and writes the status once more)
+    name = f"run {run.info.run_id} ({run.info.run_name})"
+    if problem is None:
+        if status == "KILLED":
+            STOPPED_RUNS.append(name)
+        return
+    if status != "FINISHED":
+        log.warning("could not mark %s %s: %s", name, status, problem)
+        return
+    raise FastformersError(f"mlflow.tracking_uri={uri}: could not record the end of {name}: {problem}")
+
+
+def write_end(uri: str, run_id: str, status: str) -> str | None:
+    """Sets a run's end status, retried for END_RETRY_S while the store is locked, under the store's lock (so the
+    ends of a sweep's processes do not contend with each other); None once written, else why not (one line)."""
+    deadline = time.monotonic() + END_RETRY_S
+    with store_lock(uri), quiet_store_errors():
+        while True:
+            try:
+                MlflowClient(uri).set_terminated(run_id, status)
+                return None
+            except MlflowException as err:
+                if err.error_code != "TEMPORARILY_UNAVAILABLE" or time.monotonic() > deadline:
+                    return str(err).strip().splitlines()[0]
+            gc.collect()  # a statement left by an interrupted write may only now be unreachable
+            time.sleep(1.0)
+
+
+@contextmanager
+def quiet_store_errors() -> Iterator[None]:
+    """Silences MLflow's SQL store logger, which logs a full traceback for every "database is locked" before
+    raising it; the caller retries, then reports in one line."""
+    logger = logging.getLogger("mlflow.store.db.utils")
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
 
 
 def owner_tags() -> dict[str, str]:

@@ -5,15 +5,17 @@ at a file that is not an MLflow store."""
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
+from collections import namedtuple
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fastformers import cli, pipeline, report, sweep, tracking
+from fastformers import cli, errors, pipeline, report, sweep, tracking, tracking_server
 from fastformers.errors import FastformersError
 from fastformers.tracking import HOST_TAG, PARENT_ENV, PID_START_TAG, PID_TAG, ROLE_TAG
 
@@ -78,6 +80,83 @@ def test_a_sweep_with_a_tracking_server_that_is_down_is_one_line_and_exit_2(make
     assert stopped.value.code == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"fastformers: error: mlflow.tracking_uri={uri}: no MLflow server answers there")
+
+
+def test_a_host_that_does_not_resolve_or_a_silent_resolver_fails_within_the_timeout(monkeypatch):
+    with pytest.raises(FastformersError, match=r"no MLflow server answers there \(unknown host\)"):
+        tracking_server.check_server("http://no-such-host.invalid:5000")
+
+    def silent(*args, **kwargs):  # a resolver that does not answer (getaddrinfo has no timeout of its own)
+        time.sleep(30)
+
+    monkeypatch.setattr(socket, "getaddrinfo", silent)
+    started = time.perf_counter()
+    with pytest.raises(FastformersError, match=r"\(slow\.example not resolved in 1\.5 s\)"):
+        tracking_server.check_server("http://slow.example:5000")
+    assert time.perf_counter() - started < 10  # 1.5 s, with room for a loaded machine
+
+
+def test_the_cli_checks_the_server_before_importing_mlflow_or_torch(tmp_path):
+    probe = (
+        "import runpy, sys\n"
+        "sys.argv = ['fastformers', 'experiment=quick', f'paths.output_dir={sys.argv[1]}',"
+        " f'mlflow.tracking_uri=http://127.0.0.1:{sys.argv[2]}']\n"
+        "try:\n"
+        "    runpy.run_module('fastformers.cli', run_name='__main__')\n"
+        "except SystemExit as stop:\n"
+        "    print(stop.code, sorted({'mlflow', 'torch', 'lightning'} & set(sys.modules)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path / "outputs"), str(unused_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout.splitlines()[-1] == "2 []", done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("fastformers: error: mlflow.tracking_uri=http://127.0.0.1:") and "connection refused" in line
+
+
+def test_a_stopped_run_ends_killed_and_a_failed_one_failed(make_cfg):
+    cfg = make_cfg()
+    client = MlflowClient(tracking.tracking_uri(cfg))
+    errors.STOPPED_RUNS.clear()
+    try:
+        with pytest.raises(SystemExit), tracking.start_run(cfg) as stopped:
+            try:  # Ctrl-C inside Lightning's fit: it exits 1 while handling the KeyboardInterrupt
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                sys.exit(1)
+        with pytest.raises(ValueError), tracking.start_run(cfg) as failed:
+            raise ValueError("a bug")
+        assert client.get_run(stopped.info.run_id).info.status == "KILLED"
+        assert client.get_run(failed.info.run_id).info.status == "FAILED"
+        (ended,) = errors.STOPPED_RUNS
+        assert ended == f"run {stopped.info.run_id} ({stopped.info.run_name})"
+        assert errors.stop_message(signal.SIGINT) == (
+            f"fastformers: stopped by SIGINT: run {stopped.info.run_id} ({stopped.info.run_name}) marked KILLED"
+        )
+    finally:
+        errors.STOPPED_RUNS.clear()
+
+
+Mount = namedtuple("Mount", "mountpoint fstype")
+
+
+def test_wal_only_on_a_local_disk(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr(tracking.psutil, "disk_partitions", lambda **kwargs: [Mount("/", "nfs4")])
+    nfs = make_cfg("mlflow.experiment_name=on_nfs", "mlflow.tracking_uri=sqlite:///" + str(tmp_path / "nfs.db"))
+    tracking.open_experiment(nfs)
+    monkeypatch.setattr(
+        tracking.psutil, "disk_partitions", lambda **kwargs: [Mount("/", "ext4"), Mount("/nowhere", "nfs")]
+    )
+    local = make_cfg("mlflow.experiment_name=on_disk", "mlflow.tracking_uri=sqlite:///" + str(tmp_path / "local.db"))
+    tracking.open_experiment(local)
+    modes = {}
+    for name in ("nfs", "local"):
+        with sqlite3.connect(tmp_path / f"{name}.db") as con:
+            modes[name] = con.execute("PRAGMA journal_mode").fetchone()[0]
+    assert modes == {"nfs": "delete", "local": "wal"}
 
 
 def test_a_run_on_a_store_that_is_not_sqlite_is_refused(make_cfg, tmp_path):
@@ -166,6 +245,7 @@ def test_a_sweep_parent_is_tagged_with_its_process_and_ended_when_the_multirun_s
         assert client.get_run(finished).info.status == "FINISHED"
     finally:
         sweep.end_parent("FINISHED")
+        errors.STOPPED_RUNS.clear()
 
 
 TINY = ["teacher=tiny_bert", "finetune.batch_size=8"]
@@ -241,4 +321,39 @@ def test_a_sweep_terminated_in_its_second_job_ends_its_parent_killed(superglue_r
     (parent,) = [r for r in runs if r.data.tags.get(ROLE_TAG) == "sweep"]
     log = (tmp_path / "sweep.log").read_text()[-3000:]
     assert parent.info.status == "KILLED", log
-    assert sorted(r.info.status for r in runs if ROLE_TAG not in r.data.tags) == ["FAILED", "FINISHED"], log
+    assert sorted(r.info.status for r in runs if ROLE_TAG not in r.data.tags) == ["FINISHED", "KILLED"], log
+
+
+@pytest.mark.slow
+def test_a_job_stopped_while_another_process_writes_to_the_store_ends_killed_in_one_line(superglue_root, tmp_path):
+    out = tmp_path / "outputs"
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", PARENT_ENV)}
+    args = [*TINY, f"data.root={superglue_root}", f"paths.output_dir={out}", "finetune.epochs=200"]
+    with (tmp_path / "job.out").open("w") as stdout, (tmp_path / "job.err").open("w") as stderr:
+        job = subprocess.Popen(
+            [sys.executable, "-m", "fastformers.cli", *args],
+            cwd=tmp_path,
+            env=env | {"PYTHONUNBUFFERED": "1"},
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+        )
+    deadline = time.time() + 300
+    while not list((out / "cache" / "finetune").glob(".*.tmp/checkpoints/*")):  # it trains, its run is open
+        assert job.poll() is None and time.time() < deadline, (tmp_path / "job.err").read_text()[-3000:]
+        time.sleep(0.5)
+    writer = sqlite3.connect(out / "mlflow.db", timeout=60, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # another process holds the store's write lock ...
+    os.killpg(job.pid, signal.SIGTERM)
+    time.sleep(4)  # ... while the job is stopped, for a few seconds
+    writer.execute("ROLLBACK")
+    writer.close()
+    code = finish(job, 180)
+    err = (tmp_path / "job.err").read_text()
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("fastformers").experiment_id])
+    assert (code, run.info.status) == (128 + signal.SIGTERM, "KILLED"), err[-3000:]
+    assert "Traceback" not in err + (tmp_path / "job.out").read_text()
+    assert err.splitlines()[-1] == (
+        f"fastformers: stopped by SIGTERM: run {run.info.run_id} ({run.info.run_name}) marked KILLED"
+    )
