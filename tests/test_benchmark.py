@@ -549,3 +549,50 @@ def test_session_options_reach_each_setting_and_the_profiler_the_pick_and_refere
         assert row["profile"]["examples"] == 6 and "Attention" in row["profile"]["kernel_ms"]
         assert sum(row["profile"]["kernel_ms"].values()) <= row["profile"]["wall_ms"]
     assert not list(Path(run.data.tags["cache.benchmark.path"]).glob("ort*"))  # the traces: summarized, removed
+
+
+def test_the_paper_baseline_shape_is_timed_beside_the_rows_and_every_row_gets_its_speed_up_over_it(make_cfg):
+    """A tiny stand-in for BERT-base (the shape is configurable), randomly initialised, fixed padding: it is a row
+    of the table with its label, never scored, and the CPU's features are in the header and the run's tags."""
+    cfg = make_cfg(
+        "stages=[finetune,benchmark]",
+        "benchmark.repeats=1",
+        "benchmark.latency_examples=0",
+        "benchmark.settings=[${benchmark.baseline}]",
+        "benchmark.paper_baseline.enabled=true",
+        "benchmark.paper_baseline.examples=3",
+        "benchmark.paper_baseline.max_length=40",
+        "benchmark.paper_baseline.shape={layers: 1, hidden: 32, heads: 2, ffn: 64}",
+    )
+    results = pipeline.run(cfg)
+
+    paper = {k.split("/", 2)[2]: v for k, v in results.items() if k.startswith("benchmark/paper_baseline/")}
+    assert paper["examples"] == 3 and paper["throughput"] > 0 and "accuracy" not in paper
+    assert paper["gmacs_per_example"] * 1e9 == pytest.approx(40 * 32 * (4 * 32 + 2 * 64) + 2 * 40 * 40 * 32)
+    assert paper["vs_paper"] == 1.0
+    assert results["benchmark/baseline/vs_paper"] == pytest.approx(
+        results["benchmark/baseline/throughput"] / paper["throughput"]
+    )
+    assert results["benchmark/baseline/gmacs_per_example"] > 0
+    _, (run,) = mlflow_runs(cfg)
+    assert {"cpu.model", "cpu.avx2", "cpu.avx512", "cpu.vnni", "cpu.amx", "cpu.bf16"} <= set(run.data.tags)
+    assert run.data.tags["cpu.avx2"] in ("true", "false")
+    table = open(f"{run.data.tags['cache.benchmark.path']}/table.txt").read()
+    row = next(line for line in table.splitlines() if line.startswith("paper_baseline "))
+    assert "<- the paper's baseline shape, randomly initialised" in row
+    assert "speed-up over the paper's baseline shape, measured here: baseline" in table and "233.9x" in table
+    assert "GMAC/ex" in table and "%peak" in table and "nominal peak:" in table
+    assert ("-AVX2" in table) != (run.data.tags["cpu.avx2"] == "true")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("benchmark.paper_baseline.examples=0", r"benchmark.paper_baseline.examples=0 must be"),
+        ("benchmark.paper_baseline.shape.hidden=30", r"hidden=30 is not a multiple of heads=12"),
+        ("+benchmark.paper_baseline.shape.depth=3", r"benchmark.paper_baseline.shape: unknown key 'depth'"),
+    ],
+)
+def test_a_bad_paper_baseline_fails_before_any_work(make_cfg, override, message):
+    with pytest.raises(FastformersError, match=message):
+        pipeline.run(make_cfg("stages=[finetune,benchmark]", "benchmark.paper_baseline.enabled=true", override))

@@ -19,8 +19,8 @@ from fastformers.bench.settings import Setting
 from fastformers.data import EncodedDataset
 from fastformers.energy import EnergyMeter
 from fastformers.errors import FastformersError
-from fastformers.instances import Layout, Served
-from fastformers.roofline import Peaks, Shape, bound_seconds, flops
+from fastformers.instances import Layout, Served, Work
+from fastformers.roofline import Family, Peaks, Shape, bound_seconds, flops, macs, peak_seconds
 from fastformers.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -258,3 +258,25 @@ def roofline_metrics(shape: Shape, dataset: EncodedDataset, peaks: Peaks, quanti
         "bound_seconds": bound,
         "pct_of_bound": 100 * bound / wall,
     }
+
+
+def executed_lengths(work: list[Work]) -> list[int]:
+    """The token count of every sequence a timed pass runs, padding included (what the engine multiplies)."""
+    lengths = []
+    for share in work:
+        for batch in share.batches:
+            rows, tokens = np.shape(batch.inputs["input_ids"])
+            lengths += [int(tokens)] * int(rows)
+    return lengths
+
+
+def work_metrics(
+    shape: Shape, executed: list[int], examples: int, precision: str, cores: int, family: Family | None, wall: float
+) -> dict:
+    """Multiply-adds per example the row ran, and `%peak`: their least time at the nominal peak of the row's
+    cores over the measured time (absent for a CPU family the peak table does not know). A speed-up over the
+    baseline is then the work removed (baseline's GMAC/ex / row's) times the efficiency gained (their MAC/s)."""
+    metrics = {"gmacs_per_example": sum(sum(macs(shape, tokens)) for tokens in executed) / examples / 1e9}
+    if family is not None:
+        metrics["pct_of_peak"] = 100 * peak_seconds(shape, executed, family, precision, cores) / wall
+    return metrics
