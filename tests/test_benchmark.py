@@ -27,6 +27,7 @@ from fastformers.instances import (
     layouts_filling,
     physical_cores,
     plan_layout,
+    pss_mb,
     serve,
     usable_cores,
 )
@@ -117,6 +118,13 @@ def test_two_pinned_instances_return_what_one_returns_in_the_same_order(graph_an
     assert [len(r.passes) for r in two.results] == [2, 2] and len(two.pass_seconds) == 2
     assert len(two.latencies) == 4  # two batch-size-1 calls per instance
     assert two.peak_rss_mb > one.peak_rss_mb > 0  # every instance holds its own copy of the model
+    assert 0 < one.peak_pss_mb <= one.peak_rss_mb  # a share of the pages it shares with the parent
+    assert two.peak_pss_mb < two.peak_rss_mb  # pages the two share count once, not twice
+
+
+def test_pss_is_read_for_a_live_process_and_none_for_a_gone_one():
+    assert pss_mb(os.getpid()) > 0
+    assert pss_mb(2**22 + 7) is None  # above the kernel's default pid_max
 
 
 def test_fixed_padding_changes_the_shapes_not_the_outputs(graph_and_data):
@@ -224,7 +232,7 @@ def test_benchmark_stage_measures_every_setting_with_its_accuracy(make_cfg):
         assert m["wall_seconds_min"] <= m["wall_seconds"] <= m["wall_seconds_max"]
         assert m["latency_p50_ms"] <= m["latency_p90_ms"] <= m["latency_p99_ms"]
         assert 0 <= m["accuracy"] <= 1 and 0 <= m["f1"] <= 1 and m["energy_estimated"] == 1.0
-        assert m["energy_joules"] > 0 and m["usd_per_100m_queries"] > 0 and m["peak_rss_mb"] > 0
+        assert m["energy_joules"] > 0 and m["usd_per_100m_queries"] > 0 and m["peak_pss_mb"] > 0
     assert results["benchmark/baseline/speedup"] == 1.0 and results["benchmark/baseline/fixed_padding"] == 1.0
     assert results["benchmark/dynamic_length/agreement_with_baseline"] == 1.0
     assert results["benchmark/onnx_fp32/accuracy"] == results["benchmark/baseline/accuracy"]
@@ -311,7 +319,7 @@ def rows_for_pick(**rows: tuple[float, float, float | None, bool]) -> list[dict]
     """name -> (throughput, peak MB, gate_passed or None for ungated, candidate)."""
     made = []
     for name, (throughput, peak, passed, candidate) in rows.items():
-        metrics = {"throughput": throughput, "peak_rss_mb": peak}
+        metrics = {"throughput": throughput, "peak_pss_mb": peak}
         if passed is not None:
             metrics["gate_passed"] = passed
         made.append({"name": name, "candidate": candidate, "skipped": None, "metrics": metrics})

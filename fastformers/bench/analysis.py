@@ -70,7 +70,8 @@ def summarize(setting: Setting, served: Served, examples, task: Task, cfg: DictC
         "throughput": count / wall,
         "throughput_lo": count / max(seconds),  # the slowest and fastest pass: two rows whose ranges overlap
         "throughput_hi": count / min(seconds),  # are not measurably different
-        "peak_rss_mb": served.peak_rss_mb,
+        "peak_rss_mb": served.peak_rss_mb,  # each instance's VmHWM, summed: shared pages once per instance
+        "peak_pss_mb": served.peak_pss_mb,  # the layout's memory: shared pages counted once
         "instances": setting.layout.instances,
         "threads_per_instance": setting.layout.threads,
         "fixed_padding": float(setting.padding == "fixed"),
@@ -208,9 +209,9 @@ def gate_reason(verdict: dict, opts: DictConfig) -> str:
 
 
 def apply_memory_budget(rows: list[dict], budget_mb: float) -> None:
-    """Marks every row whose peak memory (all its instances together) exceeds the budget."""
+    """Marks every row whose peak memory (the PSS of all its instances together) exceeds the budget."""
     for row in timed(rows):
-        row["metrics"]["within_memory"] = float(row["metrics"]["peak_rss_mb"] <= budget_mb)
+        row["metrics"]["within_memory"] = float(row["metrics"]["peak_pss_mb"] <= budget_mb)
 
 
 def pick(rows: list[dict]) -> dict | None:

@@ -104,7 +104,7 @@ def format_table(report: dict, cfg: DictConfig) -> str:
             + f"{_fmt(m.get('e2e_throughput'), 8, 2)} {spread:>6.0%} {_fmt(m.get('gmacs_per_example'), 8, 3)} "
             f"{_fmt(m.get('pct_of_peak'), 6, 1)} {_fmt(m.get('pct_of_bound'), 6, 1)} "
             f"{_fmt(m.get('latency_p50_ms'), 7, 1)} "
-            f"{_fmt(m.get('latency_p99_ms'), 7, 1)} {m['peak_rss_mb']:>8.0f} {_fmt(m.get('joules_per_example'), 6, 2)} "
+            f"{_fmt(m.get('latency_p99_ms'), 7, 1)} {m['peak_pss_mb']:>8.0f} {_fmt(m.get('joules_per_example'), 6, 2)} "
             f"{_fmt(m.get('usd_per_100m_queries'), 8, 2)} "
             + " ".join(_fmt(m.get(k), 9, 4) for k in task_keys)
             + (f" {m['agreement']:>6.1%}" if "agreement" in m else f" {'-':>6}")
@@ -112,7 +112,9 @@ def format_table(report: dict, cfg: DictConfig) -> str:
         )
     agree = report.get("agreement_reference") or rows[0]["name"]
     lines.append(
-        f"speed-up: median wall time of {rows[0]['name']} / this row's; e2e: with tokenizing from text; "
+        f"speed-up: median wall time of {rows[0]['name']} / this row's; e2e: with tokenizing from text (ESTIMATE: "
+        "tokenizing timed serially in this process, divided by the instances); peak MB: the largest sum of the "
+        "instances' PSS sampled during the passes (shared pages counted once); "
         f"spread: (slowest - fastest pass) / median; ex/s range: slowest to fastest pass (rows whose ranges "
         f"overlap are not measurably different); agree: predictions equal to {agree}'s"
     )

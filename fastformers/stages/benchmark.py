@@ -230,7 +230,7 @@ def analyse(cfg: DictConfig, rows: list[dict], sample=None, pools: dict[str, lis
     failed = analysis.apply_gate(rows, opts.gate, sample, pools or {}) if any(row["gated"] for row in rows) else []
     budget = opts.max_memory_mb
     if budget is None and reference:
-        budget = 2 * reference["metrics"]["peak_rss_mb"]
+        budget = 2 * reference["metrics"]["peak_pss_mb"]
     if budget is not None:
         analysis.apply_memory_budget(rows, budget)
     candidates = mark_candidates(rows, gate_reference)
@@ -416,6 +416,7 @@ def metrics_of(report: dict) -> dict[str, float]:
             "score",
             "agreement",
             "peak_rss_mb",
+            "peak_pss_mb",
             "latency_p50_ms",
             "instances",
             "threads_per_instance",
