@@ -137,7 +137,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
             len(examples),
             setting.precision,
             setting.layout.instances * setting.layout.threads,
-            family,
+            None if on_gpu(setting) else family,
             wall,
         )
         if peaks:
@@ -177,6 +177,12 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         )
     log_pick(report)
     return metrics_of(report)
+
+
+def on_gpu(setting: plan.Setting) -> bool:
+    """A row that runs on a CUDA GPU (fp16, torch's bf16, or device: cuda): no CPU peak applies to it."""
+    cuda = dict(setting.options).get("device") == "cuda"
+    return setting.precision == "fp16" or (setting.engine == "torch" and (setting.precision != "fp32" or cuda))
 
 
 def paper_starter(cfg: DictConfig, task, examples, inputs: dict[str, Path], scratch: Path, meter):
