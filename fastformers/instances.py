@@ -21,6 +21,8 @@ from fastformers.errors import FastformersError
 
 SYS_CPU = Path("/sys/devices/system/cpu")
 BARRIER_TIMEOUT_S = 3600  # a sibling that died leaves the others waiting at most this long
+MEMORY_SAMPLE_S = 0.25  # the parent reads its instances' PSS this often while they work (and after every command):
+#   reading smaps_rollup walks a process's page tables, so more often would take time from the timed passes
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,7 @@ class Served:
     layout: Layout
     results: list[InstanceResult]
     rows: dict[int, np.ndarray] = field(default_factory=dict)  # example index -> its logits rows
+    peak_pss_mb: float = 0.0  # the largest sum of the instances' PSS sampled while they were up
 
     @property
     def pass_seconds(self) -> list[float]:
@@ -189,7 +192,8 @@ class Served:
 
     @property
     def peak_rss_mb(self) -> float:
-        """Memory of the whole layout: every instance holds its own model."""
+        """Every instance's own peak RSS, summed: pages the instances share (libraries, mmapped weights) count
+        once per instance, so this overstates a layout's memory; `peak_pss_mb` does not."""
         return sum(r.peak_rss_mb for r in self.results)
 
 
@@ -210,7 +214,7 @@ class Instances:
         if len(work) != layout.instances:
             raise ValueError(f"{len(work)} shares of work for {layout.instances} instances")
         ctx = spawn_context()
-        self.layout, self.results = layout, ctx.Queue()
+        self.layout, self.results, self.peak_pss_mb = layout, ctx.Queue(), 0.0
         barrier = ctx.Barrier(layout.instances)
         self.commands = [ctx.Queue() for _ in range(layout.instances)]
         self.processes = [
@@ -248,7 +252,7 @@ class Instances:
             gathered = self._tell("stop")
         finally:
             self.terminate(wait=30)
-        served = Served(self.layout, sorted(gathered, key=lambda r: r.instance))
+        served = Served(self.layout, sorted(gathered, key=lambda r: r.instance), peak_pss_mb=self.peak_pss_mb)
         for result in served.results:
             for indices, logits, sizes in result.outputs:
                 for index, start, size in zip(indices, np.cumsum([0, *sizes[:-1]]), sizes):
@@ -267,13 +271,21 @@ class Instances:
             queue_.put(command)
         return self._gather()
 
+    def sample_memory(self) -> None:
+        """The instances' PSS now, summed (a page shared by n processes counts 1/n in each): the kernel keeps no
+        peak PSS, so the peak is the largest of these samples."""
+        total = sum(pss_mb(process.pid) or 0.0 for process in self.processes if process.pid is not None)
+        self.peak_pss_mb = max(self.peak_pss_mb, total)
+
     def _gather(self) -> list:
-        """One reply per instance; a crash or an exception in one fails the whole run loudly."""
+        """One reply per instance, the instances' memory sampled while waiting and once all have replied; a crash
+        or an exception in one fails the whole run loudly."""
         gathered: list = []
         while len(gathered) < len(self.processes):
             try:
-                item = self.results.get(timeout=1.0)
+                item = self.results.get(timeout=MEMORY_SAMPLE_S)
             except queue.Empty:
+                self.sample_memory()
                 dead = [p for p in self.processes if p.exitcode not in (None, 0)]
                 if dead:
                     self.terminate()
@@ -287,6 +299,7 @@ class Instances:
                     raise item
                 raise RuntimeError(f"a benchmark instance failed:\n{item}")
             gathered.append(item)
+        self.sample_memory()
         return gathered
 
 
@@ -351,6 +364,19 @@ def _instance_main(
     except BaseException:
         barrier.abort()
         results.put(f"instance {instance}: {traceback.format_exc()}")
+
+
+def pss_mb(pid: int) -> float | None:
+    """A process's proportional set size (`Pss:` of /proc/<pid>/smaps_rollup); None once it has exited or where
+    the kernel does not offer it."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024  # kB
+    return None
 
 
 def peak_rss_mb() -> float:

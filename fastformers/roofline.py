@@ -1,15 +1,19 @@
-"""How close a run is to what this machine allows: FLOPs per example from the architecture and the real token
-lengths, and the sustained fp32 and int8 GEMM throughput measured here with onnxruntime's own kernels.
+"""How close a run is to what this machine allows: multiply-adds per example from the architecture and the token
+counts, against two ceilings. The *measured-GEMM bound*: the sustained fp32 and int8 GEMM throughput measured here
+with onnxruntime's own kernels (`% of bound` = the least time the useful multiply-adds take at those rates /
+measured time; an engine with faster kernels than onnxruntime's can exceed 100%). The *nominal peak*: vector width
+x FMA ports x a nominal clock of the CPU's family, read from /proc/cpuinfo (`%peak`; a VM hides the real clock, so
+it is labelled nominal, and an unknown CPU gets none).
 
-The bound of a variant is the time its FLOPs take at those rates: the projections (Q/K/V, attention output,
-FFN) at the int8 rate when the graph is quantized, Q·Kᵀ and attention·V always at the fp32 rate (they stay
-float), so `% of bound` = bound time / measured time.
+The projections (Q/K/V, attention output, FFN) run at the int8 rate when the graph is quantized, Q·Kᵀ and
+attention·V always at the fp32 rate (they stay float).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -42,12 +46,19 @@ class Shape:
         return cls(config.num_hidden_layers, config.hidden_size, heads, head_size, ffn)
 
 
-def flops(shape: Shape, tokens: int) -> tuple[float, float]:
-    """(projection FLOPs, attention-score FLOPs) of one sequence of `tokens`, multiply-adds counted as 2."""
+def macs(shape: Shape, tokens: int) -> tuple[float, float]:
+    """(projection multiply-adds, attention-score multiply-adds) of one sequence of `tokens` through the encoder
+    (embeddings, softmax, norms and the classifier are left out: they are not GEMMs)."""
     width = shape.heads * shape.head_size
-    projections = 2 * tokens * shape.hidden * (3 * width + width + 2 * shape.ffn)
-    attention = 2 * 2 * tokens * tokens * width  # Q·Kᵀ and probabilities·V
+    projections = tokens * shape.hidden * (3 * width + width + 2 * shape.ffn)
+    attention = 2 * tokens * tokens * width  # Q·Kᵀ and probabilities·V
     return float(shape.layers * projections), float(shape.layers * attention)
+
+
+def flops(shape: Shape, tokens: int) -> tuple[float, float]:
+    """`macs` with a multiply-add counted as 2 FLOPs, the unit GEMM rates are quoted in."""
+    projections, attention = macs(shape, tokens)
+    return 2 * projections, 2 * attention
 
 
 @dataclass(frozen=True)
@@ -113,4 +124,115 @@ def bound_seconds(shape: Shape, lengths: list[int], peaks: Peaks, quantized: boo
         projections, attention = flops(shape, tokens)
         total += projections / ((peaks.int8_gops if quantized else peaks.fp32_gflops) * 1e9)
         total += attention / (peaks.fp32_gflops * 1e9)
+    return total
+
+
+CPUINFO = Path("/proc/cpuinfo")
+FEATURES = {  # the feature a table header names -> the /proc/cpuinfo flags that give it (any of them)
+    "avx2": ("avx2",),
+    "avx512": ("avx512f",),
+    "vnni": ("avx512_vnni", "avx_vnni"),
+    "amx": ("amx_tile",),
+    "bf16": ("avx512_bf16", "amx_bf16"),
+}
+
+
+@dataclass(frozen=True)
+class Cpu:
+    """What /proc/cpuinfo says of the first logical CPU: enough to name the machine and pick its nominal peak."""
+
+    model: str
+    flags: frozenset[str]
+
+    @property
+    def features(self) -> dict[str, bool]:
+        return {name: any(flag in self.flags for flag in flags) for name, flags in FEATURES.items()}
+
+    def feature_label(self) -> str:
+        """`AVX2 AVX512 VNNI -AMX BF16`: each relevant feature, a minus sign for one this CPU lacks."""
+        return " ".join(("" if has else "-") + name.upper() for name, has in self.features.items())
+
+
+def parse_cpuinfo(text: str) -> Cpu:
+    """The model name and flags of the first processor block (every core of a VM reports the same)."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return Cpu(
+        fields.get("model name", "unknown CPU"),
+        frozenset(fields.get("flags", "").split()),
+    )
+
+
+def this_cpu(path: Path = CPUINFO) -> Cpu:
+    try:
+        return parse_cpuinfo(path.read_text())
+    except OSError:
+        return Cpu("unknown CPU", frozenset())
+
+
+@dataclass(frozen=True)
+class Family:
+    """A CPU family's nominal per-core rates: multiply-adds per cycle per core (vector lanes x FMA ports, or the
+    matrix unit's rate) at a nominal clock: the ceiling its vendor quotes, not a measurement."""
+
+    name: str
+    fp32_macs_per_cycle: int
+    bf16_macs_per_cycle: int  # = fp32 where the CPU has no bf16 arithmetic (bf16 rows are skipped there)
+    int8_macs_per_cycle: int  # VNNI: 4 int8 products per 32-bit lane; without it, pmaddubsw pairs: 2 per lane
+    nominal_ghz: float
+
+    def peak_gmacs(self, precision: str, cores: int) -> float:
+        """Nominal multiply-adds per second (G) of `cores` cores at `precision`'s projection rate."""
+        per_cycle = {"int8": self.int8_macs_per_cycle, "bf16": self.bf16_macs_per_cycle}.get(
+            precision.partition("_")[0], self.fp32_macs_per_cycle
+        )
+        return per_cycle * self.nominal_ghz * cores
+
+
+# Per core and cycle: fp32 FMA lanes x ports (AVX2: 8 x 2; Zen 4 runs AVX-512 on two 256-bit pipes; Zen 5 and
+# Xeons with two 512-bit FMA ports: 16 x 2); bf16 dot products (vdpbf16ps) do 2 per fp32 lane, AMX's tiles 512
+# bf16 and 1024 int8 multiply-adds. Clocks: the family's usual base clock, since a VM hides the real one.
+FAMILIES = {
+    "epyc_avx2": Family("AMD EPYC Zen 2/3 (AVX2), nominal 2.45 GHz", 16, 16, 32, 2.45),
+    "epyc_zen4": Family("AMD EPYC Zen 4 (AVX-512 on 256-bit pipes, VNNI, BF16), nominal 2.4 GHz", 16, 32, 64, 2.4),
+    "epyc_zen5": Family("AMD EPYC Zen 5 (512-bit AVX-512, VNNI, BF16), nominal 2.7 GHz", 32, 64, 128, 2.7),
+    "xeon_avx2": Family("Intel Xeon (AVX2), nominal 2.3 GHz", 16, 16, 32, 2.3),
+    "xeon_avx512": Family("Intel Xeon (AVX-512, no VNNI), nominal 2.5 GHz", 32, 32, 64, 2.5),
+    "xeon_vnni": Family("Intel Xeon (AVX-512 VNNI), nominal 2.5 GHz", 32, 32, 128, 2.5),
+    "xeon_amx": Family("Intel Xeon with AMX (bf16, int8 tiles), nominal 2.0 GHz", 32, 512, 1024, 2.0),
+}
+
+
+def family_of(cpu: Cpu) -> Family | None:
+    """The nominal-peak family from the model name and flags; None for a CPU this table does not know (then
+    `%peak` is n/a rather than a guess)."""
+    has = cpu.features
+    if "EPYC" in cpu.model:
+        if has["avx512"]:
+            return FAMILIES["epyc_zen5" if "avx512_vp2intersect" in cpu.flags else "epyc_zen4"]
+        return FAMILIES["epyc_avx2"] if has["avx2"] else None
+    if "Xeon" in cpu.model:
+        if has["amx"]:
+            return FAMILIES["xeon_amx"]
+        if has["avx512"]:
+            return FAMILIES["xeon_vnni" if has["vnni"] else "xeon_avx512"]
+        return FAMILIES["xeon_avx2"] if has["avx2"] else None
+    return None
+
+
+def peak_seconds(shape: Shape, lengths: list[int], family: Family, precision: str, cores: int) -> float:
+    """The least time the multiply-adds of sequences of `lengths` tokens take at the nominal peak of `cores`
+    cores: projections at the precision's rate, the attention scores at the fp32 rate (they stay float)."""
+    projection_rate = family.peak_gmacs(precision, cores) * 1e9
+    float_rate = family.peak_gmacs("fp32", cores) * 1e9
+    total = 0.0
+    for tokens in lengths:
+        projections, attention = macs(shape, tokens)
+        total += projections / projection_rate + attention / float_rate
     return total

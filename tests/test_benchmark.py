@@ -27,6 +27,7 @@ from fastformers.instances import (
     layouts_filling,
     physical_cores,
     plan_layout,
+    pss_mb,
     serve,
     usable_cores,
 )
@@ -117,6 +118,13 @@ def test_two_pinned_instances_return_what_one_returns_in_the_same_order(graph_an
     assert [len(r.passes) for r in two.results] == [2, 2] and len(two.pass_seconds) == 2
     assert len(two.latencies) == 4  # two batch-size-1 calls per instance
     assert two.peak_rss_mb > one.peak_rss_mb > 0  # every instance holds its own copy of the model
+    assert 0 < one.peak_pss_mb <= one.peak_rss_mb  # a share of the pages it shares with the parent
+    assert two.peak_pss_mb < two.peak_rss_mb  # pages the two share count once, not twice
+
+
+def test_pss_is_read_for_a_live_process_and_none_for_a_gone_one():
+    assert pss_mb(os.getpid()) > 0
+    assert pss_mb(2**22 + 7) is None  # above the kernel's default pid_max
 
 
 def test_fixed_padding_changes_the_shapes_not_the_outputs(graph_and_data):
@@ -224,7 +232,7 @@ def test_benchmark_stage_measures_every_setting_with_its_accuracy(make_cfg):
         assert m["wall_seconds_min"] <= m["wall_seconds"] <= m["wall_seconds_max"]
         assert m["latency_p50_ms"] <= m["latency_p90_ms"] <= m["latency_p99_ms"]
         assert 0 <= m["accuracy"] <= 1 and 0 <= m["f1"] <= 1 and m["energy_estimated"] == 1.0
-        assert m["energy_joules"] > 0 and m["usd_per_100m_queries"] > 0 and m["peak_rss_mb"] > 0
+        assert m["energy_joules"] > 0 and m["usd_per_100m_queries"] > 0 and m["peak_pss_mb"] > 0
     assert results["benchmark/baseline/speedup"] == 1.0 and results["benchmark/baseline/fixed_padding"] == 1.0
     assert results["benchmark/dynamic_length/agreement_with_baseline"] == 1.0
     assert results["benchmark/onnx_fp32/accuracy"] == results["benchmark/baseline/accuracy"]
@@ -315,7 +323,7 @@ def rows_for_pick(**rows: tuple[float, float, float | None, bool]) -> list[dict]
     """name -> (throughput, peak MB, gate_passed or None for ungated, candidate)."""
     made = []
     for name, (throughput, peak, passed, candidate) in rows.items():
-        metrics = {"throughput": throughput, "peak_rss_mb": peak}
+        metrics = {"throughput": throughput, "peak_pss_mb": peak}
         if passed is not None:
             metrics["gate_passed"] = passed
         made.append({"name": name, "candidate": candidate, "skipped": None, "metrics": metrics})
@@ -605,3 +613,50 @@ def test_a_profiler_crash_keeps_the_timings_written_before_it_and_the_stage_succ
     assert report["profile_errors"] == {"onnx_fp32": "RuntimeError: profiler trace unreadable"}
     assert report["rows"][0]["metrics"] == before["rows"][0]["metrics"] and "profile" not in report["rows"][0]
     assert "profile of onnx_fp32 failed (RuntimeError: profiler trace unreadable)" in (folder / "table.txt").read_text()
+
+
+def test_the_paper_baseline_shape_is_timed_beside_the_rows_and_every_row_gets_its_speed_up_over_it(make_cfg):
+    """A tiny stand-in for BERT-base (the shape is configurable), randomly initialised, fixed padding: it is a row
+    of the table with its label, never scored, and the CPU's features are in the header and the run's tags."""
+    cfg = make_cfg(
+        "stages=[finetune,benchmark]",
+        "benchmark.repeats=1",
+        "benchmark.latency_examples=0",
+        "benchmark.settings=[${benchmark.baseline}]",
+        "benchmark.paper_baseline.enabled=true",
+        "benchmark.paper_baseline.examples=3",
+        "benchmark.paper_baseline.max_length=40",
+        "benchmark.paper_baseline.shape={layers: 1, hidden: 32, heads: 2, ffn: 64}",
+    )
+    results = pipeline.run(cfg)
+
+    paper = {k.split("/", 2)[2]: v for k, v in results.items() if k.startswith("benchmark/paper_baseline/")}
+    assert paper["examples"] == 3 and paper["throughput"] > 0 and "accuracy" not in paper
+    assert paper["gmacs_per_example"] * 1e9 == pytest.approx(40 * 32 * (4 * 32 + 2 * 64) + 2 * 40 * 40 * 32)
+    assert paper["vs_paper"] == 1.0
+    assert results["benchmark/baseline/vs_paper"] == pytest.approx(
+        results["benchmark/baseline/throughput"] / paper["throughput"]
+    )
+    assert results["benchmark/baseline/gmacs_per_example"] > 0
+    _, (run,) = mlflow_runs(cfg)
+    assert {"cpu.model", "cpu.avx2", "cpu.avx512", "cpu.vnni", "cpu.amx", "cpu.bf16"} <= set(run.data.tags)
+    assert run.data.tags["cpu.avx2"] in ("true", "false")
+    table = open(f"{run.data.tags['cache.benchmark.path']}/table.txt").read()
+    row = next(line for line in table.splitlines() if line.startswith("paper_baseline "))
+    assert "<- the paper's baseline shape, randomly initialised" in row
+    assert "speed-up over the paper's baseline shape, measured here: baseline" in table and "233.9x" in table
+    assert "GMAC/ex" in table and "%peak" in table and "nominal peak:" in table
+    assert ("-AVX2" in table) != (run.data.tags["cpu.avx2"] == "true")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("benchmark.paper_baseline.examples=0", r"benchmark.paper_baseline.examples=0 must be"),
+        ("benchmark.paper_baseline.shape.hidden=30", r"hidden=30 is not a multiple of heads=12"),
+        ("+benchmark.paper_baseline.shape.depth=3", r"benchmark.paper_baseline.shape: unknown key 'depth'"),
+    ],
+)
+def test_a_bad_paper_baseline_fails_before_any_work(make_cfg, override, message):
+    with pytest.raises(FastformersError, match=message):
+        pipeline.run(make_cfg("stages=[finetune,benchmark]", "benchmark.paper_baseline.enabled=true", override))

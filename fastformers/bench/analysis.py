@@ -20,8 +20,8 @@ from fastformers.bench.settings import Setting
 from fastformers.data import EncodedDataset
 from fastformers.energy import EnergyMeter
 from fastformers.errors import FastformersError
-from fastformers.instances import Layout, Served
-from fastformers.roofline import Peaks, Shape, bound_seconds, flops
+from fastformers.instances import Layout, Served, Work
+from fastformers.roofline import Family, Peaks, Shape, bound_seconds, flops, macs, peak_seconds
 from fastformers.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,8 @@ def summarize(setting: Setting, served: Served, examples, task: Task, cfg: DictC
         "throughput": count / wall,
         "throughput_lo": count / max(seconds),  # the slowest and fastest pass: two rows whose ranges overlap
         "throughput_hi": count / min(seconds),  # are not measurably different
-        "peak_rss_mb": served.peak_rss_mb,
+        "peak_rss_mb": served.peak_rss_mb,  # each instance's VmHWM, summed: shared pages once per instance
+        "peak_pss_mb": served.peak_pss_mb,  # the layout's memory: shared pages counted once
         "instances": setting.layout.instances,
         "threads_per_instance": setting.layout.threads,
         "fixed_padding": float(setting.padding == "fixed"),
@@ -210,9 +211,9 @@ def gate_reason(verdict: dict, opts: DictConfig) -> str:
 
 
 def apply_memory_budget(rows: list[dict], budget_mb: float) -> None:
-    """Marks every row whose peak memory (all its instances together) exceeds the budget."""
+    """Marks every row whose peak memory (the PSS of all its instances together) exceeds the budget."""
     for row in timed(rows):
-        row["metrics"]["within_memory"] = float(row["metrics"]["peak_rss_mb"] <= budget_mb)
+        row["metrics"]["within_memory"] = float(row["metrics"]["peak_pss_mb"] <= budget_mb)
 
 
 @dataclass(frozen=True)
@@ -302,3 +303,25 @@ def roofline_metrics(shape: Shape, dataset: EncodedDataset, peaks: Peaks, quanti
         "bound_seconds": bound,
         "pct_of_bound": 100 * bound / wall,
     }
+
+
+def executed_lengths(work: list[Work]) -> list[int]:
+    """The token count of every sequence a timed pass runs, padding included (what the engine multiplies)."""
+    lengths = []
+    for share in work:
+        for batch in share.batches:
+            rows, tokens = np.shape(batch.inputs["input_ids"])
+            lengths += [int(tokens)] * int(rows)
+    return lengths
+
+
+def work_metrics(
+    shape: Shape, executed: list[int], examples: int, precision: str, cores: int, family: Family | None, wall: float
+) -> dict:
+    """Multiply-adds per example the row ran, and `%peak`: their least time at the nominal peak of the row's
+    cores over the measured time (absent for a CPU family the peak table does not know). A speed-up over the
+    baseline is then the work removed (baseline's GMAC/ex / row's) times the efficiency gained (their MAC/s)."""
+    metrics = {"gmacs_per_example": sum(sum(macs(shape, tokens)) for tokens in executed) / examples / 1e9}
+    if family is not None:
+        metrics["pct_of_peak"] = 100 * peak_seconds(shape, executed, family, precision, cores) / wall
+    return metrics

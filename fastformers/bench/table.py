@@ -5,33 +5,42 @@ from __future__ import annotations
 
 import os
 import platform
-from pathlib import Path
 
 from omegaconf import DictConfig
 
+from fastformers.bench import paper
 from fastformers.bench.analysis import row_named
 from fastformers.bench.gate import margin_label
 from fastformers.cache import library_versions
 from fastformers.instances import usable_cores
+from fastformers.roofline import family_of, this_cpu
 
 
 def machine() -> dict:
-    """The CPU model and library versions: a timing holds only beside others taken on the same machine."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """The CPU model, its features (AVX2, AVX-512, VNNI, AMX, bf16), its nominal-peak family and library
+    versions: a timing holds only beside others taken on the same machine."""
+    cpu = this_cpu()
+    family = family_of(cpu)
     versions = library_versions()  # from package metadata: nothing imported just to read a version
     return {
-        "cpu": cpu,
+        "cpu": cpu.model if cpu.flags else platform.processor() or platform.machine(),
+        "cpu_features": cpu.features,
+        "cpu_feature_label": cpu.feature_label(),
+        "peak_family": family.name if family else None,
         "logical_cpus": os.cpu_count(),
         "usable_physical_cores": len(usable_cores()),
         "python": platform.python_version(),
     } | versions
+
+
+def peak_line(family: str | None) -> str:
+    return (
+        f"nominal peak: {family} (vector width x FMA ports x nominal clock; a VM hides the real clock); "
+        "GMAC/ex: the multiply-adds each example ran (the model's real shape, the row's token counts, padding "
+        "included); %peak = their least time at the nominal peak of the row's cores / measured time"
+        if family
+        else "nominal peak: n/a (a CPU family the peak table does not know); GMAC/ex: multiply-adds run per example"
+    )
 
 
 def padding_label(row: dict) -> str:
@@ -48,21 +57,24 @@ def format_table(report: dict, cfg: DictConfig) -> str:
         f"{opts.repeats} timed passes in interleaved rounds (seeded shuffled order, every row warmed on every shape "
         f"first); latency at batch 1 over {min(opts.latency_examples, report['examples'])} examples in every round; "
         f"max_seq_length {cfg.task.max_seq_length}",
-        f"machine: {report['machine']['cpu']}, {report['machine']['usable_physical_cores']} usable cores; "
-        f"energy: {report['energy_method']}{estimate}",
+        f"machine: {report['machine']['cpu']} ({report['machine']['cpu_feature_label']}), "
+        f"{report['machine']['usable_physical_cores']} usable cores; energy: {report['energy_method']}{estimate}",
+        peak_line(report["machine"].get("peak_family")),
     ]
     if report.get("peaks"):
         lines.append(
-            f"roofline: sustained GEMM {report['peaks']['fp32_gflops']:.0f} GFLOP/s fp32, "
-            f"{report['peaks']['int8_gops']:.0f} GOP/s int8 (onnxruntime, all cores); %bound = least time "
-            "of the useful FLOPs at those rates / measured time (bf16 rows held to the fp32 rate)"
+            f"measured-GEMM bound: sustained {report['peaks']['fp32_gflops']:.0f} GFLOP/s fp32, "
+            f"{report['peaks']['int8_gops']:.0f} GOP/s int8 (onnxruntime's kernels, all cores); %bound = least "
+            "time of the useful multiply-adds (real tokens) at those rates / measured time (bf16 rows held to the "
+            "fp32 rate; an engine with faster kernels than onnxruntime's exceeds 100%)"
         )
     has_ref = bool(report.get("reference"))
     reference = f"{'vs ref':>7} " if has_ref else ""
     header = (
         f"{'setting':<26} {'model':<7} {'engine/precision':<22} {'padding':<8} {'layout':<6} {'ex/s':>8} "
         f"{'ex/s range':>15} "
-        f"{'speed-up':>8} {reference}{'e2e ex/s':>8} {'spread':>6} {'%bound':>6} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'speed-up':>8} {reference}{'e2e ex/s':>8} {'spread':>6} {'GMAC/ex':>8} {'%peak':>6} {'%bound':>6} "
+        f"{'p50 ms':>7} {'p99 ms':>7} "
         f"{'peak MB':>8} {'J/ex':>6} {'$/100M':>8} " + " ".join(f"{k:>9}" for k in task_keys) + f" {'agree':>6}"
     )
     lines += [header, "-" * len(header)]
@@ -76,7 +88,7 @@ def format_table(report: dict, cfg: DictConfig) -> str:
             continue
         m = row["metrics"]
         spread = (m["wall_seconds_max"] - m["wall_seconds_min"]) / m["wall_seconds"]
-        flags = []
+        flags = [f"<- {row['label']}"] if row.get("label") else []
         if row["name"] == report.get("reference"):
             flags.append("<- reference")
         if row["name"] == report.get("pick"):
@@ -89,17 +101,20 @@ def format_table(report: dict, cfg: DictConfig) -> str:
             head
             + f"{m['throughput']:>8.2f} {m['throughput_lo']:>7.2f}-{m['throughput_hi']:<7.2f} {m['speedup']:>7.2f}x "
             + (f"{m['vs_reference']:>6.2f}x " if has_ref else "")
-            + f"{_fmt(m.get('e2e_throughput'), 8, 2)} {spread:>6.0%} "
-            f"{_fmt(m.get('pct_of_bound'), 6, 1)} {_fmt(m.get('latency_p50_ms'), 7, 1)} "
-            f"{_fmt(m.get('latency_p99_ms'), 7, 1)} {m['peak_rss_mb']:>8.0f} {_fmt(m.get('joules_per_example'), 6, 2)} "
+            + f"{_fmt(m.get('e2e_throughput'), 8, 2)} {spread:>6.0%} {_fmt(m.get('gmacs_per_example'), 8, 3)} "
+            f"{_fmt(m.get('pct_of_peak'), 6, 1)} {_fmt(m.get('pct_of_bound'), 6, 1)} "
+            f"{_fmt(m.get('latency_p50_ms'), 7, 1)} "
+            f"{_fmt(m.get('latency_p99_ms'), 7, 1)} {m['peak_pss_mb']:>8.0f} {_fmt(m.get('joules_per_example'), 6, 2)} "
             f"{_fmt(m.get('usd_per_100m_queries'), 8, 2)} "
-            + " ".join(f"{m[k]:>9.4f}" for k in task_keys)
-            + f" {m['agreement']:>6.1%}"
+            + " ".join(_fmt(m.get(k), 9, 4) for k in task_keys)
+            + (f" {m['agreement']:>6.1%}" if "agreement" in m else f" {'-':>6}")
             + ("  " + ", ".join(flags) if flags else "")
         )
     agree = report.get("agreement_reference") or rows[0]["name"]
     lines.append(
-        f"speed-up: median wall time of {rows[0]['name']} / this row's; e2e: with tokenizing from text; "
+        f"speed-up: median wall time of {rows[0]['name']} / this row's; e2e: with tokenizing from text (ESTIMATE: "
+        "tokenizing timed serially in this process, divided by the instances); peak MB: the largest sum of the "
+        "instances' PSS sampled during the passes (shared pages counted once); "
         f"spread: (slowest - fastest pass) / median; ex/s range: slowest to fastest pass (rows whose ranges "
         f"overlap are not measurably different); agree: predictions equal to {agree}'s"
     )
@@ -115,6 +130,7 @@ def format_table(report: dict, cfg: DictConfig) -> str:
         )
     elif report.get("candidates"):
         lines.append("pick: none (no candidate passed the accuracy gate within the memory budget)")
+    lines += paper.summary_lines(report, cfg)
     lines += gate_lines(report, cfg)
     lines += profile_lines(rows)
     return "\n".join(lines)

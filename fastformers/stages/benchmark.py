@@ -10,13 +10,14 @@ import dataclasses
 import json
 import logging
 import random
+import tempfile
 from pathlib import Path
 
 import mlflow
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoTokenizer
 
-from fastformers.bench import analysis, table
+from fastformers.bench import analysis, paper, table
 from fastformers.bench import settings as plan
 from fastformers.bench.timing import measure_interleaved
 from fastformers.bench.workload import deal, instance_work, make_batches
@@ -26,7 +27,7 @@ from fastformers.energy import choose_meter
 from fastformers.engines import PICK, artifact_path, get_engine
 from fastformers.errors import FastformersError
 from fastformers.instances import Backend, Instances, Work, usable_cores
-from fastformers.roofline import Shape, measure_peaks
+from fastformers.roofline import Shape, family_of, measure_peaks, this_cpu
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ def validate(cfg: DictConfig) -> None:
     require_number(cfg, "benchmark.max_memory_mb", 0, lo_open=True, null="twice the reference row's peak")
     require_number(cfg, "benchmark.roofline_seconds", 0, meaning="0 = skip")
     validate_gate(cfg)
+    paper.validate(cfg)
     for key in ("usd_per_hour", "tdp_watts"):
         require_number(cfg, f"hardware.{key}", 0, lo_open=True, null="not reported")
     parse_split(opts.split)
@@ -92,6 +94,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         else None
     )
     order_log: list[list[str]] = []
+    executed: dict[str, list[int]] = {}  # every row's token counts per sequence, padding included
 
     def starter(setting: plan.Setting):
         def start() -> Instances:
@@ -103,19 +106,23 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
                 setting.layout.label,
             )
             work = instance_work(cfg, setting, datasets[setting.model], tokenizers[setting.model])
+            executed[setting.name] = analysis.executed_lengths(work)
             return Instances(
                 backend_of(cfg, setting, inputs), setting.layout, work, analysis.meter_for(meter, setting.layout)
             )
 
         return start
 
-    served = measure_interleaved(
-        [starter(setting) for setting in timed],
-        opts.repeats,
-        lambda order: order_log.append([timed[i].name for i in order]),
-        opts.gate.seed,
-    )
+    starters, names = [starter(setting) for setting in timed], [setting.name for setting in timed]
+    with tempfile.TemporaryDirectory(prefix="fastformers-paper-") as scratch:  # the paper row's random weights
+        paper_sample, paper_start = paper_starter(cfg, task, examples, inputs, Path(scratch), meter)
+        if paper_start:
+            starters, names = [*starters, paper_start], [*names, paper.NAME]
+        served = measure_interleaved(
+            starters, opts.repeats, lambda order: order_log.append([names[i] for i in order]), opts.gate.seed
+        )
     measured = dict(zip([setting.name for setting in timed], served))
+    family = family_of(this_cpu())
     rows = []
     for setting in settings:
         if setting.skipped:
@@ -124,6 +131,15 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         row = analysis.summarize(setting, measured[setting.name], examples, task, cfg, meter)
         wall = row["metrics"]["wall_seconds"]
         row["metrics"] |= analysis.end_to_end(examples, tokenizers[setting.model], setting, cfg, wall)
+        row["metrics"] |= analysis.work_metrics(
+            shapes[setting.model],
+            executed[setting.name],
+            len(examples),
+            setting.precision,
+            setting.layout.instances * setting.layout.threads,
+            None if on_gpu(setting) else family,
+            wall,
+        )
         if peaks:
             row["metrics"] |= analysis.roofline_metrics(
                 shapes[setting.model], datasets[setting.model], peaks, setting.precision.startswith("int8"), wall
@@ -131,6 +147,9 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         rows.append(row)
     pools = gate_pool_predictions(cfg, task, rows, settings, tokenizers, inputs, meter)
     report = analyse(cfg, rows, analysis.labelled_sample(task, examples), pools)
+    if paper_start:
+        rows.append(paper_result(cfg, task, paper_sample, served[-1], family, meter))
+        paper.finish_row(rows[-1], rows[:-1], report["reference"])
     report |= {
         "task": task.name,
         "split": opts.split,
@@ -158,6 +177,52 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
     return metrics_of(report)
 
 
+def on_gpu(setting: plan.Setting) -> bool:
+    """A row that runs on a CUDA GPU (fp16, torch's bf16, or device: cuda): no CPU peak applies to it."""
+    cuda = dict(setting.options).get("device") == "cuda"
+    return setting.precision == "fp16" or (setting.engine == "torch" and (setting.precision != "fp32" or cuda))
+
+
+def paper_starter(cfg: DictConfig, task, examples, inputs: dict[str, Path], scratch: Path, meter):
+    """With `benchmark.paper_baseline.enabled`: the paper-shape baseline's model (random weights, saved under
+    `scratch`), its first examples encoded at its fixed length with the run's tokenizer, and a starter for its
+    instance, as (those examples, starter); else ([], None)."""
+    opts = cfg.benchmark.paper_baseline
+    if not opts.enabled:
+        return [], None
+    tokenizer = AutoTokenizer.from_pretrained(str(model_folder("latest", inputs)))
+    folder = paper.save_model(cfg, tokenizer, task.num_labels, scratch)
+    sample = examples[: opts.examples]
+    dataset = EncodedDataset(sample, tokenizer, opts.max_length)
+    setting = paper.setting(cfg)
+    conf = dict(OmegaConf.to_container(cfg.engines.torch, resolve=True))  # type: ignore[arg-type]
+    backend = Backend("torch", tuple(conf.items()), str(folder))
+
+    def start() -> Instances:
+        log.info("benchmark: loading %s (%s)", setting.name, paper.LABEL)
+        return Instances(
+            backend, setting.layout, paper.work(cfg, dataset, tokenizer), analysis.meter_for(meter, setting.layout)
+        )
+
+    return sample, start
+
+
+def paper_result(cfg: DictConfig, task, sample, served, family, meter) -> dict:
+    """The paper row's record: speed, memory and latency like any row, and its multiply-adds at its fixed length."""
+    setting = paper.setting(cfg)
+    row = analysis.summarize(setting, served, sample, task, cfg, meter)
+    row["metrics"] |= analysis.work_metrics(
+        paper.shape_of(cfg),
+        [cfg.benchmark.paper_baseline.max_length] * sum(len(e.pairs) for e in sample),
+        len(sample),
+        "fp32",
+        setting.layout.instances * setting.layout.threads,
+        family,
+        row["metrics"]["wall_seconds"],
+    )
+    return row
+
+
 def analyse(cfg: DictConfig, rows: list[dict], sample=None, pools: dict[str, list[int]] | None = None) -> dict:
     """Ratios, the gate, the memory budget and the pick, in that order (each reads the one before). `sample`
     (the labelled units) and `pools` (the judged rows' pool predictions) feed the gate."""
@@ -169,7 +234,7 @@ def analyse(cfg: DictConfig, rows: list[dict], sample=None, pools: dict[str, lis
     failed = analysis.apply_gate(rows, opts.gate, sample, pools or {}) if any(row["gated"] for row in rows) else []
     budget = opts.max_memory_mb
     if budget is None and reference:
-        budget = 2 * reference["metrics"]["peak_rss_mb"]
+        budget = 2 * reference["metrics"]["peak_pss_mb"]
     if budget is not None:
         analysis.apply_memory_budget(rows, budget)
     candidates = mark_candidates(rows, gate_reference)
@@ -337,7 +402,7 @@ def log_pick(report: dict) -> None:
     """The pick as MLflow tags (engine, precision, padding, layout) beside the machine it was made on."""
     if not mlflow.active_run():
         return
-    tags = {
+    tags = cpu_tags(report["machine"]) | {
         "benchmark.energy_method": report["energy_method"],
         "benchmark.cpu": report["machine"]["cpu"],
         "benchmark.pick": report["pick"] or "",
@@ -352,6 +417,14 @@ def log_pick(report: dict) -> None:
             "pick.padding": table.padding_label(row),
         }
     mlflow.set_tags(tags)
+
+
+def cpu_tags(machine: dict) -> dict[str, str]:
+    """`cpu.model` and one `cpu.<feature>` tag per feature that decides which kernels run (true/false), so runs
+    can be filtered by what their machine offers."""
+    return {"cpu.model": machine["cpu"]} | {
+        f"cpu.{name}": str(has).lower() for name, has in machine["cpu_features"].items()
+    }
 
 
 def metrics_of(report: dict) -> dict[str, float]:
@@ -373,6 +446,7 @@ def metrics_of(report: dict) -> dict[str, float]:
             "score",
             "agreement",
             "peak_rss_mb",
+            "peak_pss_mb",
             "latency_p50_ms",
             "instances",
             "threads_per_instance",
