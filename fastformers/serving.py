@@ -24,14 +24,20 @@ from omegaconf import DictConfig, OmegaConf
 from packaging.version import Version
 
 from fastformers.checks import require_number
+from fastformers.data import make_loader  # imported with the model, not by the first requests (torch: seconds)
 from fastformers.engines import PICK, artifact_path, check_target, get_engine, read_pick, tokenizer_folder
 from fastformers.errors import FastformersError
+from fastformers.models import predict
+from fastformers.tasks import RecordError
 
 ARTIFACT_PATH = "model"
 PACKAGE = Path(__file__).resolve().parent  # the fastformers package, shipped with the model as its code
 # what the served code imports (the package's own dependencies that serving reaches), by distribution name;
 # the engine's package is added per model
-RUNTIME_REQUIREMENTS = ("transformers", "tokenizers", "torch", "numpy", "pandas", "omegaconf", "packaging")
+RUNTIME_REQUIREMENTS = (
+    *("transformers", "tokenizers", "safetensors", "torch", "lightning"),  # models.py, data.py
+    *("numpy", "pandas", "scikit-learn", "omegaconf", "packaging"),  # engines, requests, metrics.py, config
+)
 ENGINE_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
 
 
@@ -62,10 +68,6 @@ class EngineTaskModel(PythonModel):
     def predict(
         self, context, model_input: list[dict[str, Any]], params: dict[str, Any] | None = None
     ) -> list[dict[str, Any]]:
-        from fastformers.data import make_loader
-        from fastformers.models import predict
-        from fastformers.tasks import RecordError
-
         records = model_input.to_dict(orient="records") if hasattr(model_input, "to_dict") else list(model_input)
         if self.max_records and len(records) > self.max_records:
             raise MlflowException(

@@ -29,6 +29,7 @@ import numpy as np
 import psutil
 
 HOST = "127.0.0.1"  # the only address this script ever sends to
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per download otherwise
 START_SECONDS = 180.0  # a cold server imports torch, transformers and the engine before it answers /ping
 
 
