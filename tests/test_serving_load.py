@@ -16,8 +16,8 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from fastformers import pipeline
-from fastformers.engines import ExportContext, get_engine
-from fastformers.engines.openvino_engine import OpenVinoEngine
+from fastformers.engines import ExportContext, get_engine, pad_to_bucket
+from fastformers.engines.openvino_engine import CompiledBuckets, OpenVinoEngine
 from fastformers.errors import FastformersError
 from fastformers.onnx.convert import export_onnx
 from fastformers.serving import EngineTaskModel, served_choice, served_requirements
@@ -66,6 +66,21 @@ def test_openvino_answers_concurrent_calls_of_one_bucket_like_single_calls(openv
             together = list(pool.map(infer, inputs))
             wrong = [i for i, (a, b) in enumerate(zip(alone, together)) if not np.allclose(a, b, atol=1e-5)]
             assert not wrong, f"{len(wrong)} of {INPUTS} concurrent calls got another input's logits"
+
+
+def test_concurrent_calls_of_a_new_shape_compile_it_once(openvino_ir):
+    compiled = CompiledBuckets(openvino_ir, "fp32", 1, {"max_compiled": 4}, static=True)
+    core, calls = compiled.core, []
+
+    def counted(*args):
+        calls.append(args)
+        return core.compile_model(*args)
+
+    compiled.core = SimpleNamespace(compile_model=counted)
+    inputs = [pad_to_bucket(x, BUCKET) for x in one_bucket_inputs(THREADS)]  # one shape: (1, 16)
+    with ThreadPoolExecutor(THREADS) as pool:
+        list(pool.map(compiled.infer, inputs))
+    assert len(calls) == 1 and list(compiled.compiled) == [(1, BUCKET)]
 
 
 def test_openvino_profile_still_reads_the_requests_counters(openvino_ir, tmp_path):

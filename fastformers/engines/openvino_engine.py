@@ -9,7 +9,8 @@ source weights are read once and every bucket is a clone of that model (clones s
 
 Safe under concurrent calls (MLflow's scoring server calls `predict` from several threads): an `InferRequest`
 owns its input and output tensors, so each call takes an idle request of its compiled model (or makes one)
-and gives it back after copying the logits out; the map of compiled models is guarded by a lock."""
+and gives it back after copying the logits out; the map of compiled models is guarded by a lock, and a shape
+is compiled once (calls of that shape wait for it, calls of other shapes do not)."""
 
 from __future__ import annotations
 
@@ -197,25 +198,39 @@ class CompiledBuckets:
             self.config["PERF_COUNT"] = "YES"
         self.static, self.limit = static, compiled_limit(settings.get("max_compiled"))
         self.compiled: OrderedDict[tuple, CompiledModel] = OrderedDict()
-        self.lock = threading.Lock()  # guards `compiled`: a shape is compiled once however many calls ask for it
+        self.lock = threading.Lock()  # guards `compiled` and `compiling`
+        self.compiling: dict[tuple, threading.Lock] = {}  # a lock per shape being compiled: one compile each
         self.path = Path(path)
 
     def for_shape(self, shape: tuple[int, int]) -> CompiledModel:
-        """The compiled model of `shape`, compiled on first use (under the lock, so calls of other shapes wait
-        for it: compiling is rare once the buckets are warm)."""
+        """The compiled model of `shape`, compiled on first use: once however many calls ask for it at once,
+        while calls of shapes already compiled go on."""
         key = shape if self.static else ()
         with self.lock:
             if key in self.compiled:
                 self.compiled.move_to_end(key)
                 return self.compiled[key]
-            model = self.model
-            if self.static:
-                model = self.model.clone()
-                model.reshape({name: list(shape) for name in self.input_names})
-            found = self.compiled[key] = CompiledModel(self.core.compile_model(model, "CPU", self.config))
-            if self.limit and len(self.compiled) > self.limit:
-                self.compiled.popitem(last=False)  # a call still running on it keeps it alive until it returns
+            pending = self.compiling.setdefault(key, threading.Lock())
+        with pending:
+            with self.lock:
+                if key in self.compiled:  # compiled by the call this one waited for
+                    return self.compiled[key]
+            found = CompiledModel(self.core.compile_model(self.shaped(shape), "CPU", self.config))
+            with self.lock:
+                self.compiled[key] = found
+                self.compiling.pop(key, None)
+                if self.limit and len(self.compiled) > self.limit:
+                    self.compiled.popitem(last=False)  # a call still running on it keeps it alive until it returns
             return found
+
+    def shaped(self, shape: tuple[int, int]):
+        """The model to compile: the source one (dynamic shapes), or a clone reshaped to `shape` (clones share
+        the constants)."""
+        if not self.static:
+            return self.model
+        model = self.model.clone()
+        model.reshape({name: list(shape) for name in self.input_names})
+        return model
 
     def run(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, Any]:
         """The logits and the infer request that computed them (for its profiling info)."""
