@@ -674,7 +674,7 @@ def served_openvino_under_load(battery: Battery, row: Row, cwd: Path) -> None:
         conclude(row, problems or ["no run logged an OpenVINO served model"])
         return
     records = load_test.official_records("cb", battery.fixtures, "val")
-    load = load_test.run(f"sqlite:///{out / 'mlflow.db'}", runs[0].info.run_id, records, clients=8, requests=48)
+    (load,) = load_test.run(f"sqlite:///{out / 'mlflow.db'}", runs[0].info.run_id, records, clients=8, requests=48)
     row.error = load.first_problem
     row.notes.append(load.summary())
     wrong = load.total - load.equal
