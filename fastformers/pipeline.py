@@ -56,6 +56,7 @@ def validate(cfg: DictConfig) -> list:
     if not cfg.stages:
         raise FastformersError("stages is empty: name at least one, e.g. stages=[finetune,evaluate]")
     require_distinct(list(cfg.stages), "stages")
+    serving.validate(cfg)
     start_from_given_teacher(cfg)
     stages: list = []
     provided: set[str] = set()

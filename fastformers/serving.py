@@ -4,23 +4,41 @@ benchmark's pick when the run made one (engine, precision, bucket), else the run
 Requests carry records in the task's official jsonl shape (e.g. CB: premise, hypothesis, idx); answers are
 the leaderboard's submission rows (idx and label), so a served model and a submission file read alike. A task on
 your own files (task=text_classification) takes rows with its text field(s) and answers with the label's name.
+
+The model ships its own code (the fastformers package, as MLflow `code_paths`) and pins the libraries it runs
+on, so a server built elsewhere (`--env-manager virtualenv`, `mlflow models build-docker`) runs this code, never
+the unrelated `fastformers` project of the package registry. Serving limits and the load test: docs/serving.md.
 """
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import transformers
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from omegaconf import DictConfig, OmegaConf
+from packaging.version import Version
 
-from fastformers.engines import PICK, artifact_path, get_engine, read_pick, tokenizer_folder
+from fastformers.checks import require_number
+from fastformers.data import make_loader  # imported with the model, not by the first requests (torch: seconds)
+from fastformers.engines import PICK, artifact_path, check_target, get_engine, read_pick, tokenizer_folder
+from fastformers.errors import FastformersError
+from fastformers.models import predict
+from fastformers.tasks import RecordError
 
 ARTIFACT_PATH = "model"
+PACKAGE = Path(__file__).resolve().parent  # the fastformers package, shipped with the model as its code
+# what the served code imports (the package's own dependencies that serving reaches), by distribution name;
+# the engine's package is added per model
+RUNTIME_REQUIREMENTS = (
+    *("transformers", "tokenizers", "safetensors", "torch", "lightning"),  # models.py, data.py
+    *("numpy", "pandas", "scikit-learn", "omegaconf", "packaging"),  # engines, requests, metrics.py, config
+)
+ENGINE_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
 
 
 class EngineTaskModel(PythonModel):
@@ -38,6 +56,7 @@ class EngineTaskModel(PythonModel):
         self.task = text_classification.build(dict(spec), with_files=False) if spec else get_task(config["task"])
         self.shape = f"as rows with the field {spec['text_field']}" if spec else "in the official jsonl shape"
         self.max_length = int(config["max_seq_length"])
+        self.max_records = config.get("max_records")  # None in a model logged before the limit existed
         engine = get_engine(config["engine"], {config["engine"]: config["engine_conf"]})
         self.model = EngineModel(
             engine.open(
@@ -49,11 +68,13 @@ class EngineTaskModel(PythonModel):
     def predict(
         self, context, model_input: list[dict[str, Any]], params: dict[str, Any] | None = None
     ) -> list[dict[str, Any]]:
-        from fastformers.data import make_loader
-        from fastformers.models import predict
-        from fastformers.tasks import RecordError
-
         records = model_input.to_dict(orient="records") if hasattr(model_input, "to_dict") else list(model_input)
+        if self.max_records and len(records) > self.max_records:
+            raise MlflowException(
+                f"{len(records)} records in one request; this model takes at most serve.max_records="
+                f"{self.max_records} (split the request)",
+                error_code=INVALID_PARAMETER_VALUE,
+            )
         examples = []
         for number, record in enumerate(records):
             try:
@@ -75,11 +96,48 @@ def _is_nan(value) -> bool:
 
 
 def served_choice(cfg: DictConfig, pick_folder: Path | None) -> dict:
-    """The benchmark's pick if it chose an exported artifact, else the run's precision on onnxruntime."""
+    """`serve.engine` when set (with `serve.precision`, else the run's, and `serve.bucket`), else the
+    benchmark's pick if it chose an exported artifact, else the run's precision on onnxruntime."""
+    forced = cfg.serve.engine
+    if forced:
+        return forced_choice(cfg, str(forced))
     pick = read_pick(pick_folder) if pick_folder and (pick_folder / PICK).is_file() else None
     if pick and pick["engine"] != "torch":
         return {k: pick[k] for k in ("engine", "precision", "bucket", "options")}
     return {"engine": "onnxruntime", "precision": cfg.precision.name, "bucket": None, "options": {}}
+
+
+def validate(cfg: DictConfig) -> None:
+    """The `serve` settings, checked with the rest of the config: before the stages, not after them."""
+    if not cfg.mlflow.serve_model:
+        return
+    require_number(cfg, "serve.max_records", 1, integer=True, null="no limit", meaning="records per request")
+    require_number(cfg, "serve.bucket", 1, integer=True, null="dynamic shapes")
+    if cfg.serve.engine:
+        forced_choice(cfg, str(cfg.serve.engine))
+
+
+def forced_choice(cfg: DictConfig, engine_name: str) -> dict:
+    """The served model `serve.engine` names (torch has no exported artifact to serve)."""
+    if engine_name not in ENGINE_PACKAGES:
+        raise FastformersError(
+            f"serve.engine={engine_name!r}: serve one of {sorted(ENGINE_PACKAGES)}, or null for the benchmark's pick"
+        )
+    precision = str(cfg.serve.precision or cfg.precision.name)
+    check_target(get_engine(engine_name, cfg.engines), precision, "serve.precision")
+    return {"engine": engine_name, "precision": precision, "bucket": cfg.serve.bucket, "options": {}}
+
+
+def pinned(distribution: str) -> str:
+    """`name==version` of the installed distribution, without a local label (`torch 2.x+cpu` -> `torch==2.x`):
+    the registry has no local builds, and a local label makes the requirement uninstallable."""
+    return f"{distribution}=={Version(version(distribution)).public}"
+
+
+def served_requirements(engine_name: str) -> list[str]:
+    """The served code's libraries pinned to what this run used; fastformers itself travels as the model's code."""
+    names = [*RUNTIME_REQUIREMENTS, *([ENGINE_PACKAGES[engine_name]] if engine_name in ENGINE_PACKAGES else [])]
+    return [pinned(name) for name in names]
 
 
 def log_served_model(onnx_folder: Path, cfg: DictConfig, pick_folder: Path | None = None) -> dict:
@@ -94,18 +152,16 @@ def log_served_model(onnx_folder: Path, cfg: DictConfig, pick_folder: Path | Non
     artifacts = {"model": str(path), "tokenizer": str(tokenizer_folder(onnx_folder))}
     if path.suffix == ".xml":
         artifacts["weights"] = str(path.with_suffix(".bin"))  # copied beside the .xml, where OpenVINO looks
-    package = {"onnxruntime": "onnxruntime", "openvino": "openvino"}.get(engine.name)
-    requirements = [f"transformers=={transformers.__version__}", "fastformers"]
-    if package:
-        requirements.append(f"{package}=={__import__(package).__version__}")
     mlflow.pyfunc.log_model(
         name=ARTIFACT_PATH,
-        python_model=str(Path(__file__).with_name("served_model.py")),
+        python_model=str(PACKAGE / "served_model.py"),  # models from code: a file path, run when loaded
+        code_paths=[str(PACKAGE)],  # copied to the model's code/fastformers, put first on sys.path when loaded
         artifacts=artifacts,
-        pip_requirements=requirements,
+        pip_requirements=served_requirements(engine.name),
         model_config={
             "task": cfg.task.name,
             "max_seq_length": cfg.task.max_seq_length,
+            "max_records": cfg.serve.max_records,
             "engine_conf": OmegaConf.to_container(cfg.engines[engine.name], resolve=True),
         }
         | task_spec

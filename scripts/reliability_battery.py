@@ -846,6 +846,29 @@ def ddp_while_locked(battery: Battery, row: Row, cwd: Path) -> None:
     conclude(row, problems)
 
 
+def served_openvino_under_load(battery: Battery, row: Row, cwd: Path) -> None:
+    """A quick int8 run serving its OpenVINO IR with 16-token buckets, then scripts/load_test.py's clients against
+    it on 127.0.0.1: every answer must equal the offline prediction of the same request."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import load_test
+
+    out = cwd / "outputs"
+    serving = ["stages=[finetune,export]", "precision=int8", "precision.min_agreement=0.5"]
+    serving += ["precision.calibration_examples=16", "serve.engine=openvino", "serve.bucket=16"]
+    result = battery.cli(*battery.quick(out), *serving, cwd=cwd, timeout=battery.run_timeout)
+    problems = expect_success(row, result, out)
+    runs = [r for r in run_states(out) or [] if r.data.tags.get("served.engine") == "openvino"]
+    if problems or not runs:
+        conclude(row, problems or ["no run logged an OpenVINO served model"])
+        return
+    records = load_test.official_records("cb", battery.fixtures, "val")
+    (load,) = load_test.run(f"sqlite:///{out / 'mlflow.db'}", runs[0].info.run_id, records, clients=8, requests=48)
+    row.error = load.first_problem
+    row.notes.append(load.summary())
+    wrong = load.total - load.equal
+    conclude(row, [f"{wrong} of {load.total} answers differ or failed ({load.errors} errors)"] if wrong else [])
+
+
 # -------------------------------------------------------------------------------------------------------- fuzz
 
 
@@ -937,6 +960,7 @@ CASES = [
     Case("cache_read_error", "processes", cache_read_error, primed=True),
     Case("lock_other_pidns", "processes", lock_from_other_namespace, primed=True),
     Case("ddp_while_locked", "processes", ddp_while_locked),
+    Case("served_openvino_load", "processes", served_openvino_under_load),  # concurrent requests on the served pick
     *(Case(name, "fuzz", fuzz_case(maker)) for name, maker in FUZZ_TASKS.items()),
 ]
 

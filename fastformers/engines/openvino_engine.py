@@ -5,11 +5,18 @@ quantization calibrated on the train split. With a `bucket`, inputs are padded t
 kernels than dynamic ones. Compiled models are made on first use and the least recently used is dropped
 past `max_compiled`: each compiled model repacks the weights for its kernels (measured ~50 MB per bucket
 for MiniLM-L6; OpenVINO has no CPU setting that shares them), so memory grows with the buckets kept. The
-source weights are read once and every bucket is a clone of that model (clones share the constants)."""
+source weights are read once and every bucket is a clone of that model (clones share the constants).
+
+Safe under concurrent calls (MLflow's scoring server calls `predict` from several threads): an `InferRequest`
+owns its input and output tensors, so each call takes an idle request of its compiled model (or makes one)
+and gives it back after copying the logits out; the map of compiled models is guarded by a lock, and a shape
+is compiled once (calls of that shape wait for it, calls of other shapes do not)."""
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -165,18 +172,38 @@ class OpenVinoEngine(Engine):
         wall_ms = 0.0
         for batch in batches:
             started = time.perf_counter()
-            compiled.infer(batch)
+            _, request = compiled.run(batch)
             wall_ms += (time.perf_counter() - started) * 1000
-            assert compiled.last_request is not None
-            for info in compiled.last_request.get_profiling_info():
+            for info in request.get_profiling_info():
                 kind = f"{info.node_type}" + (f"[{info.exec_type}]" if info.exec_type else "")
                 totals[kind] = totals.get(kind, 0.0) + info.real_time.total_seconds() * 1000
         return {"wall_ms": wall_ms, "kernel_ms": dict(sorted(totals.items(), key=lambda item: -item[1]))}
 
 
+class CompiledModel:
+    """One compiled model and its idle infer requests: a request is used by one call at a time, and a pool
+    grows to the number of calls that ran at once (each request holds only its own input/output tensors)."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+        self.idle: queue.SimpleQueue = queue.SimpleQueue()
+
+    def run(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, Any]:
+        """The logits (a copy: the request's output tensor is reused by its next call) and the request run."""
+        try:
+            request = self.idle.get_nowait()
+        except queue.Empty:
+            request = self.compiled.create_infer_request()
+        try:
+            request.infer(feeds)
+            return np.array(request.get_output_tensor(0).data, dtype=np.float32), request
+        finally:
+            self.idle.put(request)
+
+
 class CompiledBuckets:
     """One compiled model (dynamic shapes), or one per static input shape seen, least recently used dropped
-    past `max_compiled`."""
+    past `max_compiled` (null: every shape seen is kept)."""
 
     def __init__(
         self,
@@ -204,29 +231,55 @@ class CompiledBuckets:
             self.config["INFERENCE_NUM_THREADS"] = str(threads)
         if perf_counters:
             self.config["PERF_COUNT"] = "YES"
-        self.static, self.limit = static, settings.get("max_compiled")
-        self.compiled: OrderedDict[tuple, Any] = OrderedDict()
-        self.last_request = None
+        self.static, self.limit = static, compiled_limit(settings.get("max_compiled"))
+        self.compiled: OrderedDict[tuple, CompiledModel] = OrderedDict()
+        self.lock = threading.Lock()  # guards `compiled` and `compiling`
+        self.compiling: dict[tuple, threading.Lock] = {}  # a lock per shape being compiled: one compile each
         self.path = Path(path)
 
-    def request(self, shape: tuple[int, int]):
+    def for_shape(self, shape: tuple[int, int]) -> CompiledModel:
+        """The compiled model of `shape`, compiled on first use: once however many calls ask for it at once,
+        while calls of shapes already compiled go on."""
         key = shape if self.static else ()
-        if key in self.compiled:
-            self.compiled.move_to_end(key)
-            return self.compiled[key]
-        model = self.model
-        if self.static:
-            model = self.model.clone()
-            model.reshape({name: list(shape) for name in self.input_names})
-        request = self.core.compile_model(model, "CPU", self.config).create_infer_request()
-        self.compiled[key] = request
-        if self.limit and len(self.compiled) > self.limit:
-            self.compiled.popitem(last=False)
-        return request
+        with self.lock:
+            if key in self.compiled:
+                self.compiled.move_to_end(key)
+                return self.compiled[key]
+            pending = self.compiling.setdefault(key, threading.Lock())
+        with pending:
+            with self.lock:
+                if key in self.compiled:  # compiled by the call this one waited for
+                    return self.compiled[key]
+            found = CompiledModel(self.core.compile_model(self.shaped(shape), "CPU", self.config))
+            with self.lock:
+                self.compiled[key] = found
+                self.compiling.pop(key, None)
+                if self.limit and len(self.compiled) > self.limit:
+                    self.compiled.popitem(last=False)  # a call still running on it keeps it alive until it returns
+            return found
+
+    def shaped(self, shape: tuple[int, int]):
+        """The model to compile: the source one (dynamic shapes), or a clone reshaped to `shape` (clones share
+        the constants)."""
+        if not self.static:
+            return self.model
+        model = self.model.clone()
+        model.reshape({name: list(shape) for name in self.input_names})
+        return model
+
+    def run(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, Any]:
+        """The logits and the infer request that computed them (for its profiling info)."""
+        feeds = feeds_for(self.input_names, inputs, str(self.path))
+        return self.for_shape(tuple(np.shape(feeds[self.input_names[0]]))).run(feeds)
 
     def infer(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        feeds = feeds_for(self.input_names, inputs, str(self.path))
-        request = self.request(tuple(np.shape(feeds[self.input_names[0]])))
-        request.infer(feeds)
-        self.last_request = request
-        return np.array(request.get_output_tensor(0).data, dtype=np.float32)
+        return self.run(inputs)[0]
+
+
+def compiled_limit(value: Any) -> int | None:
+    """`max_compiled` as a count (None: unbounded), refusing what is not a positive whole number."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FastformersError(f"engines.openvino.max_compiled: {value!r} is not a positive whole number or null")
+    return value
