@@ -14,6 +14,9 @@ KNOWN_NOISE = (  # (category, message regex) of warnings about dependencies' int
     (Warning, r".*The number of training batches \(\d+\) is smaller than the logging interval.*"),
     # DDP: every rank validates on the whole val set (TaskDataModule), so epoch metrics need no syncing
     (Warning, r".*It is recommended to use `self.log\(.*sync_dist=True.*"),
+    # a resumed training's checkpoint folder holds the earlier attempt's files by design (training.resume_point
+    # clears any folder it does not resume from)
+    (Warning, r".*Checkpoint directory .* exists and is not empty.*"),
 )
 
 

@@ -14,11 +14,13 @@ DIR/battery.md. `--only` takes case names and group names (data, config, weights
 
 Expected: every bad input is refused with exit 2 and one `fastformers: error:` line, no traceback and no run left
 RUNNING; the fuzz raises nothing but FastformersError; after kill -9 or SIGTERM (and the next start) no run is left
-RUNNING and no scratch folder is left in the cache (a stopped build is kept as one `.<key>.failed-*` folder, which
-the next build of that entry adopts); a cache entry that cannot be read is refused with exit 2 and kept; a live build
-lock held from another pid namespace is waited for; each concurrent pair on a fresh store ends with both runs
-FINISHED; a tracking server that is down, or whose host does not resolve, is reported in under 3 s (wall time of the
-whole command); a stopped sweep ends with one `fastformers: stopped by SIGTERM:` line.
+RUNNING and no scratch folder is left in the cache (a stopped build is kept as one `.<key>.failed-*` folder, which the
+next build of that entry adopts); a save that fails right after training (a full disk) keeps the trained checkpoints,
+and the same command again resumes from them without training and saves the best epoch; a cache entry that cannot be
+read is refused with exit 2 and kept; a live build lock held from another pid namespace is waited for; each concurrent
+pair on a fresh store ends with both runs FINISHED; a tracking server that is down, or whose host does not resolve, is
+reported in under 3 s (wall time of the whole command); a stopped sweep ends with one `fastformers: stopped by
+SIGTERM:` line.
 """
 
 from __future__ import annotations
@@ -280,10 +282,11 @@ class Battery:
     def command(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "fastformers.cli", *args]
 
-    def cli(self, *args: str, cwd: Path, timeout: float | None = None) -> Result:
+    def cli(self, *args: str, cwd: Path, timeout: float | None = None, script: Path | None = None) -> Result:
+        """`fastformers ARGS`, or `python SCRIPT ARGS` for a case that wraps the CLI to break something inside it."""
         started = time.monotonic()
         job = subprocess.Popen(
-            self.command(*args),
+            self.command(*args) if script is None else [sys.executable, str(script), *args],
             cwd=cwd,
             env=self.env(),
             stdout=subprocess.PIPE,
@@ -608,6 +611,57 @@ def kill9_then_restart(battery: Battery, row: Row, cwd: Path) -> None:
         problems.append(f"expected the killed build kept as 1 failed folder with its checkpoints, found {len(failed)}")
     row.notes.append(f"killed build's checkpoints {checkpoints}, kept in {len(failed)} failed folder")
     conclude(row, problems + lost_after(row, before, out))
+
+
+DISK_FULL = """# the CLI with every model save failing as on a full disk: a failure right after training
+import sys
+import transformers
+from fastformers.cli import entry
+
+def full_disk(*args, **kwargs):
+    raise OSError(28, "No space left on device (the battery's simulated full disk)")
+
+transformers.PreTrainedModel.save_pretrained = full_disk
+sys.argv[0] = "fastformers"
+entry()
+"""
+
+
+def failure_after_training(battery: Battery, row: Row, cwd: Path) -> None:
+    """The model's save fails after training (a full disk): the trained checkpoints are kept in a failed folder;
+    the same command again adopts it, resumes without training again, and saves the best epoch's weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = cwd / "outputs"
+    script = cwd / "disk_full.py"
+    script.write_text(DISK_FULL)
+    first = battery.cli(*battery.quick(out), cwd=cwd, timeout=battery.run_timeout, script=script)
+    problems = [] if first.code not in (0, None) else [f"the broken save exited {first.exit}, expected a failure"]
+    kept = failed_folders(out)
+    best = [p for p in (kept[0].glob("checkpoints/*.ckpt") if kept else []) if p.name != "last.ckpt"]
+    if len(kept) != 1 or not (kept[0] / "checkpoints" / "last.ckpt").is_file() or len(best) != 1:
+        problems.append(f"expected 1 failed folder with last.ckpt and the best epoch, found {[str(p) for p in kept]}")
+        conclude(row, problems)
+        return
+    expected = {k.removeprefix("model."): v for k, v in torch.load(best[0], weights_only=True)["state_dict"].items()}
+    row.notes.append(f"first run exit {first.exit}: {error_line(first.stderr)[:80]}")
+    again = battery.cli(*battery.quick(out), cwd=cwd, timeout=battery.run_timeout)
+    problems += expect_success(row, again, out)
+    logs = again.stdout + again.stderr + "".join(p.read_text(errors="replace") for p in out.rglob("*.log"))
+    if "resuming from" not in logs:
+        problems.append("the re-run did not resume from the kept checkpoint")
+    if "finetune epoch" in again.stdout:  # the per-epoch line of a stage that trains
+        problems.append("the re-run trained again")
+    if failed_folders(out):
+        problems.append("the failed folder is still there after the re-run succeeded")
+    entry = finetune_entry(out)
+    saved = load_file(entry / "model" / "model.safetensors") if entry else {}
+    differ = [k for k, v in expected.items() if k in saved and not torch.equal(saved[k], v)]
+    if not saved or differ or not set(saved) <= set(expected):
+        problems.append(f"the saved model differs from the kept best epoch ({len(differ)} tensors differ)")
+    row.notes.append(f"re-run resumed, {len(saved)} tensors equal to the kept best epoch")
+    conclude(row, problems)
 
 
 def sigterm_sweep(battery: Battery, row: Row, cwd: Path) -> None:
@@ -957,6 +1011,7 @@ CASES = [
     Case("kill9_then_restart", "processes", kill9_then_restart, primed=True),
     Case("sigterm_sweep", "processes", sigterm_sweep),
     Case("concurrent_pairs", "processes", concurrent_pairs),
+    Case("failure_after_training", "processes", failure_after_training),
     Case("cache_read_error", "processes", cache_read_error, primed=True),
     Case("lock_other_pidns", "processes", lock_from_other_namespace, primed=True),
     Case("ddp_while_locked", "processes", ddp_while_locked),
