@@ -115,26 +115,32 @@ def test_pretrained_student_of_another_family_is_refused(tmp_path):
 
 
 def test_distillation_lowers_the_loss_and_moves_the_student_toward_the_teacher(make_cfg):
+    """A one-layer student of the teacher's width can fit the fixture's keyword labels, so distilling moves it from
+    one constant answer (agreement 1/3) to the teacher's answers, and its hidden-state loss falls several-fold
+    (measured: agreement 0.33 -> 1.0 and hidden loss down 5-8x over four seeds). The soft cross-entropy is not
+    asserted to fall: its floor is the teacher's own entropy, which for a tiny teacher sits near ln 3, where it
+    starts, so its change is noise (it rose 1.0986 -> 1.1031 on one CPU)."""
     common = [
         "finetune.epochs=10",
         "finetune.learning_rate=5e-3",
         "student=tiny_random",
-        "distill.epochs=8",
-        "distill.learning_rate=5e-3",
+        "student.arch={num_hidden_layers: 1, hidden_size: 64, num_attention_heads: 4, intermediate_size: 128}",
+        "distill.epochs=10",
+        "distill.learning_rate=1e-2",
         "distill.hidden_weight=0.1",
         "distill.batch_size=8",
     ]
     cfg = make_cfg("stages=[finetune,distill,evaluate]", *common)
     results = pipeline.run(cfg)
-    assert results["distill/agreement_with_teacher"] > results["distill/initial_agreement_with_teacher"]
+    assert results["distill/agreement_with_teacher"] >= results["distill/initial_agreement_with_teacher"] + 0.3
     assert results["distill/student_parameters"] < results["distill/teacher_parameters"]
     client = MlflowClient(tracking.tracking_uri(cfg))
     run_id = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment_name).experiment_id])[
         0
     ].info.run_id
-    soft = [m.value for m in client.get_metric_history(run_id, "distill/train_soft_loss")]
-    assert len(soft) == 8 and soft[-1] < soft[0]
-    assert client.get_metric_history(run_id, "distill/train_hidden_loss")
+    assert len(client.get_metric_history(run_id, "distill/train_soft_loss")) == 10
+    hidden = [m.value for m in client.get_metric_history(run_id, "distill/train_hidden_loss")]
+    assert len(hidden) == 10 and hidden[-1] < 0.5 * hidden[0]
 
     # a second student reuses the cached teacher; evaluate reads the student's model
     again = make_cfg("stages=[finetune,distill,evaluate]", *common, "distill.method=task_agnostic")
