@@ -1,7 +1,9 @@
 """Multi-instance inference: `instances` processes × `threads` threads each, every process pinned to its
 own physical cores (os.sched_setaffinity), the work sharded across them, timed together between barriers,
-and the outputs gathered back into the original order. A setting's processes stay up between passes, so the
-benchmark can interleave settings. Processes are spawned, never forked: a forked
+and the outputs gathered back into the original order. Besides the model-only pass on pre-tokenized batches,
+an instance given its share of the raw texts (and the tokenizer's folder) times an end-to-end pass: it
+tokenizes the same batches itself, then runs them, as a caller pays it. A setting's processes stay up between
+passes, so the benchmark can interleave settings. Processes are spawned, never forked: a forked
 PyTorch/onnxruntime thread pool is not safe to use."""
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from fastformers.energy import EnergyMeter
+from fastformers.engines import MODEL_INPUTS
 from fastformers.errors import FastformersError
 
 SYS_CPU = Path("/sys/devices/system/cpu")
@@ -132,6 +135,47 @@ class Backend:
         return engine.open(Path(self.path), self.precision, threads, dict(self.options), self.bucket)
 
 
+@dataclass(frozen=True)
+class Texts:
+    """One instance's share of the raw texts, for its end-to-end pass: each timed batch's (text, text pair) rows,
+    the tokenizer folder's `tokenizer.json` it loads them with (the `tokenizers` library alone: importing
+    transformers would pull torch into every ONNX/OpenVINO instance, ~230 MB of PSS each), and the padding the
+    stage's tokenizer applies (to max_length, else each batch's longest row; a bucket is added by the engine's
+    `open`, as in the model-only pass)."""
+
+    tokenizer: str  # the model folder holding tokenizer.json
+    batches: list[list[tuple[str, str | None]]]
+    max_length: int
+    fixed: bool
+    pad_id: int
+    pad_token: str
+    padding_side: str = "right"
+    inputs: tuple[str, ...] = MODEL_INPUTS  # the feeds the stage's tokenizer returns
+
+    def load(self):
+        """The folder's fast tokenizer, set to truncate and pad as the stage's `tokenizer(..., truncation=True)`."""
+        from tokenizers import Tokenizer
+
+        path = Path(self.tokenizer) / "tokenizer.json"
+        if not path.is_file():
+            raise FastformersError(f"{path}: no fast tokenizer file for the end-to-end pass")
+        tokenizer = Tokenizer.from_file(str(path))
+        tokenizer.enable_truncation(self.max_length)
+        tokenizer.enable_padding(
+            direction=self.padding_side,
+            pad_id=self.pad_id,
+            pad_token=self.pad_token,
+            length=self.max_length if self.fixed else None,
+        )
+        return tokenizer
+
+    def encode(self, tokenizer, rows: list[tuple[str, str | None]]) -> dict[str, np.ndarray]:
+        """One batch's rows tokenized and padded into the engine's int64 feeds."""
+        encodings = tokenizer.encode_batch([a if b is None else (a, b) for a, b in rows])
+        fields = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
+        return {k: np.array([getattr(e, fields[k]) for e in encodings], dtype=np.int64) for k in self.inputs}
+
+
 @dataclass
 class Work:
     """One instance's share: the timed batches (run `repeats` times), the batch-size-1 calls whose latencies
@@ -143,6 +187,7 @@ class Work:
     warmup: int
     repeats: int
     every_shape: bool = False
+    texts: Texts | None = None  # the batches' raw texts: with them, the instance can time an end-to-end pass
 
     def warmup_batches(self) -> list[Batch]:
         if not self.every_shape:
@@ -163,6 +208,8 @@ class InstanceResult:
     latencies: list[float]  # seconds per batch-size-1 call
     outputs: list[tuple[list[int], np.ndarray, list[int]]]  # (indices, logits, group_sizes) per batch
     peak_rss_mb: float
+    e2e_passes: list[tuple[float, float]] = field(default_factory=list)  # (start, end) of each end-to-end pass
+    e2e_outputs: list[tuple[list[int], np.ndarray, list[int]]] = field(default_factory=list)  # its last pass's
 
 
 @dataclass
@@ -173,14 +220,18 @@ class Served:
     results: list[InstanceResult]
     rows: dict[int, np.ndarray] = field(default_factory=dict)  # example index -> its logits rows
     peak_pss_mb: float = 0.0  # the largest sum of the instances' PSS sampled while they were up
+    e2e_rows: dict[int, np.ndarray] = field(default_factory=dict)  # the same, from the last end-to-end pass
 
     @property
     def pass_seconds(self) -> list[float]:
         """Wall time of each timed pass: first instance's start to last instance's end."""
-        return [
-            max(r.passes[i][1] for r in self.results) - min(r.passes[i][0] for r in self.results)
-            for i in range(len(self.results[0].passes))
-        ]
+        return _overall([r.passes for r in self.results])
+
+    @property
+    def e2e_seconds(self) -> list[float]:
+        """Wall time of each end-to-end pass (tokenizing included), measured like `pass_seconds`; empty when the
+        instances had no texts."""
+        return _overall([r.e2e_passes for r in self.results])
 
     @property
     def energy_joules(self) -> list[float | None]:
@@ -195,6 +246,18 @@ class Served:
         """Every instance's own peak RSS, summed: pages the instances share (libraries, mmapped weights) count
         once per instance, so this overstates a layout's memory; `peak_pss_mb` does not."""
         return sum(r.peak_rss_mb for r in self.results)
+
+
+def _overall(passes: list[list[tuple[float, float]]]) -> list[float]:
+    """Per pass, the first instance's start to the last instance's end (`passes`: each instance's spans)."""
+    return [max(p[i][1] for p in passes) - min(p[i][0] for p in passes) for i in range(len(passes[0]))]
+
+
+def _gather_rows(outputs: list[tuple[list[int], np.ndarray, list[int]]], rows: dict[int, np.ndarray]) -> None:
+    """Each example's logits rows out of its batch's (indices, logits, group sizes)."""
+    for indices, logits, sizes in outputs:
+        for index, start, size in zip(indices, np.cumsum([0, *sizes[:-1]]), sizes):
+            rows[index] = logits[start : start + size]
 
 
 def spawn_context():
@@ -238,10 +301,16 @@ class Instances:
         ]
         for process in self.processes:
             process.start()
+        self.end_to_end = work[0].texts is not None
         self._gather()  # every instance loaded and warmed up
 
     def timed_pass(self) -> None:
         self._tell("pass")
+
+    def e2e_pass(self) -> None:
+        """One end-to-end pass (each instance tokenizes its share, then runs it), where the work has texts."""
+        if self.end_to_end:
+            self._tell("e2e")
 
     def latency_pass(self) -> None:
         self._tell("latency")
@@ -254,9 +323,8 @@ class Instances:
             self.terminate(wait=30)
         served = Served(self.layout, sorted(gathered, key=lambda r: r.instance), peak_pss_mb=self.peak_pss_mb)
         for result in served.results:
-            for indices, logits, sizes in result.outputs:
-                for index, start, size in zip(indices, np.cumsum([0, *sizes[:-1]]), sizes):
-                    served.rows[index] = logits[start : start + size]
+            _gather_rows(result.outputs, served.rows)
+            _gather_rows(result.e2e_outputs, served.e2e_rows)
         return served
 
     def terminate(self, wait: float = 0.0) -> None:
@@ -309,6 +377,7 @@ def serve(backend: Backend, layout: Layout, work: list[Work], meter: EnergyMeter
     try:
         for _ in range(work[0].repeats):
             instances.timed_pass()
+        instances.e2e_pass()
         instances.latency_pass()
     except BaseException:
         instances.terminate()
@@ -328,14 +397,19 @@ def _instance_main(
     results,
 ) -> None:
     """One pinned instance: load and warm up, then run what the parent says; each timed pass starts and ends
-    in step with the other instances of its layout (barriers), so their timings overlap as in service."""
+    in step with the other instances of its layout (barriers), so their timings overlap as in service. An
+    end-to-end pass tokenizes the instance's own share of the texts inside the clock, then runs it."""
     try:
         os.sched_setaffinity(0, cpus)
         infer = backend.open(threads)
         for batch in work.warmup_batches():
             infer(batch.inputs)
+        tokenizer = work.texts.load() if work.texts else None
+        if work.texts:  # the tokenizer's first calls are slower too
+            for rows in work.texts.batches[: max(work.warmup, 1)]:
+                work.texts.encode(tokenizer, rows)
         results.put(("ready", instance))
-        passes, energy, outputs, latencies = [], [], [], []
+        passes, energy, outputs, latencies, e2e_passes, e2e_outputs = [], [], [], [], [], []
         while (command := commands.get()) != "stop":
             if command == "pass":
                 barrier.wait(BARRIER_TIMEOUT_S)
@@ -346,6 +420,16 @@ def _instance_main(
                 barrier.wait(BARRIER_TIMEOUT_S)  # the pass ends when the slowest instance is done
                 energy.append(meter.stop(reading, time.monotonic() - start) if instance == 0 else None)
                 passes.append((start, end))
+            elif command == "e2e" and work.texts:
+                barrier.wait(BARRIER_TIMEOUT_S)
+                start = time.monotonic()
+                e2e_outputs = [
+                    (b.indices, infer(work.texts.encode(tokenizer, rows)), b.group_sizes)
+                    for b, rows in zip(work.batches, work.texts.batches)
+                ]
+                end = time.monotonic()
+                barrier.wait(BARRIER_TIMEOUT_S)
+                e2e_passes.append((start, end))
             elif command == "latency":
                 barrier.wait(BARRIER_TIMEOUT_S)
                 for batch in work.latency_batches:
@@ -355,7 +439,16 @@ def _instance_main(
             results.put((command, instance))
         results.put(
             InstanceResult(
-                instance, sorted(os.sched_getaffinity(0)), threads, passes, energy, latencies, outputs, peak_rss_mb()
+                instance,
+                sorted(os.sched_getaffinity(0)),
+                threads,
+                passes,
+                energy,
+                latencies,
+                outputs,
+                peak_rss_mb(),
+                e2e_passes,
+                e2e_outputs,
             )
         )
     except FastformersError as err:  # bad input: the parent re-raises it as the run's one-line error

@@ -2,6 +2,7 @@
 methods, the pick) and the benchmark stage through the pipeline. Behaviour only: no assertion depends on how
 fast anything ran."""
 
+import dataclasses
 import itertools
 import json
 import os
@@ -15,7 +16,7 @@ from fastformers import pipeline
 from fastformers.bench.analysis import apply_gate, apply_memory_budget, eligible, pick
 from fastformers.bench.gate import Labelled
 from fastformers.bench.timing import measure_interleaved, round_order
-from fastformers.bench.workload import deal, make_batches
+from fastformers.bench.workload import deal, make_batches, texts_of
 from fastformers.data import EncodedDataset, load_examples
 from fastformers.energy import EnergyMeter, choose_meter
 from fastformers.engines.onnxruntime_engine import operator_times
@@ -120,6 +121,38 @@ def test_two_pinned_instances_return_what_one_returns_in_the_same_order(graph_an
     assert two.peak_rss_mb > one.peak_rss_mb > 0  # every instance holds its own copy of the model
     assert 0 < one.peak_pss_mb <= one.peak_rss_mb  # a share of the pages it shares with the parent
     assert two.peak_pss_mb < two.peak_rss_mb  # pages the two share count once, not twice
+
+
+@pytest.mark.parametrize("fixed_length", [64, None])
+def test_the_end_to_end_pass_is_tokenized_in_the_instances_and_predicts_as_the_model_pass(
+    graph_and_data, monkeypatch, fixed_length
+):
+    graph, tokenizer, dataset = graph_and_data
+    from transformers import PreTrainedTokenizerBase
+
+    def parent_tokenizes(*args, **kwargs):
+        raise AssertionError("the parent tokenized during the passes")
+
+    work = shares(dataset, tokenizer, 1, batch_size=4, sort_by_length=True, fixed_length=fixed_length)
+    folder = str(graph.parent / "model")  # saved_tiny's folder: the tokenizer travels as a folder, not an object
+    texts = [texts_of(w.batches, dataset, tokenizer, folder, 64, fixed_length is not None) for w in work]
+    work = [dataclasses.replace(w, texts=t) for w, t in zip(work, texts)]
+    assert all(isinstance(text, str) for rows in work[0].texts.batches for row in rows for text in row if text)
+    monkeypatch.setattr(PreTrainedTokenizerBase, "__call__", parent_tokenizes)  # only the parent's copy
+    served = serve(ort_backend(graph), plan_layout(1, 1), work, NO_ENERGY)
+
+    assert len(served.e2e_seconds) == 1 and served.e2e_seconds[0] > 0
+    assert sorted(served.e2e_rows) == list(range(len(dataset)))
+    for index in range(len(dataset)):  # the instance's own tokenizing gives the batches the stage made
+        np.testing.assert_allclose(served.e2e_rows[index], served.rows[index], atol=1e-5)
+    # tokenizing adds work: the end-to-end pass is not faster than the fastest model-only pass, beyond noise
+    assert served.e2e_seconds[0] > 0.5 * min(served.pass_seconds)
+
+
+def test_instances_without_texts_time_no_end_to_end_pass(graph_and_data):
+    graph, tokenizer, dataset = graph_and_data
+    served = serve(ort_backend(graph), plan_layout(1, 1), shares(dataset, tokenizer, 1, batch_size=4), NO_ENERGY)
+    assert served.e2e_seconds == [] and served.e2e_rows == {} and len(served.pass_seconds) == 2
 
 
 def test_pss_is_read_for_a_live_process_and_none_for_a_gone_one():
@@ -233,6 +266,9 @@ def test_benchmark_stage_measures_every_setting_with_its_accuracy(make_cfg):
         assert m["latency_p50_ms"] <= m["latency_p90_ms"] <= m["latency_p99_ms"]
         assert 0 <= m["accuracy"] <= 1 and 0 <= m["f1"] <= 1 and m["energy_estimated"] == 1.0
         assert m["energy_joules"] > 0 and m["usd_per_100m_queries"] > 0 and m["peak_pss_mb"] > 0
+        # measured in the instances, tokenizing included: never well above the model-only rate
+        assert 0 < m["e2e_throughput"] < 2 * m["throughput_hi"] and m["e2e_agreement"] == 1.0
+        assert m["e2e_throughput_lo"] <= m["e2e_throughput"] <= m["e2e_throughput_hi"]
     assert results["benchmark/baseline/speedup"] == 1.0 and results["benchmark/baseline/fixed_padding"] == 1.0
     assert results["benchmark/dynamic_length/agreement_with_baseline"] == 1.0
     assert results["benchmark/onnx_fp32/accuracy"] == results["benchmark/baseline/accuracy"]
@@ -290,6 +326,7 @@ def test_the_search_times_every_engine_and_picks_a_gated_candidate_served_and_ev
         "onnxruntime_int8_rr_1x1",
         "onnxruntime_int8_u8u8_1x1",
         "openvino_int8_of_1x1",
+        "openvino_int8_ac_1x1",  # accuracy-controlled: built by the export on this (no-VNNI) CPU, and tried
     }
     assert "onnxruntime_int8_stock_1x1" not in rows  # the stock reference row is that candidate: timed once
     assert rows["onnx_int8_stock_1x1"]["candidate"] and rows["onnx_int8_stock_1x1"]["stock"]

@@ -132,7 +132,8 @@ def test_openvino_keeps_at_most_max_compiled_static_models(exported):
         (["evaluate.engine=tensorrt"], r"engine 'tensorrt' is not configured; choose from"),
         (
             ["evaluate.engine=openvino", "evaluate.precision=fp8"],
-            r"evaluate.precision: engine openvino runs precisions \['fp32', 'bf16', 'int8', 'int8_of'\], not 'fp8'",
+            r"evaluate.precision: engine openvino runs precisions "
+            r"\['fp32', 'bf16', 'int8', 'int8_of', 'int8_ac'\], not 'fp8'",
         ),
         (["export.engines=[openvino]"], r"export.engines=\['openvino'\] must include onnxruntime"),
         (["export.engines=[onnxruntime,tvm]"], r"engine 'tvm' is not configured"),

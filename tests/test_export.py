@@ -394,7 +394,7 @@ def int8_export(superglue_root, tmp_path_factory):
 
 def test_static_int8_calibrates_on_the_calibration_split_only_and_keeps_predictions(int8_export):
     reads, results = int8_export["reads"], int8_export["results"]
-    calibration = {split for caller, split in reads if caller == "calibration_feeds"}
+    calibration = {split for caller, split in reads if caller == "calibration_examples"}
     assert calibration == {"train"} and ("check_parity", "val") in reads  # val is read for parity only
     assert results["export/parity/onnxruntime/int8_static/agreement"] >= 0.8
 
@@ -425,8 +425,13 @@ def test_int8_export_builds_openvino_artifacts_whose_fp32_model_matches_pytorch(
 
 def test_int8_export_builds_every_declared_variant_and_each_runs(int8_export):
     """Every variant of both engines is built whatever this CPU needs (one cache entry fits any machine), with
-    its recipe beside it, and runs through its engine in the parity check."""
+    its recipe beside it, and runs through its engine in the parity check; the accuracy-controlled one only on a
+    CPU it applies to (tests/test_accuracy_control.py)."""
     index = int8_export["index"]
+    from fastformers.engines import get_engine
+
+    openvino = get_engine("openvino", int8_export["cfg"].engines)
+    assert ("openvino/int8_ac" in index["artifacts"]) == openvino.built_here(openvino.variants["int8_ac"])
     onnx_variants = ("int8", "int8_stock", "int8_rr", "int8_u8u8")
     for key in [f"onnxruntime/{v}" for v in onnx_variants] + ["openvino/int8", "openvino/int8_of"]:
         assert key in index["artifacts"] and index["parity"][key]["agreement"] >= 0.5

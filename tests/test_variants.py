@@ -21,7 +21,7 @@ def test_the_stock_preset_is_per_channel_signed_full_range_and_a_bad_weight_type
 @pytest.mark.parametrize(
     "flags, onnxruntime, openvino",
     [
-        (AVX2_ONLY, ["int8", "int8_stock", "int8_rr", "int8_u8u8"], ["int8", "int8_of"]),
+        (AVX2_ONLY, ["int8", "int8_stock", "int8_rr", "int8_u8u8"], ["int8", "int8_of", "int8_ac"]),
         (VNNI, ["int8", "int8_stock"], ["int8"]),
         (frozenset({"avx2", "avx_vnni"}), ["int8", "int8_stock"], ["int8"]),  # AVX-VNNI (Alder Lake) counts
     ],

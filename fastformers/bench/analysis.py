@@ -8,7 +8,6 @@ import dataclasses
 import logging
 import os
 import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,7 +34,12 @@ def meter_for(meter: EnergyMeter, layout: Layout) -> EnergyMeter:
 
 def predictions(served: Served, count: int, candidate_scoring: bool) -> list[int]:
     """Best class per example, or best candidate (first column of each candidate's row)."""
-    return [int(np.argmax(served.rows[i][:, 0] if candidate_scoring else served.rows[i][0])) for i in range(count)]
+    return argmax_rows(served.rows, count, candidate_scoring)
+
+
+def argmax_rows(rows: dict[int, np.ndarray], count: int, candidate_scoring: bool) -> list[int]:
+    """`predictions` of any pass's logits rows by example index."""
+    return [int(np.argmax(rows[i][:, 0] if candidate_scoring else rows[i][0])) for i in range(count)]
 
 
 def describe(setting: Setting) -> dict:
@@ -92,6 +96,7 @@ def summarize(setting: Setting, served: Served, examples, task: Task, cfg: DictC
     if cfg.hardware.usd_per_hour:
         metrics["usd_per_100m_queries"] = cfg.hardware.usd_per_hour / 3600 * wall / count * 1e8
     preds = predictions(served, count, task.labels is None)
+    metrics |= end_to_end(served, count, preds, task.labels is None)
     scores = task.score(examples, preds) if all(e.label is not None for e in examples) else {}
     return describe(setting) | {
         "skipped": None,
@@ -268,28 +273,25 @@ def pick(rows: list[dict]) -> Pick:
     return Pick(best_stock, fastest, stock=True)
 
 
-def end_to_end(examples, tokenizer, setting: Setting, cfg: DictConfig, wall: float) -> dict:
-    """What a caller sees: the timed pass plus tokenizing the same batches from text (timed here, median of 3,
-    each instance tokenizing its own share in parallel)."""
-    opts, length = cfg.benchmark, cfg.task.max_seq_length
-    padding = "max_length" if setting.padding == "fixed" else "longest"
-    times = []
-    for _ in range(3):
-        started = time.perf_counter()
-        for start in range(0, len(examples), opts.batch_size):
-            pairs = [pair for e in examples[start : start + opts.batch_size] for pair in e.pairs]
-            seconds = [b for _, b in pairs]
-            tokenizer(
-                [a for a, _ in pairs],
-                seconds if all(b is not None for b in seconds) else None,
-                truncation=True,
-                max_length=length,
-                padding=padding,
-                return_tensors="np",
-            )
-        times.append(time.perf_counter() - started)
-    tokenize = sorted(times)[1] / setting.layout.instances
-    return {"tokenize_seconds": tokenize, "e2e_throughput": len(examples) / (wall + tokenize)}
+def end_to_end(served: Served, count: int, model_only: list[int], candidate_scoring: bool) -> dict:
+    """What a caller sees, measured inside the instances: each tokenized its own share of the texts and ran it
+    between the same barriers as the model-only pass (median and range over the end-to-end passes), and the
+    share of those predictions equal to the model-only pass's `model_only` (1.0 unless the instances tokenize
+    differently from the stage). Empty when the instances had no texts (the paper row)."""
+    seconds = served.e2e_seconds
+    if not seconds:
+        return {}
+    predicted = argmax_rows(served.e2e_rows, count, candidate_scoring)
+    agreement = float(np.equal(predicted, model_only).mean())
+    if agreement < 1:
+        log.warning("benchmark: the end-to-end pass predicts %.1f%% of examples as the pass", 100 * agreement)
+    return {
+        "e2e_wall_seconds": statistics.median(seconds),
+        "e2e_throughput": count / statistics.median(seconds),
+        "e2e_throughput_lo": count / max(seconds),
+        "e2e_throughput_hi": count / min(seconds),
+        "e2e_agreement": agreement,
+    }
 
 
 def roofline_metrics(shape: Shape, dataset: EncodedDataset, peaks: Peaks, quantized: bool, wall: float) -> dict:

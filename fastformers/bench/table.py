@@ -112,8 +112,8 @@ def format_table(report: dict, cfg: DictConfig) -> str:
         )
     agree = report.get("agreement_reference") or rows[0]["name"]
     lines.append(
-        f"speed-up: median wall time of {rows[0]['name']} / this row's; e2e: with tokenizing from text (ESTIMATE: "
-        "tokenizing timed serially in this process, divided by the instances); peak MB: the largest sum of the "
+        f"speed-up: median wall time of {rows[0]['name']} / this row's; e2e: each instance tokenizes its share "
+        "from text and runs it, timed like the pass (median); peak MB: the largest sum of the "
         "instances' PSS sampled during the passes (shared pages counted once); "
         f"spread: (slowest - fastest pass) / median; ex/s range: slowest to fastest pass (rows whose ranges "
         f"overlap are not measurably different); agree: predictions equal to {agree}'s"

@@ -1,5 +1,6 @@
 """Timed passes interleaved: every setting's processes are loaded and warmed first, then each round runs one
-timed pass of each setting, then its latency calls, in a seeded shuffled order: the leader of a round takes
+timed pass of each setting, then one end-to-end pass of each (tokenizing included), then its latency calls, in
+a seeded shuffled order: the leader of a round takes
 turns (a seeded order of the settings) and the rest is shuffled anew, so no setting always runs first or always
 follows the same neighbour, and a neighbour that slows the machine for a while falls on every setting alike."""
 
@@ -33,8 +34,9 @@ def measure_interleaved(
     on_order: Callable[[list[int]], None] | None = None,
     seed: int = 0,
 ) -> list[Served]:
-    """Starts every setting's instances (load and warm-up, untimed), then `repeats` rounds of one timed pass
-    and one set of latency calls each; returns each setting's measurements in the order given."""
+    """Starts every setting's instances (load and warm-up, untimed), then `repeats` rounds of one timed pass,
+    one end-to-end pass and one set of latency calls each; returns each setting's measurements in the order
+    given."""
     pools: list[Instances] = []
     try:
         for start in starters:
@@ -45,6 +47,8 @@ def measure_interleaved(
                 on_order(order)
             for i in order:
                 pools[i].timed_pass()
+            for i in order:
+                pools[i].e2e_pass()
             for i in order:
                 pools[i].latency_pass()
         return [pool.close() for pool in pools]

@@ -1,6 +1,7 @@
 """What each instance of a setting runs: the sample tokenized once, padded as the setting says (to
 max_seq_length, to each batch's longest row, or to a multiple of a bucket), dealt out whole batches at a
-time. Tokenizing and padding happen here, before any timing."""
+time. Tokenizing and padding happen here, before any timing; the same batches' raw texts travel with them,
+for the end-to-end pass the instance tokenizes itself."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ from omegaconf import DictConfig
 from fastformers.bench.settings import Setting
 from fastformers.data import EncodedDataset
 from fastformers.engines import MODEL_INPUTS, pad_to_bucket
-from fastformers.instances import Batch, Work
+from fastformers.instances import Batch, Texts, Work
 
 
-def instance_work(cfg: DictConfig, setting: Setting, dataset: EncodedDataset, tokenizer) -> list[Work]:
+def instance_work(
+    cfg: DictConfig, setting: Setting, dataset: EncodedDataset, tokenizer, tokenizer_folder: str | None = None
+) -> list[Work]:
     """The sample batched and padded as the setting says, dealt out to its instances; the first
     `latency_examples` are dealt out the same way as batch-size-1 calls. Every setting is warmed on every input
-    shape it will see (bucketed or dynamic), so no row pays a cold first call of a shape inside the clock."""
+    shape it will see (bucketed or dynamic), so no row pays a cold first call of a shape inside the clock. With
+    `tokenizer_folder`, each share carries its batches' raw texts for the end-to-end pass."""
     opts, instances = cfg.benchmark, setting.layout.instances
     length = cfg.task.max_seq_length if setting.padding == "fixed" else None
     batches = make_batches(
@@ -26,9 +30,30 @@ def instance_work(cfg: DictConfig, setting: Setting, dataset: EncodedDataset, to
         dataset, range(min(opts.latency_examples, len(dataset))), 1, tokenizer, length, False, setting.bucket
     )
     return [
-        Work(share, latency_share, opts.warmup_batches, opts.repeats, every_shape=True)
+        Work(
+            share,
+            latency_share,
+            opts.warmup_batches,
+            opts.repeats,
+            every_shape=True,
+            texts=texts_of(share, dataset, tokenizer, tokenizer_folder, cfg.task.max_seq_length, length is not None)
+            if tokenizer_folder
+            else None,
+        )
         for share, latency_share in zip(deal(batches, instances), deal(singles, instances))
     ]
+
+
+def texts_of(
+    share: list[Batch], dataset: EncodedDataset, tokenizer, folder: str, max_length: int, fixed: bool
+) -> Texts:
+    """The raw (text, pair) rows of each batch of `share`, in the batch's order (what the instance tokenizes),
+    with the padding the stage's `tokenizer` applies (its pad token and side, the feeds it returns)."""
+    rows = [[pair for i in batch.indices for pair in dataset.examples[i].pairs] for batch in share]
+    inputs = tuple(k for k in tokenizer.model_input_names if k in MODEL_INPUTS)
+    return Texts(
+        folder, rows, max_length, fixed, tokenizer.pad_token_id, tokenizer.pad_token, tokenizer.padding_side, inputs
+    )
 
 
 def deal(batches: list[Batch], instances: int) -> list[list[Batch]]:

@@ -41,6 +41,8 @@ class ExportContext:
     export: Any  # the run's export config node
     calibration: Callable[[], list[dict[str, np.ndarray]]]  # feeds from the calibration split, built on first call
     model_type: str = "bert"  # onnxruntime transformer optimizer's model_type for the family (modeling_fastformers)
+    # feeds of `count` calibration-split examples past the calibration sample, unlabelled (accuracy control)
+    held_out: Callable[[int], list[dict[str, np.ndarray]]] | None = None
 
 
 class Engine(ABC):

@@ -1,6 +1,8 @@
 """OpenVINO on the CPU: the raw ONNX export converted to OpenVINO's IR (fp32), run in fp32 or with a bf16
 inference hint where the CPU has bf16 arithmetic (AVX-512 BF16, AMX), or int8 by NNCF's post-training
-quantization calibrated on the train split. With a `bucket`, inputs are padded to a multiple of it and each
+quantization calibrated on the train split (a variant with `accuracy_control` reverts the layers that cost the
+most agreement with the fp32 IR on held-out, unlabelled calibration-split examples, until within `max_drop`).
+With a `bucket`, inputs are padded to a multiple of it and each
 (batch, length) shape gets its own static compiled model: static shapes let the CPU plugin pick faster
 kernels than dynamic ones. Compiled models are made on first use and the least recently used is dropped
 past `max_compiled`: each compiled model repacks the weights for its kernels (measured ~50 MB per bucket
@@ -18,13 +20,14 @@ import logging
 import queue
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fastformers.engines import Engine, ExportContext, Infer, feeds_for
+from fastformers.engines import variants as cpu_variants
 from fastformers.engines.variants import Variant, parse_variants
 from fastformers.errors import FastformersError
 
@@ -43,8 +46,9 @@ class _Hints(dict):
 # explicit f32: on a CPU with bf16, OpenVINO runs bf16 unless told otherwise; int8 runs its float parts in f32
 HINTS = _Hints({"fp32": "f32", "bf16": "bf16", "int8": "f32"})
 OPTIONS = ("max_compiled", "hint", "cache_dir")
-RECIPE = ("overflow_fix",)  # an int8 variant's own NNCF settings, beside the shared `nncf` block
+RECIPE = ("overflow_fix", "accuracy_control")  # an int8 variant's own NNCF settings, beside the shared `nncf` block
 OVERFLOW_FIXES = ("disable", "first_layer_only", "enable")  # nncf.OverflowFix values
+ACCURACY_CONTROL = ("max_drop", "examples", "max_iterations")  # a variant's `accuracy_control` keys
 
 
 def _ov():
@@ -81,6 +85,7 @@ class OpenVinoEngine(Engine):
                 raise FastformersError(
                     f"engines.openvino.int8.{variant.name}.overflow_fix={fix!r} must be one of {list(OVERFLOW_FIXES)}"
                 )
+            check_accuracy_control(variant)
         self.precisions = ("fp32", "bf16", *self.variants)
 
     def unavailable(self, precision: str, options: Mapping[str, Any] | None = None) -> str | None:
@@ -97,7 +102,18 @@ class OpenVinoEngine(Engine):
                 import nncf  # noqa: F401
             except ImportError:
                 return "int8 needs NNCF (pip install nncf)"
+            if not self.built_here(self.variants[precision]):
+                return (
+                    f"{precision} is built only on a CPU it applies to ({dict(self.variants[precision].when)}): its "
+                    "accuracy control judges this CPU's int8 kernels"
+                )
         return None
+
+    @staticmethod
+    def built_here(variant: Variant) -> bool:
+        """Every variant is built by the export whatever the CPU, except an accuracy-controlled one: it costs
+        minutes and restores agreement as this CPU's kernels compute it, so it is built where its `when` holds."""
+        return not variant.settings.get("accuracy_control") or variant.applies(cpu_variants.int8_features())
 
     def artifact_name(self, precision: str) -> str:
         return "fp32" if precision == "bf16" else precision  # bf16 is the fp32 model compiled with a bf16 hint
@@ -110,33 +126,49 @@ class OpenVinoEngine(Engine):
         artifacts = {"fp32": folder / "model.xml"}
         ov.save_model(model, str(artifacts["fp32"]), compress_to_fp16=False)
         if ctx.precision.name == "int8":
-            for name, variant in self.variants.items():  # every one declared: the cache entry fits any CPU
+            for name, variant in self.variants.items():  # every one declared (one cache entry fits any CPU)
+                if not self.built_here(variant):  # but accuracy control: see built_here
+                    continue
                 artifacts[name] = folder / f"model_{name}.xml"
-                quantized = self.quantize(model, ctx.calibration(), variant)
+                quantized = self.quantize(model, ctx.calibration(), variant, ctx.held_out)
                 ov.save_model(quantized, str(artifacts[name]), compress_to_fp16=False)
         return artifacts
 
-    def quantize(self, model, feeds: list[dict[str, np.ndarray]], variant: Variant | None = None):
+    def quantize(
+        self,
+        model,
+        feeds: list[dict[str, np.ndarray]],
+        variant: Variant | None = None,
+        held_out: Callable[[int], list[dict[str, np.ndarray]]] | None = None,
+    ):
         """NNCF post-training int8 (its transformer preset: SmoothQuant, bias correction, no quantized
         softmax inputs) calibrated on `feeds`, which come from the calibration split (never the eval one);
-        the variant's `overflow_fix` halves the weights' range where u8s8 sums could saturate (no VNNI)."""
+        the variant's `overflow_fix` halves the weights' range where u8s8 sums could saturate (no VNNI); its
+        `accuracy_control` validates on `held_out(examples)` (see `accuracy_controlled`)."""
         import nncf
         from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
         names = [port.get_any_name() for port in model.inputs]
         options = self.options["nncf"]
         ignored = options.get("ignored_types") or []
-        fix = (variant.settings if variant else {}).get("overflow_fix")  # unset: NNCF's own default
-        return nncf.quantize(
-            model,
-            nncf.Dataset([feeds_for(names, feed, "calibration") for feed in feeds]),
-            model_type=nncf.ModelType.TRANSFORMER,
-            subset_size=len(feeds),
-            preset=getattr(nncf.QuantizationPreset, str(options.get("preset", "mixed")).upper()),
-            fast_bias_correction=bool(options.get("fast_bias_correction", True)),
-            ignored_scope=nncf.IgnoredScope(types=list(ignored), validate=False) if ignored else None,
-            advanced_parameters=AdvancedQuantizationParameters(overflow_fix=OverflowFix(fix) if fix else None),
-        )
+        settings = variant.settings if variant else {}
+        fix = settings.get("overflow_fix")  # unset: NNCF's own default
+        common = {
+            "model_type": nncf.ModelType.TRANSFORMER,
+            "subset_size": len(feeds),
+            "preset": getattr(nncf.QuantizationPreset, str(options.get("preset", "mixed")).upper()),
+            "fast_bias_correction": bool(options.get("fast_bias_correction", True)),
+            "ignored_scope": nncf.IgnoredScope(types=list(ignored), validate=False) if ignored else None,
+        }
+        advanced = AdvancedQuantizationParameters(overflow_fix=OverflowFix(fix) if fix else None)
+        calibration = nncf.Dataset([feeds_for(names, feed, "calibration") for feed in feeds])
+        control = settings.get("accuracy_control")
+        if not control:
+            return nncf.quantize(model, calibration, advanced_parameters=advanced, **common)
+        if held_out is None or variant is None:
+            raise FastformersError("engines.openvino.int8: accuracy control needs held-out calibration examples")
+        validation = [feeds_for(names, feed, "validation") for feed in held_out(int(control["examples"]))]
+        return accuracy_controlled(model, calibration, validation, control, advanced, common)
 
     def load(
         self, path: Path, precision: str, threads: int | None, options: Mapping[str, Any], bucket: int | None = None
@@ -178,6 +210,54 @@ class OpenVinoEngine(Engine):
                 kind = f"{info.node_type}" + (f"[{info.exec_type}]" if info.exec_type else "")
                 totals[kind] = totals.get(kind, 0.0) + info.real_time.total_seconds() * 1000
         return {"wall_ms": wall_ms, "kernel_ms": dict(sorted(totals.items(), key=lambda item: -item[1]))}
+
+
+def check_accuracy_control(variant: Variant) -> None:
+    """A variant's `accuracy_control`: {max_drop: share of agreement with fp32 it may lose, in [0, 1);
+    examples: held-out calibration-split examples it validates on; max_iterations: layers reverted at most}."""
+    control = variant.settings.get("accuracy_control")
+    if control is None:
+        return
+    where = f"engines.openvino.int8.{variant.name}.accuracy_control"
+    if not isinstance(control, Mapping) or set(control) != set(ACCURACY_CONTROL):
+        raise FastformersError(f"{where}={control!r} must set exactly {list(ACCURACY_CONTROL)}")
+    drop = control["max_drop"]
+    if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0 <= drop < 1:
+        raise FastformersError(f"{where}.max_drop={drop!r} must be a share of agreement in [0, 1)")
+    for key in ("examples", "max_iterations"):
+        value = control[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise FastformersError(f"{where}.{key}={value!r} must be a positive whole number")
+
+
+def accuracy_controlled(model, calibration, validation: list[dict[str, np.ndarray]], control, advanced, common):
+    """NNCF's accuracy-controlled int8: quantized as `nncf.quantize` would, then the layers that cost the most
+    agreement are reverted to float until the share of rows whose argmax equals the fp32 IR's drops by at most
+    `max_drop`. `validation` is unlabelled (the fp32 IR's own argmax is the target), so it never needs the eval
+    split; it comes from the calibration split, past the calibration sample."""
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+    fp32 = _ov().Core().compile_model(model, "CPU")
+    items = [(feed, np.argmax(fp32(feed)[0], axis=-1)) for feed in validation]
+
+    def agreement(compiled, data) -> tuple[float, list[float]]:
+        same = [np.equal(np.argmax(compiled(feed)[0], axis=-1), expected) for feed, expected in data]
+        return float(np.concatenate(same).mean()), [float(s.mean()) for s in same]
+
+    return nncf.quantize_with_accuracy_control(
+        model,
+        calibration,
+        nncf.Dataset(items, lambda item: item[0]),
+        agreement,
+        max_drop=float(control["max_drop"]),
+        drop_type=nncf.DropType.ABSOLUTE,
+        advanced_quantization_parameters=advanced,
+        advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
+            max_num_iterations=int(control["max_iterations"])
+        ),
+        **common,
+    )
 
 
 class CompiledModel:

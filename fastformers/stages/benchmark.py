@@ -105,7 +105,8 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
                 setting.padding,
                 setting.layout.label,
             )
-            work = instance_work(cfg, setting, datasets[setting.model], tokenizers[setting.model])
+            folder = str(model_folder(setting.model, inputs))  # the tokenizer travels to the instances
+            work = instance_work(cfg, setting, datasets[setting.model], tokenizers[setting.model], folder)
             executed[setting.name] = analysis.executed_lengths(work)
             return Instances(
                 backend_of(cfg, setting, inputs), setting.layout, work, analysis.meter_for(meter, setting.layout)
@@ -130,7 +131,6 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
             continue
         row = analysis.summarize(setting, measured[setting.name], examples, task, cfg, meter)
         wall = row["metrics"]["wall_seconds"]
-        row["metrics"] |= analysis.end_to_end(examples, tokenizers[setting.model], setting, cfg, wall)
         row["metrics"] |= analysis.work_metrics(
             shapes[setting.model],
             executed[setting.name],

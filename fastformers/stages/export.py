@@ -92,6 +92,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         cfg.export,
         functools.cache(lambda: calibration_feeds(cfg, tokenizer)),
         family_layout(model).onnx_model_type,
+        functools.cache(lambda count: held_out_feeds(cfg, tokenizer, count)),
     )
     artifacts: dict[str, Path] = {}
     skipped: dict[str, str] = {}
@@ -151,11 +152,36 @@ def check_disjoint(calibration: str, evaluation: str, field: str) -> None:
 
 def calibration_feeds(cfg: DictConfig, tokenizer) -> list[dict[str, np.ndarray]]:
     """The calibration sample as feeds: `precision.calibration_examples` of `precision.calibration_split`."""
-    task = task_of(cfg)
-    examples = load_examples(
-        task, cfg.data.root, cfg.precision.calibration_split, cfg.data.split_seed, cfg.data.download
-    )[: cfg.precision.calibration_examples]
-    loader = make_loader(examples, tokenizer, task, cfg.task.max_seq_length, 8)
+    return as_feeds(cfg, tokenizer, calibration_examples(cfg, 0, cfg.precision.calibration_examples))
+
+
+def held_out_feeds(cfg: DictConfig, tokenizer, count: int) -> list[dict[str, np.ndarray]]:
+    """`count` examples of the calibration split past the calibration sample, as unlabelled feeds: what accuracy
+    control validates on (agreement with the fp32 model), never the eval split the gate judges."""
+    start = cfg.precision.calibration_examples
+    if start is None:
+        raise FastformersError(
+            "precision.calibration_examples=null calibrates on all of precision.calibration_split: an int8 variant "
+            "with accuracy_control needs some of it held out (set a count)"
+        )
+    examples = calibration_examples(cfg, start, start + count)
+    if not examples:
+        raise FastformersError(
+            f"precision.calibration_split={cfg.precision.calibration_split!r} has no examples past the {start} "
+            "calibration examples for accuracy control to validate on"
+        )
+    return as_feeds(cfg, tokenizer, examples)
+
+
+def calibration_examples(cfg: DictConfig, start: int, stop: int | None) -> list:
+    """Examples start..stop of `precision.calibration_split` (checked disjoint from the eval split)."""
+    split = cfg.precision.calibration_split
+    return load_examples(task_of(cfg), cfg.data.root, split, cfg.data.split_seed, cfg.data.download)[start:stop]
+
+
+def as_feeds(cfg: DictConfig, tokenizer, examples: list) -> list[dict[str, np.ndarray]]:
+    """Examples as the graph's feeds, 8 per batch."""
+    loader = make_loader(examples, tokenizer, task_of(cfg), cfg.task.max_seq_length, 8)
     return [{k: v.numpy() for k, v in model_inputs(batch).items()} for batch in loader]
 
 
