@@ -43,6 +43,10 @@ def quiet_dependencies() -> None:
             logger.removeHandler(handler)
         logger.propagate = True
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_Drop("litlogger"))
+    # training.LastCheckpoint saves full training state at every epoch end; Lightning says so at INFO each time
+    logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector").addFilter(
+        _Drop("`weights_only` was not set")
+    )
     # onnxruntime's quantizer asks for shape-inference pre-processing on every call; the fused graphs need none
     # (and logs two INFO lines per tensor of the static quantizer's bookkeeping to the root logger)
     logging.getLogger().addFilter(
