@@ -148,3 +148,17 @@ def test_an_unknown_engine_or_precision_is_refused_before_any_work(make_cfg, ove
     with pytest.raises(FastformersError, match=message):
         pipeline.run(cfg)
     assert not os.path.exists(cfg.paths.cache_dir)
+
+
+def test_openvino_telemetry_is_declined_once_the_engine_imports_openvino():
+    """The converter's and NNCF's telemetry fork a process per event that resolves a host name; offline, one such
+    child hung in getaddrinfo and kept a finished sweep from exiting. Using the engine declines it."""
+    pytest.importorskip("openvino_telemetry")
+    from openvino.tools.ovc.telemetry_utils import init_ovc_telemetry
+    from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
+
+    from fastformers.engines.openvino_engine import _ov
+
+    _ov()
+    assert OptInChecker().check(enable_opt_in_dialog=False) == ConsentCheckResult.DECLINED
+    assert init_ovc_telemetry().consent is False

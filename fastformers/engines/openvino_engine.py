@@ -56,7 +56,20 @@ def _ov():
         import openvino
     except ImportError as err:
         raise FastformersError("engine openvino: the openvino package is not installed (pip install openvino)") from err
+    decline_telemetry()
     return openvino
+
+
+def decline_telemetry() -> None:
+    """OpenVINO's converter and NNCF send usage telemetry unless the user opted out, from a process forked per
+    event that resolves a host name: without a network that child hung in getaddrinfo and the finished job never
+    exited (seen in a sweep here). This process declines it, as OpenVINO's `opt_in_out --opt_out` would, without
+    writing the user's consent file."""
+    try:
+        from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
+    except ImportError:  # no telemetry package: nothing is sent
+        return
+    OptInChecker.check = lambda self, *args, **kwargs: ConsentCheckResult.DECLINED
 
 
 def cpu_capabilities(ov) -> list[str]:
