@@ -151,8 +151,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 
 def stage_payload(cfg: DictConfig, name: str, stage, data_print: str, inputs: dict[str, tuple[Path, str]]) -> dict:
-    """What a stage's cache key hashes: its code, the libraries, its config, the data and its inputs' keys."""
-    return {
+    """What a stage's cache key hashes: its code, the libraries, its config, the data, its inputs' keys and, for a
+    stage whose output depends on the CPU (`machine_facts`), those facts."""
+    facts = stage.machine_facts(cfg) if hasattr(stage, "machine_facts") else {}
+    return ({"machine": facts} if facts else {}) | {
         "stage": name,
         "version": stage.VERSION,
         "code": code_fingerprint(*stage_modules(name, stage, cfg)),

@@ -386,7 +386,8 @@ def speed_rows(**rows: tuple[float, float, bool, float]) -> list[dict]:
     made = []
     for name, (lo, hi, stock, passed) in rows.items():
         metrics = {"throughput": (lo + hi) / 2, "throughput_lo": lo, "throughput_hi": hi, "gate_passed": passed}
-        made.append({"name": name, "candidate": True, "skipped": None, "stock": stock, "metrics": metrics})
+        row = {"name": name, "engine": "onnxruntime", "precision": "int8_stock" if stock else "int8", "stock": stock}
+        made.append(row | {"candidate": True, "skipped": None, "metrics": metrics})
     return made
 
 
@@ -397,7 +398,8 @@ def test_the_pick_is_the_stock_row_unless_a_faster_one_is_measurably_faster():
     clear = pick(speed_rows(stock=(100, 120, True, 1.0), ours=(130, 140, False, 1.0)))
     assert clear.row["name"] == "ours" and clear.note is None
     itself = pick(speed_rows(stock=(150, 160, True, 1.0), ours=(100, 140, False, 1.0)))
-    assert itself.row["name"] == "stock" and "is itself the fastest that passed" in itself.note
+    assert itself.row["name"] == "stock" and "itself the fastest that passed" in itself.note
+    assert "onnxruntime's stock int8 recipe, int8_stock" in itself.note  # the recipe is named, not just the row
     failed_stock = pick(speed_rows(stock=(100, 200, True, 0.0), ours=(110, 140, False, 1.0)))
     assert failed_stock.row["name"] == "ours"  # only a stock row that passes the same gate holds the pick back
 

@@ -67,3 +67,22 @@ def test_a_variant_needs_a_known_cpu_condition_and_exactly_one_stock_recipe(make
     cfg = make_cfg("+engines.onnxruntime.int8.fast={weight_type: QInt8}")
     with pytest.raises(FastformersError, match=r"engines.onnxruntime.int8.fast: a variant's name starts with int8"):
         get_engine("onnxruntime", cfg.engines)
+
+
+def test_an_export_entry_built_on_a_vnni_cpu_is_not_read_on_an_avx2_one(make_cfg, monkeypatch):
+    """The accuracy-controlled OpenVINO variant is built only where VNNI is missing, so the export's cache key
+    names what this CPU builds: a VNNI machine's entry (without int8_ac) is never read on an AVX2 machine."""
+    pytest.importorskip("nncf")
+    from fastformers.pipeline import stage_payload
+    from fastformers.stages import export
+
+    cfg = make_cfg("precision=int8", "export.engines=[onnxruntime,openvino]")
+    payloads = {}
+    for vnni in (True, False):
+        monkeypatch.setattr(variants, "int8_features", lambda flags=None, vnni=vnni: {"vnni": vnni})
+        payloads[vnni] = stage_payload(cfg, "export", export, "data", {})
+    assert "int8_ac" in payloads[False]["machine"]["openvino"]
+    assert "int8_ac" not in payloads[True]["machine"]["openvino"]
+    assert payloads[True] != payloads[False]
+    fp32 = make_cfg("precision=fp32")
+    assert "machine" not in stage_payload(fp32, "export", export, "data", {})  # other keys are unchanged

@@ -236,13 +236,19 @@ class Pick:
         if not (self.row and self.stock):
             return None
         if self.fastest is None:
-            return f"the stock int8 row {self.row['name']} is itself the fastest that passed"
+            return f"{self.recipe}, itself the fastest that passed"
         fast, base = self.fastest["metrics"], self.row["metrics"]
         return (
-            f"the stock int8 row {self.row['name']}: the fastest that passed, {self.fastest['name']} "
+            f"{self.recipe}, kept because the fastest that passed, {self.fastest['name']} "
             f"({fast['throughput_lo']:.2f}-{fast['throughput_hi']:.2f} ex/s), is not measurably faster than it "
             f"({base['throughput_lo']:.2f}-{base['throughput_hi']:.2f} ex/s)"
         )
+
+    @property
+    def recipe(self) -> str:
+        """Which stock recipe the picked row runs: the engine's `stock: true` int8 variant."""
+        assert self.row is not None
+        return f"a stock int8 row ({self.row['engine']}'s stock int8 recipe, {self.row['precision']})"
 
 
 def eligible(rows: list[dict]) -> list[dict]:

@@ -120,6 +120,7 @@ def format_table(report: dict, cfg: DictConfig) -> str:
     )
     if has_ref:
         lines.append(f"vs ref: throughput / {report['reference']}'s (the stock reference at its best layout tried)")
+    lines += stock_lines(rows, report.get("reference"))
     pick = row_named(rows, report.get("pick"))
     if pick:
         gate = f" that passed the accuracy gate vs {cfg.benchmark.gate.reference}" if report.get("gate_rows") else ""
@@ -134,6 +135,20 @@ def format_table(report: dict, cfg: DictConfig) -> str:
     lines += gate_lines(report, cfg)
     lines += profile_lines(rows)
     return "\n".join(lines)
+
+
+def stock_lines(rows: list[dict], reference: str | None) -> list[str]:
+    """The rows that run an engine's stock int8 recipe (its `stock: true` variant), named by recipe: the pick is
+    never measurably slower than one of them that passes the gate; the reference is the onnxruntime one."""
+    recipes: dict[str, list[str]] = {}
+    for row in rows:
+        if row.get("stock"):
+            recipes.setdefault(f"{row['engine']}/{row['precision']}", []).append(row["name"])
+    if not recipes:
+        return []
+    named = "; ".join(f"{recipe}: {', '.join(names)}" for recipe, names in recipes.items())
+    ref = f" ({reference} is the reference)" if reference else ""
+    return [f'stock int8 rows, each engine\'s stock recipe (docs/engines.md, "int8 variants"){ref}: {named}']
 
 
 def gate_lines(report: dict, cfg: DictConfig) -> list[str]:

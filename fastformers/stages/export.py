@@ -43,6 +43,18 @@ def uses(cfg: DictConfig) -> tuple[str, ...]:
     return ("model",)
 
 
+def machine_facts(cfg: DictConfig) -> dict:
+    """What this CPU changes in the entry, for its cache key: the int8 variants each engine builds here. An
+    accuracy-controlled variant is built only on a CPU it applies to (it judges this CPU's kernels), so an entry
+    built on a VNNI machine lacks it and must not be read on an AVX2 one."""
+    if cfg.precision.name != "int8":
+        return {}
+    engines = {name: get_engine(name, cfg.engines) for name in cfg.export.engines}
+    return {
+        name: sorted(p for p in engine.variants if engine.unavailable(p) is None) for name, engine in engines.items()
+    }
+
+
 def validate(cfg: DictConfig) -> None:
     precision, opts = cfg.precision, cfg.export
     if precision.name not in PRECISIONS:
