@@ -19,7 +19,7 @@ from fastformers.data import fingerprint, parse_split, split_label, task_file
 from fastformers.errors import FastformersError, check_stopped
 from fastformers.stages import get_stage
 from fastformers.stages import teacher as teacher_stage
-from fastformers.tasks import task_of
+from fastformers.task_config import task_of
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,8 @@ from fastformers.cli import CONF_DIR
 from fastformers.data import fingerprint, load_examples, make_loader
 from fastformers.errors import FastformersError
 from fastformers.models import load_finetuned, score_examples
-from fastformers.tasks import TASKS, task_of
+from fastformers.task_config import task_of
+from fastformers.tasks import TASKS
 from fastformers.tracking import ROLE_TAG
 from tests.test_sweeps import TINY, TINY_SWEEP, cli, runs_of, store
 

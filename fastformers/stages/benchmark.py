@@ -74,7 +74,7 @@ def validate(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]:
-    from fastformers.tasks import task_of
+    from fastformers.task_config import task_of
 
     task, opts = task_of(cfg), cfg.benchmark
     examples = load_examples(task, cfg.data.root, opts.split, cfg.data.split_seed, cfg.data.download)

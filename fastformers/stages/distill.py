@@ -30,7 +30,8 @@ from fastformers.models import (
     resolve_pretrained,
 )
 from fastformers.pruning import family_layout
-from fastformers.tasks import Task, task_of
+from fastformers.task_config import task_of
+from fastformers.tasks import Task
 from fastformers.training import (
     TRAINING_KEYS,
     agreement,

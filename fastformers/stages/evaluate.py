@@ -24,7 +24,8 @@ from fastformers.engines import (
 )
 from fastformers.errors import FastformersError
 from fastformers.models import load_finetuned, predict
-from fastformers.tasks import DIAGNOSTICS, Task, task_of
+from fastformers.task_config import task_of
+from fastformers.tasks import DIAGNOSTICS, Task
 
 VERSION = 2  # a manual override: the code itself is part of the cache key (pipeline.stage_modules)
 PROVIDES = None

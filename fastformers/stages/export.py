@@ -25,7 +25,7 @@ from fastformers.models import load_finetuned, model_inputs
 from fastformers.onnx import settings_path
 from fastformers.onnx.convert import export_onnx
 from fastformers.pruning import attention_shape, family_layout
-from fastformers.tasks import task_of
+from fastformers.task_config import task_of
 
 log = logging.getLogger(__name__)
 

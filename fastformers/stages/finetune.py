@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 from fastformers.checks import require_number
 from fastformers.data import TaskDataModule, load_examples, texts_of
 from fastformers.models import count_parameters, load_model
-from fastformers.tasks import task_of
+from fastformers.task_config import task_of
 from fastformers.training import (
     TRAINING_KEYS,
     FineTuneModule,

@@ -39,7 +39,8 @@ from fastformers.pruning import (
     rewire,
     top_per_layer,
 )
-from fastformers.tasks import Task, task_of
+from fastformers.task_config import task_of
+from fastformers.tasks import Task
 from fastformers.training import (
     TRAINING_KEYS,
     check_distillation,

@@ -20,7 +20,8 @@ from omegaconf import DictConfig
 from fastformers.data import hash_file, load_examples, split_label
 from fastformers.errors import FastformersError
 from fastformers.models import check_family, count_parameters, load_finetuned, resolve_pretrained
-from fastformers.tasks import Task, task_of
+from fastformers.task_config import task_of
+from fastformers.tasks import Task
 from fastformers.training import predictions
 
 log = logging.getLogger(__name__)
