@@ -180,7 +180,8 @@ def _code_of(module: str) -> str:
 
 @functools.cache
 def _imported_modules(module: str) -> frozenset[str]:
-    """`module` and the fastformers modules it imports, transitively (imports inside functions included)."""
+    """`module` and the fastformers modules it imports, transitively (imports inside functions included, those
+    for type checking only not)."""
     seen: set[str] = set()
     todo = [module]
     while todo:
@@ -189,13 +190,23 @@ def _imported_modules(module: str) -> frozenset[str]:
         if name in seen or path is None:
             continue
         seen.add(name)
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in _runtime_nodes(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 todo += [alias.name for alias in node.names if alias.name.startswith("fastformers")]
             elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fastformers"):
                 todo.append(node.module)  # `from fastformers import x`: x may be a module of the package
                 todo += [f"{node.module}.{alias.name}" for alias in node.names]
     return frozenset(seen)
+
+
+def _runtime_nodes(tree: ast.AST) -> Iterator[ast.AST]:
+    """Every node of a module except the bodies of `if TYPE_CHECKING:`: an import for type hints runs no code."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            yield from (n for child in node.orelse for n in ast.walk(child))
+            continue
+        yield node
+        yield from _runtime_nodes(node)
 
 
 def cache_key(payload: dict) -> str:

@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import hydra
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from fastformers.checks import first_line
-from fastformers.errors import STOP_SIGNALS, FastformersError, stop_message, stop_signal
+from fastformers.errors import STOP_SIGNALS, FastformersError, fail, stop_message, stop_signal
 from fastformers.tracking_server import check_server
 
 log = logging.getLogger("fastformers")
@@ -52,14 +52,6 @@ def check_tracking_server(cfg: DictConfig) -> None:
     except OmegaConfBaseException:
         return
     check_server(uri)
-
-
-def fail(err: FastformersError) -> NoReturn:
-    """A FastformersError as the user sees it: one line on stderr (and in the job's log), exit status 2."""
-    if log.hasHandlers():  # not before Hydra configured logging: Python's last-resort handler would print it twice
-        log.error("%s", err)
-    print(f"fastformers: error: {err}", file=sys.stderr)
-    raise SystemExit(2) from None
 
 
 _stopped_by = STOP_SIGNALS  # the signal that stopped this process, if one did

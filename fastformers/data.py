@@ -12,6 +12,7 @@ import re
 import urllib.request
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -259,6 +260,34 @@ def load_examples(
     if not examples:
         raise FastformersError(f"{path}: split {spec!r} has no examples")
     return examples
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One task's data as a run reads it (where its files are, how a share of a split is drawn, whether the
+    official archive may be fetched, how many tokens a row keeps), so a stage names a split, not five settings."""
+
+    task: Task
+    root: str | Path
+    max_length: int
+    split_seed: int = 0
+    download: bool = False
+
+    @classmethod
+    def of(cls, cfg: DictConfig, task: Task) -> DataSource:
+        return cls(task, cfg.data.root, cfg.task.max_seq_length, cfg.data.split_seed, cfg.data.download)
+
+    def examples(self, spec: str, download: bool | None = None) -> list[Example]:
+        """A split spec's examples (`download=False`: an optional split is never fetched)."""
+        fetch = self.download if download is None else download
+        return load_examples(self.task, self.root, spec, self.split_seed, fetch)
+
+    def loader(self, examples, tokenizer, batch_size: int) -> DataLoader:
+        """An inference loader over `examples` (`make_loader`), at the run's row length."""
+        return make_loader(examples, tokenizer, self.task, self.max_length, batch_size)
+
+    def encoded(self, examples, tokenizer) -> EncodedDataset:
+        return EncodedDataset(examples, tokenizer, self.max_length)
 
 
 def fingerprint(root: str | Path, task: Task) -> str:

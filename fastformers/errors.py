@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import signal
+import sys
+from typing import NoReturn
 
 
 class FastformersError(Exception):
     """Bad input or config: the message names the field or file and says what to do."""
+
+
+def fail(err: FastformersError) -> NoReturn:
+    """A FastformersError as the user sees it: one line on stderr (and in the job's log), exit status 2. Here,
+    not in the CLI, so that Hydra callbacks (the sweep's) end the same way without importing the CLI."""
+    log = logging.getLogger("fastformers")
+    if log.hasHandlers():  # not before Hydra configured logging: Python's last-resort handler would print it twice
+        log.error("%s", err)
+    print(f"fastformers: error: {err}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 STOP_SIGNALS: list[int] = []  # signals received (SIGTERM from a scheduler, a launcher cancelling a job; Ctrl-C)

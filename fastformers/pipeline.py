@@ -6,20 +6,23 @@ import json
 import logging
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
-from fastformers import distributed, serving, tracking
+from fastformers import distributed, serving, stages, tracking
 from fastformers.cache import StageCache, cache_key, code_fingerprint, library_versions
 from fastformers.checks import check_resolvable, require_distinct, require_number
-from fastformers.data import fingerprint, parse_split, split_label, task_file
+from fastformers.context import StageContext
+from fastformers.data import DataSource, fingerprint, parse_split, split_label, task_file
+from fastformers.engines import get_engine
 from fastformers.errors import FastformersError, check_stopped
-from fastformers.stages import get_stage
-from fastformers.stages import teacher as teacher_stage
-from fastformers.tasks import task_of
+from fastformers.stages import Stage, get_stage
+from fastformers.task_config import task_of
+from fastformers.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +30,19 @@ METRICS_FILE = "metrics.json"
 # Training settings that change what is printed, not what a stage writes: hashed at one fixed value, so
 # changing them reuses the cache (and entries made before they could change keep their keys).
 OUTPUT_NEUTRAL = {"progress_bar": False, "log_every_n_steps": 10}
-HEADLINE = ("score", "accuracy", "f1", "f1a", "em")  # the metrics a stage's line on the terminal shows
 TEACHER = "teacher"  # the first model of a run (the fine-tuned teacher), for stages that compare against it
+MODEL = "model"  # what a training stage provides; the run's first one is also its TEACHER
 
 
-def validate(cfg: DictConfig) -> list:
+def validate(cfg: DictConfig) -> list[Stage]:
     """Every check that needs no data or model, so a bad config fails before minutes of work."""
+    return validated(cfg)[0]
+
+
+def validated(cfg: DictConfig) -> tuple[list[Stage], Task]:
+    """`validate`'s checks; returns the run's stages and its task (built here, once per run)."""
     check_resolvable(cfg)
-    task_of(cfg)  # a SuperGLUE task, or a valid one on your own files (checked without reading them)
+    task = task_of(cfg)  # a SuperGLUE task, or a valid one on your own files (checked without reading them)
     require_number(cfg, "seed", integer=True)
     require_number(cfg, "data.split_seed", integer=True)
     require_number(cfg, "task.max_seq_length", 1, integer=True, meaning="the most tokens of a row")
@@ -48,17 +56,13 @@ def validate(cfg: DictConfig) -> list:
             f"student.family={student_family!r} differs from teacher.family="
             f"{cfg.teacher.family!r}: distillation stays within one family"
         )
-    if (cfg.pruning.heads != 1.0 or cfg.pruning.ffn != 1.0) and "prune" not in cfg.stages:
-        raise FastformersError(
-            f"pruning.heads={cfg.pruning.heads} pruning.ffn={cfg.pruning.ffn} needs the prune "
-            "stage: add it after the model it prunes, e.g. stages=[finetune,distill,prune,evaluate]"
-        )
     if not cfg.stages:
         raise FastformersError("stages is empty: name at least one, e.g. stages=[finetune,evaluate]")
+    stages.check_chain(cfg)
     require_distinct(list(cfg.stages), "stages")
     serving.validate(cfg)
-    start_from_given_teacher(cfg)
-    stages: list = []
+    stages.start_from_given_teacher(cfg, (MODEL, TEACHER))
+    chain: list[Stage] = []
     provided: set[str] = set()
     for name in cfg.stages:
         stage = get_stage(name)
@@ -70,40 +74,24 @@ def validate(cfg: DictConfig) -> list:
                 f"(e.g. stages=[finetune,{name}], or your own fine-tuned model: teacher.pretrained=/path/to/folder); "
                 f"these run before it: {sorted(provided)}"
             )
-        stages.append(stage)
-        if stage.PROVIDES == "model":
+        chain.append(stage)
+        if stage.PROVIDES == MODEL:
             provided.add(TEACHER)
         if stage.PROVIDES:
             provided.add(stage.PROVIDES)
-    if GIVEN_TEACHER in cfg.stages:
-        with open_dict(cfg.teacher):  # the folder's content keys the stage's cache entry (and shows in MLflow)
-            cfg.teacher.sha256 = teacher_stage.folder_hash(teacher_stage.folder_of(cfg))
-    return stages
+    return chain, task
 
 
-GIVEN_TEACHER = "teacher"  # the stage that takes teacher.pretrained, a fine-tuned model, as the teacher as it is
-
-
-def start_from_given_teacher(cfg: DictConfig) -> None:
-    """A run whose first stage needs a model that no stage makes (e.g. stages=[distill,prune,export,evaluate])
-    starts from teacher.pretrained, the user's own fine-tuned model, as it is: the `teacher` stage is put in
-    front, in `cfg.stages` itself, so the run's stage lines, cache and MLflow params all say what ran."""
-    names = list(cfg.stages)
-    if "finetune" in names and GIVEN_TEACHER in names:
-        raise FastformersError("stages: 'finetune' and 'teacher' both make the teacher; keep one of them")
-    if "finetune" in names or GIVEN_TEACHER in names or not cfg.teacher.get("pretrained"):
-        return
-    if not {"model", TEACHER} & set(get_stage(names[0]).uses(cfg)):
-        return
-    log.info("stages: no finetune stage: the teacher is teacher.pretrained=%s as it is", cfg.teacher.pretrained)
-    with open_dict(cfg):
-        cfg.stages = [GIVEN_TEACHER, *names]
+def context_of(cfg: DictConfig, task: Task | None = None, logger=None) -> StageContext:
+    """What every stage reads besides its inputs, made once per run (`task`: the run's, when already built)."""
+    task = task or task_of(cfg)
+    return StageContext(cfg, task, DataSource.of(cfg, task), lambda name: get_engine(name, cfg.engines), logger)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Runs the stages; returns every metric logged, keyed `<stage>/<metric>`."""
-    stages = validate(cfg)
-    task = task_of(cfg)
+    chain, task = validated(cfg)
+    ctx = context_of(cfg, task)
     try:
         for spec in dict.fromkeys([cfg.task.train_split, cfg.task.eval_split]):  # fail before any MLflow run
             task_file(cfg.data.root, task, parse_split(spec)[0], cfg.data.download)
@@ -117,11 +105,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     data_print = fingerprint(cfg.data.root, task)
     cache = StageCache(Path(cfg.paths.cache_dir).resolve())
     if distributed.is_worker(cfg.hardware):
-        return run_worker(cfg, stages, cache, data_print)
+        return run_worker(ctx, chain, cache, data_print)
     provided: dict[str, tuple[Path, str]] = {}
-    results: dict[str, float] = {}
+    results: dict[str, dict[str, float]] = {}
     with tracking.start_run(cfg) as active, distributed.leading(cache.root, cfg.hardware) as decisions:
-        for name, stage in zip(cfg.stages, stages):
+        ctx = replace(ctx, logger=tracking.lightning_logger(cfg))  # training logs into this run
+        for name, stage in zip(cfg.stages, chain):
             inputs = {need: provided[need] for need in stage.uses(cfg)}
             payload = stage_payload(cfg, name, stage, data_print, inputs)
             if not stage.CACHED:  # a measurement (timings): taken afresh in every run
@@ -129,25 +118,25 @@ def run(cfg: DictConfig) -> dict[str, float]:
             key = cache_key(payload)
             log.info("stage %s: started", name)
             started = time.perf_counter()
-            folder, hit = run_cached(cache, name, key, stage, cfg, inputs, payload, active.info.run_id, decisions)
+            folder, hit = run_cached(cache, name, key, stage, ctx, inputs, payload, active.info.run_id, decisions)
             check_stopped()  # a stop signal the stage's libraries swallowed: the run must not end FINISHED
             metrics = json.loads((folder / METRICS_FILE).read_text())
             print(
                 f"stage {name}: {'from the cache' if hit else 'ran'} in {minutes(time.perf_counter() - started)}"
-                f"{headline(name, metrics)}",
+                f"{headline(stage, metrics)}",
                 flush=True,
             )
             mlflow.log_metrics({f"{name}/{k}": float(v) for k, v in metrics.items()})
             mlflow.set_tags({f"cache.{name}": "hit" if hit else "miss", f"cache.{name}.path": str(folder)})
             log_stage_artifacts(folder, name, cfg.mlflow.log_models)
-            results |= {f"{name}/{k}": float(v) for k, v in metrics.items()}
+            results[name] = {k: float(v) for k, v in metrics.items()}
             log.debug("stage %s metrics: %s", name, metrics)
             record_output(provided, stage, folder, key)
         if cfg.mlflow.serve_model and "onnx" in provided:
             serving.log_served_model(provided["onnx"][0], cfg, provided.get("pick", (None,))[0])
         check_stopped()
         print(summary(cfg, results, active.info.run_id), flush=True)
-    return results
+    return {f"{name}/{k}": v for name, metrics in results.items() for k, v in metrics.items()}
 
 
 def stage_payload(cfg: DictConfig, name: str, stage, data_print: str, inputs: dict[str, tuple[Path, str]]) -> dict:
@@ -168,55 +157,55 @@ def stage_payload(cfg: DictConfig, name: str, stage, data_print: str, inputs: di
 WORKER_WAIT = 1800.0  # seconds a DDP worker waits for rank 0 to start an entry (torch's own collective timeout)
 
 
-def run_worker(cfg: DictConfig, stages: list, cache: StageCache, data_print: str) -> dict[str, float]:
+def run_worker(ctx: StageContext, chain: list[Stage], cache: StageCache, data_print: str) -> dict[str, float]:
     """A DDP rank other than 0: for each stage up to the last training stage it waits for rank 0's decision,
     joins the fit of each training stage rank 0 builds (its own copy of the output is thrown away) and reads
     the entries rank 0 writes or reads; never its own cache lookup, which may differ from rank 0's (another job
     may be building the entry). The stages after the last training stage run on rank 0 alone. It writes no cache
     entry and no MLflow run."""
+    cfg = ctx.cfg
     decisions = distributed.following(cache.root, cfg.hardware)
-    trains = [i for i, stage in enumerate(stages) if stage.DISTRIBUTED]
+    trains = [i for i, stage in enumerate(chain) if stage.DISTRIBUTED]
     provided: dict[str, tuple[Path, str]] = {}
-    for name, stage in list(zip(cfg.stages, stages))[: trains[-1] + 1 if trains else 0]:
+    for name, stage in list(zip(cfg.stages, chain))[: trains[-1] + 1 if trains else 0]:
         inputs = {need: provided[need] for need in stage.uses(cfg)}
         own = cache_key(stage_payload(cfg, name, stage, data_print, inputs)) if stage.CACHED else None
         action, key = decisions.wait(name, own)  # a measurement's key holds rank 0's run id: take rank 0's
         if action == distributed.BUILD and stage.DISTRIBUTED:
             with tempfile.TemporaryDirectory(prefix=f"fastformers-rank-{name}-") as scratch:
-                stage.run(cfg, {need: folder for need, (folder, _) in inputs.items()}, Path(scratch))
+                stage.run(ctx, {need: folder for need, (folder, _) in inputs.items()}, Path(scratch))
         record_output(provided, stage, cache.wait_for(name, key, WORKER_WAIT), key)
     return {}
 
 
 def record_output(provided: dict[str, tuple[Path, str]], stage, folder: Path, key: str) -> None:
     """What later stages may read: the stage's output by name, and the run's first model as its teacher."""
-    if stage.PROVIDES == "model":
+    if stage.PROVIDES == MODEL:
         provided.setdefault(TEACHER, (folder, key))
     if stage.PROVIDES:
         provided[stage.PROVIDES] = (folder, key)
 
 
-def headline(stage: str, metrics: dict) -> str:
-    """The few numbers of a stage worth a line on the terminal (its scores); the rest go to MLflow."""
-    if stage == "benchmark":
-        keys = [k for k in ("pick/throughput", "pick/speedup", "pick/score") if k in metrics]
-    else:
-        keys = [k for k in metrics if k == "best_val_score" or (k.count("/") == 1 and k.split("/")[1] in HEADLINE)]
+def headline(stage: Stage, metrics: dict) -> str:
+    """The few numbers of a stage worth a line on the terminal (those it names: its scores); the rest go to
+    MLflow."""
+    keys = [k for k in metrics if any(matches(k, pattern) for pattern in stage.HEADLINE)]
     return (": " + ", ".join(f"{k} {metrics[k]:.4g}" for k in keys)) if keys else ""
 
 
-def summary(cfg: DictConfig, results: dict[str, float], run_id: str) -> str:
-    """What the user reads last: the scores, where the run is in MLflow, how to open it, where the files are."""
+def matches(key: str, pattern: str) -> bool:
+    """Whether a metric name fits a HEADLINE pattern, name by name (`*` fits any one name between slashes)."""
+    names, wanted = key.split("/"), pattern.split("/")
+    return len(names) == len(wanted) and all(w in ("*", n) for n, w in zip(names, wanted))
+
+
+def summary(cfg: DictConfig, results: dict[str, dict[str, float]], run_id: str) -> str:
+    """What the user reads last: what the stages show of their metrics (the scores, the benchmark's pick),
+    where the run is in MLflow, how to open it, where the files are."""
     uri = tracking.tracking_uri(cfg)
-    scores = {k: v for k, v in results.items() if k.startswith("evaluate/")}
     lines = ["", "== fastformers: done"]
-    if scores:
-        lines.append("scores: " + ", ".join(f"{k.removeprefix('evaluate/')} {v:.4f}" for k, v in scores.items()))
-    if "benchmark/pick/throughput" in results:
-        lines.append(
-            f"benchmark pick: {results['benchmark/pick/throughput']:.1f} ex/s, "
-            f"{results.get('benchmark/pick/speedup', float('nan')):.2f}x the baseline"
-        )
+    for name in stages.in_chain_order(results):
+        lines += get_stage(name).summary(results[name])
     lines += [
         f"MLflow run {run_id} in experiment '{cfg.mlflow.experiment_name}' ({uri})",
         f"look at it: mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)"
@@ -279,8 +268,8 @@ def run_cached(
     cache: StageCache,
     name: str,
     key: str,
-    stage,
-    cfg: DictConfig,
+    stage: Stage,
+    ctx: StageContext,
     inputs,
     payload,
     run_id: str,
@@ -295,7 +284,7 @@ def run_cached(
         if not mine:
             return cache.entry(name, key), True
         with cache.build(name, key, {"payload": payload, "built_by_run": run_id}) as scratch:
-            metrics = stage.run(cfg, {need: folder for need, (folder, _) in inputs.items()}, scratch)
+            metrics = stage.run(ctx, {need: folder for need, (folder, _) in inputs.items()}, scratch)
             (scratch / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     return cache.entry(name, key), False
 

@@ -143,7 +143,7 @@ def served_requirements(engine_name: str) -> list[str]:
 def log_served_model(onnx_folder: Path, cfg: DictConfig, pick_folder: Path | None = None) -> dict:
     """Logs the chosen artifact (an OpenVINO IR with its weights file) and the tokenizer under the active
     run's `model`; returns the choice."""
-    from fastformers.tasks import from_files, task_of
+    from fastformers.task_config import from_files, task_of
 
     choice = served_choice(cfg, pick_folder)
     task_spec = {"task_spec": task_of(cfg).spec} if from_files(cfg.task) else {}

@@ -18,7 +18,7 @@ import time
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from fastformers.errors import STOPPED_RUNS, FastformersError
+from fastformers.errors import STOPPED_RUNS, FastformersError, fail
 from fastformers.tracking_server import check_server
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,6 @@ class MlflowSweepCallback(Callback):
         """Opens the store (checking the server, creating the store and the experiment under the store's lock,
         ending runs whose process is gone), then creates the sweep's parent run. Hydra builds this callback for
         every command, so mlflow (seconds to import) is imported only here, once a server was found up."""
-        from fastformers.cli import fail
-
         try:
             check_server(str(config.mlflow.tracking_uri))
             from mlflow.tracking import MlflowClient

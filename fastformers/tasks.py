@@ -8,7 +8,7 @@ Two shapes cover all seven tasks:
   the highest wins (COPA's two choices, ReCoRD's entities filling `@placeholder`).
 
 A task can also come from config: `task.files` names the user's own files (fastformers/text_classification.py);
-`task_of(cfg)` gives the run's task either way.
+`task_config.task_of(cfg)` gives the run's task either way.
 """
 
 from __future__ import annotations
@@ -348,24 +348,10 @@ LEADERBOARD_FILES = [*(t.name for t in TASKS.values()), *(d.name for ds in DIAGN
 
 
 def get_task(name: str) -> Task:
-    """A SuperGLUE task by name (a task on your own files comes from its config: `task_of`)."""
+    """A SuperGLUE task by name (a task on your own files comes from its config: `task_config.task_of`)."""
     if name not in TASKS:
         raise FastformersError(
             f"task.name={name!r} is not a SuperGLUE task; choose one of {sorted(TASKS)}, "
             "or task=text_classification for your own files"
         )
     return TASKS[name]
-
-
-def from_files(task_cfg: Any) -> bool:
-    """Whether a `task` config defines its own task on the user's files (conf/task/text_classification.yaml)."""
-    return "files" in task_cfg
-
-
-def task_of(cfg: Any) -> Task:
-    """The run's task: the SuperGLUE task `task.name` names, or the one `task` defines on the user's files."""
-    if not from_files(cfg.task):
-        return get_task(cfg.task.name)
-    from fastformers import text_classification
-
-    return text_classification.build(text_classification.check(cfg.task))

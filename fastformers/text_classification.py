@@ -20,6 +20,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from fastformers import metrics
+from fastformers.data import parse_split, read_records, task_file_error
 from fastformers.errors import FastformersError
 from fastformers.tasks import TASKS, Example, Fields, RecordError, Task, _golds, _shown
 
@@ -117,8 +118,6 @@ def build(spec: dict, with_files: bool = True) -> Task:
     if labels is None:
         if files is None:
             raise FastformersError("task.labels is null and there are no files to take them from")
-        from fastformers.data import parse_split
-
         train_split = parse_split(str(spec.get("train_split", "train")))[0]
         if train_split not in files:
             raise FastformersError(
@@ -166,8 +165,6 @@ def _natural(name: str) -> tuple:
 
 def train_labels(path: Path, field: str, delimiter: str | None, key: str) -> tuple[str, ...]:
     """The distinct labels of a train file, sorted (integers by value); the file is read once per version."""
-    from fastformers.data import task_file_error
-
     if not path.is_file():
         raise task_file_error(path, key)
     stat = path.stat()
@@ -176,8 +173,6 @@ def train_labels(path: Path, field: str, delimiter: str | None, key: str) -> tup
 
 @functools.lru_cache(maxsize=16)
 def _train_labels(path: str, size: int, mtime: int, field: str, delimiter: str | None) -> tuple[str, ...]:
-    from fastformers.data import read_records
-
     found: set[str] = set()
     for where, record in read_records(Path(path), delimiter):
         if field not in record:

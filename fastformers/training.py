@@ -17,10 +17,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 from transformers import get_linear_schedule_with_warmup
 
-from fastformers import distributed, tracking
+from fastformers import distributed
 from fastformers.checks import require_number
 from fastformers.data import TaskDataModule, TrainOrder, make_loader
 from fastformers.errors import FastformersError, check_stopped
@@ -247,9 +248,16 @@ def show_progress_bar(setting) -> bool:
 
 
 def fit_best(
-    module: L.LightningModule, data: L.LightningDataModule, opts: DictConfig, cfg: DictConfig, out: Path, monitor: str
+    module: L.LightningModule,
+    data: L.LightningDataModule,
+    opts: DictConfig,
+    cfg: DictConfig,
+    out: Path,
+    monitor: str,
+    logger: Logger | None = None,
 ) -> tuple[float, int, float]:
-    """Trains with Lightning, then restores the best epoch's weights into `module`.
+    """Trains with Lightning, then restores the best epoch's weights into `module`; its metrics go to `logger`
+    (the run's, made by the pipeline: this module knows nothing of MLflow, so neither do trained models' keys).
 
     Returns (best monitored score, epochs run, seconds of all attempts). Resumable: at every epoch end
     `out/checkpoints` gets the best epoch's weights and `last.ckpt` (weights, optimizer, LR schedule, loop and
@@ -271,7 +279,7 @@ def fit_best(
         **distributed.trainer_placement(cfg.hardware),
         use_distributed_sampler=False,  # TrainOrder splits the global batches itself; all ranks validate on all
         precision=cfg.hardware.train_precision,
-        logger=False if worker else tracking.lightning_logger(cfg),
+        logger=False if worker or logger is None else logger,
         callbacks=callbacks,
         gradient_clip_val=opts.max_grad_norm,
         num_sanity_val_steps=0,
@@ -466,6 +474,7 @@ def train_student(
     cfg: DictConfig,
     out: Path,
     prefix: str = "distill",
+    logger: Logger | None = None,
 ) -> tuple[float, int, float, int]:
     """The training both distillations share (this stage's, and the prune stage's from the unpruned model): the
     teacher scores the train set and its augmented copies once, then Lightning trains the student on them.
@@ -475,5 +484,5 @@ def train_student(
         attach_teacher_scores(teacher, teacher_tokenizer, task, train, cfg.task.max_seq_length, opts.eval_batch_size)
     module = DistillModule(student, teacher, task, val, opts, layer_map, prefix)
     data = TaskDataModule(task, tokenizer, train, val, cfg.task.max_seq_length, opts, cfg.seed)
-    score, epochs, seconds = fit_best(module, data, opts, cfg, out, f"{prefix}/val_score")
+    score, epochs, seconds = fit_best(module, data, opts, cfg, out, f"{prefix}/val_score", logger)
     return score, epochs, seconds, len(train)

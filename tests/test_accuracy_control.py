@@ -8,6 +8,8 @@ import inspect
 import numpy as np
 import pytest
 
+from fastformers import pipeline
+from fastformers.data import DataSource
 from fastformers.engines import ExportContext, get_engine
 from fastformers.engines import variants as cpu_variants
 from fastformers.errors import FastformersError
@@ -22,19 +24,20 @@ NO_VNNI = frozenset({"avx2"})
 def recorded_reads(monkeypatch):
     """(caller, split) of every read of examples by the export stage's feed builders."""
     reads = []
-    original = export.load_examples
+    original = DataSource.examples
 
-    def recording(task, root, split, *args):
+    def recording(self, split, *args, **kwargs):
         reads.append((inspect.stack()[2].function, split))  # the feed builder above calibration_examples
-        return original(task, root, split, *args)
+        return original(self, split, *args, **kwargs)
 
-    monkeypatch.setattr(export, "load_examples", recording)
+    monkeypatch.setattr(DataSource, "examples", recording)
     return reads
 
 
 def context(cfg, tmp_path):
     model, tokenizer = saved_tiny("bert", cfg.data.root, tmp_path / "model")
     onnx = export_onnx(model, tokenizer, tmp_path / "model.onnx", 17)
+    run = pipeline.context_of(cfg)
     ctx = ExportContext(
         onnx,
         tmp_path,
@@ -42,8 +45,8 @@ def context(cfg, tmp_path):
         model.config.hidden_size,
         cfg.precision,
         cfg.export,
-        functools.cache(lambda: export.calibration_feeds(cfg, tokenizer)),
-        held_out=lambda count: export.held_out_feeds(cfg, tokenizer, count),
+        functools.cache(lambda: export.calibration_feeds(run, tokenizer)),
+        held_out=lambda count: export.held_out_feeds(run, tokenizer, count),
     )
     return ctx
 
@@ -96,4 +99,4 @@ def test_a_bad_accuracy_control_is_refused_naming_its_field(make_cfg, override, 
 def test_accuracy_control_needs_calibration_examples_left_over(make_cfg, tmp_path, calibration, message):
     cfg = make_cfg("precision=int8", f"precision.calibration_examples={calibration}")
     with pytest.raises(FastformersError, match=message):
-        export.held_out_feeds(cfg, None, 8)
+        export.held_out_feeds(pipeline.context_of(cfg), None, 8)

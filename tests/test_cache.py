@@ -166,3 +166,23 @@ def test_the_code_key_follows_imported_code_not_its_docstrings_or_comments(tmp_p
     a, b, c = (fingerprint_of(tmp_path / name, monkeypatch) for name in "abc")
     assert a == b  # a docstring or a comment changes nothing a stage writes
     assert a != c  # a code change in a module the stage imports rebuilds its entries
+
+
+def edited(monkeypatch, module: str) -> None:
+    """As if `module`'s code had changed (the key machinery reads code through `_code_of`)."""
+    original = cache_module._code_of
+    monkeypatch.setattr(cache_module, "_code_of", lambda name: original(name) + ("#edited" if name == module else ""))
+
+
+@pytest.mark.parametrize("stage", ["finetune", "distill", "prune", "teacher"])
+def test_a_trained_models_key_follows_training_code_not_mlflow_or_engine_code(stage, monkeypatch):
+    """Changing how runs are tracked (the Lightning logger comes from the pipeline's StageContext) or an engine
+    (a type hint only, for training) must not retrain a model; changing the training code must."""
+    module = f"fastformers.stages.{stage}"
+    before = cache_module.code_fingerprint(module)
+    for unrelated in ("fastformers.tracking", "fastformers.tracking_server", "fastformers.engines"):
+        with monkeypatch.context() as patch:
+            edited(patch, unrelated)
+            assert cache_module.code_fingerprint(module) == before, unrelated
+    edited(monkeypatch, "fastformers.training")
+    assert cache_module.code_fingerprint(module) != before

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from fastformers import pipeline
 from fastformers.data import load_examples, texts_of
 from fastformers.engines import export_index
 from fastformers.hub import MODELING_FILE, save_pruned
@@ -126,7 +127,7 @@ def test_prune_stage_output_loads_remotely_and_exports_to_onnxruntime_and_openvi
     tokenizer.save_pretrained(tmp_path / "finetune" / "model")
 
     (tmp_path / "prune").mkdir()
-    metrics = prune.run(cfg, {"model": tmp_path / "finetune"}, tmp_path / "prune")
+    metrics = prune.run(pipeline.context_of(cfg), {"model": tmp_path / "finetune"}, tmp_path / "prune")
     assert (metrics["heads_kept"], metrics["ffn_neurons_kept"]) == (2, 64)
     folder = tmp_path / "prune" / "model"
     ours, _ = load_finetuned(folder)
@@ -138,7 +139,7 @@ def test_prune_stage_output_loads_remotely_and_exports_to_onnxruntime_and_openvi
     torch.testing.assert_close(remote(**batch).logits, ours(**batch).logits, atol=1e-5, rtol=1e-5)
 
     (tmp_path / "export").mkdir()
-    export_metrics = export.run(cfg, {"model": tmp_path / "prune"}, tmp_path / "export")
+    export_metrics = export.run(pipeline.context_of(cfg), {"model": tmp_path / "prune"}, tmp_path / "export")
     index = export_index(tmp_path / "export")
     assert {"onnxruntime/fp32", "openvino/fp32"} <= set(index["artifacts"])
     assert export_metrics["fused/Attention"] == 2

@@ -28,7 +28,8 @@ from fastformers.cli import CONF_DIR
 from fastformers.data import fingerprint, load_examples, make_loader
 from fastformers.errors import FastformersError
 from fastformers.models import load_finetuned, score_examples
-from fastformers.tasks import TASKS, task_of
+from fastformers.task_config import task_of
+from fastformers.tasks import TASKS
 from fastformers.tracking import ROLE_TAG
 from tests.test_sweeps import TINY, TINY_SWEEP, cli, runs_of, store
 
@@ -259,14 +260,14 @@ class HeldStage:
     def __init__(self, stage, job_log: Path, held: Path, patience: float):
         self.stage, self.job_log, self.held, self.patience = stage, job_log, held, patience
 
-    def run(self, cfg, inputs, out):
+    def run(self, ctx, inputs, out):
         self.held.touch()
         deadline = time.monotonic() + self.patience
         while WAITING not in self.job_log.read_text(errors="replace"):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the DDP job never waited for the distill lock ({self.job_log})")
             time.sleep(0.2)
-        return self.stage.run(cfg, inputs, out)
+        return self.stage.run(ctx, inputs, out)
 
 
 def hold_distill_then_build(overrides: list[str], job_log: str, held: str, patience: float = 600.0) -> None:
@@ -295,7 +296,8 @@ def hold_distill_then_build(overrides: list[str], job_log: str, held: str, patie
             )
             held = HeldStage(stage, Path(job_log), Path(held), patience)
             with tracking.start_run(one):  # a job's own run (the training logs into it), ended FINISHED
-                pipeline.run_cached(cache, name, key, held, one, inputs, payload, "another-job")
+                ctx = pipeline.context_of(one, logger=tracking.lightning_logger(one))
+                pipeline.run_cached(cache, name, key, held, ctx, inputs, payload, "another-job")
             return
         pipeline.record_output(provided, stage, cache.entry(name, key), key)
 

@@ -20,7 +20,8 @@ from fastformers.data import fingerprint, load_examples, texts_of
 from fastformers.errors import FastformersError
 from fastformers.models import build_random, load_finetuned
 from fastformers.stages import teacher as teacher_stage
-from fastformers.tasks import TASKS, Task, get_task, task_of
+from fastformers.task_config import task_of
+from fastformers.tasks import TASKS, Task, get_task
 from tests.conftest import mlflow_runs, tiny_spec
 
 WORDS = {"billing": "charged invoice refund", "shipping": "parcel courier arrived", "account": "password login email"}

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from omegaconf import DictConfig
 
 from fastformers.bench import gate
+from fastformers.bench.options import BenchOptions, GateOptions
 from fastformers.bench.settings import Setting
 from fastformers.data import EncodedDataset
 from fastformers.energy import EnergyMeter
@@ -64,7 +64,7 @@ def skipped_row(setting: Setting) -> dict:
     return describe(setting) | {"skipped": setting.skipped, "metrics": {}, "predictions": [], "task_metrics": []}
 
 
-def summarize(setting: Setting, served: Served, examples, task: Task, cfg: DictConfig, meter: EnergyMeter) -> dict:
+def summarize(setting: Setting, served: Served, examples, task: Task, opts: BenchOptions, meter: EnergyMeter) -> dict:
     """One flat numeric record of a setting: speed, latency, memory, energy, cost, and task metrics."""
     seconds = served.pass_seconds
     wall, count = statistics.median(seconds), len(examples)
@@ -93,8 +93,8 @@ def summarize(setting: Setting, served: Served, examples, task: Task, cfg: DictC
             "joules_per_example": energy / count,
             "energy_estimated": float(meter.estimated),
         }
-    if cfg.hardware.usd_per_hour:
-        metrics["usd_per_100m_queries"] = cfg.hardware.usd_per_hour / 3600 * wall / count * 1e8
+    if opts.usd_per_hour:
+        metrics["usd_per_100m_queries"] = opts.usd_per_hour / 3600 * wall / count * 1e8
     preds = predictions(served, count, task.labels is None)
     metrics |= end_to_end(served, count, preds, task.labels is None)
     scores = task.score(examples, preds) if all(e.label is not None for e in examples) else {}
@@ -157,7 +157,7 @@ def labelled_sample(task: Task, examples: Sequence) -> gate.Labelled:
     return gate.Labelled([e.label for e in examples], choices, list(units.values()), score)
 
 
-def gate_limits(opts: DictConfig) -> gate.GateLimits:
+def gate_limits(opts: GateOptions) -> gate.GateLimits:
     return gate.GateLimits(opts.max_disagreement, opts.alpha, opts.permutations, opts.bootstrap, opts.seed)
 
 
@@ -167,7 +167,7 @@ def shown_in_gate(row: dict, reference: str) -> bool:
     return not row["skipped"] and row["name"] != reference and (row["gated"] or row["precision"] != "fp32")
 
 
-def apply_gate(rows: list[dict], opts: DictConfig, sample: gate.Labelled, pools: dict[str, list[int]]) -> list[str]:
+def apply_gate(rows: list[dict], opts: GateOptions, sample: gate.Labelled, pools: dict[str, list[int]]) -> list[str]:
     """Rows that may change predictions (gated) must agree with the gate's float reference on the pool and not
     lose score against it on the labelled units (fastformers/bench/gate.py); those that fail are marked, never
     picked, and listed. `pools`: each judged row's predictions on the pool, by row name."""
@@ -198,7 +198,7 @@ def apply_gate(rows: list[dict], opts: DictConfig, sample: gate.Labelled, pools:
     return failed
 
 
-def gate_reason(verdict: dict, opts: DictConfig) -> str:
+def gate_reason(verdict: dict, opts: GateOptions) -> str:
     """Why a row failed, in one clause per failed test."""
     reasons = []
     if not verdict["agreement_passed"]:

@@ -9,12 +9,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from fastformers.bench.options import BenchOptions, PaperOptions
 from fastformers.bench.settings import Setting
 from fastformers.checks import require_number
 from fastformers.data import EncodedDataset
 from fastformers.errors import FastformersError
 from fastformers.instances import Work, plan_layout
-from fastformers.roofline import Shape
 
 NAME = "paper_baseline"
 LABEL = "the paper's baseline shape, randomly initialised"
@@ -39,23 +39,18 @@ def validate(cfg: DictConfig) -> None:
         )
 
 
-def shape_of(cfg: DictConfig) -> Shape:
-    s = cfg.benchmark.paper_baseline.shape
-    return Shape(s.layers, s.hidden, s.heads, s.hidden // s.heads, s.ffn)
-
-
-def setting(cfg: DictConfig) -> Setting:
+def setting(opts: BenchOptions) -> Setting:
     """One instance on all the cores, fixed padding, torch fp32: the paper's baseline out of the box."""
-    return Setting(NAME, "torch", "fp32", "fixed", plan_layout(1, None, cfg.hardware.cores), model="paper")
+    return Setting(NAME, "torch", "fp32", "fixed", plan_layout(1, None, opts.cores), model="paper")
 
 
-def save_model(cfg: DictConfig, tokenizer, num_labels: int, folder: Path) -> Path:
+def save_model(opts: PaperOptions, tokenizer, num_labels: int, folder: Path) -> Path:
     """A BERT of the configured shape with random weights (seeded), saved with `tokenizer` (the run's, so it
     reads the task's inputs as the other rows do) where the torch engine loads models from."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    shape, length = shape_of(cfg), cfg.benchmark.paper_baseline.max_length
+    shape, length = opts.shape, opts.max_length
     config = BertConfig(
         vocab_size=len(tokenizer),
         hidden_size=shape.hidden,
@@ -72,13 +67,12 @@ def save_model(cfg: DictConfig, tokenizer, num_labels: int, folder: Path) -> Pat
     return folder
 
 
-def work(cfg: DictConfig, dataset: EncodedDataset, tokenizer) -> list[Work]:
+def work(opts: BenchOptions, dataset: EncodedDataset, tokenizer) -> list[Work]:
     """The first `examples` examples one per call, padded to `max_length`, one warm-up call, every round."""
     from fastformers.bench.workload import make_batches
 
-    opts = cfg.benchmark.paper_baseline
-    batches = make_batches(dataset, range(len(dataset)), 1, tokenizer, opts.max_length, False)
-    return [Work(batches, [], 1, cfg.benchmark.repeats)]
+    batches = make_batches(dataset, range(len(dataset)), 1, tokenizer, opts.paper.max_length, False)
+    return [Work(batches, [], 1, opts.repeats)]
 
 
 def finish_row(row: dict, rows: list[dict], reference: str | None) -> None:
@@ -97,13 +91,13 @@ def finish_row(row: dict, rows: list[dict], reference: str | None) -> None:
         other["metrics"]["vs_paper"] = other["metrics"]["throughput"] / metrics["throughput"]
 
 
-def summary_lines(report: dict, cfg: DictConfig) -> list[str]:
+def summary_lines(report: dict, opts: PaperOptions) -> list[str]:
     """The paper row's shape and cost, and the speed-up over it of the pick (or the fastest row) beside the
     paper's own 233.9x, labelled as what it is."""
     row = next((r for r in report["rows"] if r["name"] == NAME), None)
     if row is None:
         return []
-    opts, m = cfg.benchmark.paper_baseline, row["metrics"]
+    m = row["metrics"]
     shape = opts.shape
     others = [r for r in report["rows"] if not r["skipped"] and r["name"] != NAME]
     best = next((r for r in others if r["name"] == report.get("pick")), None) or max(

@@ -6,11 +6,10 @@ from __future__ import annotations
 import os
 import platform
 
-from omegaconf import DictConfig
-
 from fastformers.bench import paper
 from fastformers.bench.analysis import row_named
 from fastformers.bench.gate import margin_label
+from fastformers.bench.options import BenchOptions
 from fastformers.cache import library_versions
 from fastformers.instances import usable_cores
 from fastformers.roofline import family_of, this_cpu
@@ -47,8 +46,8 @@ def padding_label(row: dict) -> str:
     return f"b{row['bucket']}" if row.get("bucket") else row["padding"]
 
 
-def format_table(report: dict, cfg: DictConfig) -> str:
-    rows, opts = report["rows"], cfg.benchmark
+def format_table(report: dict, opts: BenchOptions) -> str:
+    rows = report["rows"]
     scored: list[str] = next((row["task_metrics"] for row in rows if not row["skipped"]), [])
     task_keys = [k for k in scored if k != "score"] + (["score"] if len(scored) > 2 else [])
     estimate = " (ESTIMATE: hardware.tdp_watts x time)" if report["energy_estimated"] else ""
@@ -56,7 +55,7 @@ def format_table(report: dict, cfg: DictConfig) -> str:
         f"{report['task']} {report['split']}: {report['examples']} examples, batch {opts.batch_size}, median of "
         f"{opts.repeats} timed passes in interleaved rounds (seeded shuffled order, every row warmed on every shape "
         f"first); latency at batch 1 over {min(opts.latency_examples, report['examples'])} examples in every round; "
-        f"max_seq_length {cfg.task.max_seq_length}",
+        f"max_seq_length {opts.max_length}",
         f"machine: {report['machine']['cpu']} ({report['machine']['cpu_feature_label']}), "
         f"{report['machine']['usable_physical_cores']} usable cores; energy: {report['energy_method']}{estimate}",
         peak_line(report["machine"].get("peak_family")),
@@ -123,7 +122,7 @@ def format_table(report: dict, cfg: DictConfig) -> str:
     lines += stock_lines(rows, report.get("reference"))
     pick = row_named(rows, report.get("pick"))
     if pick:
-        gate = f" that passed the accuracy gate vs {cfg.benchmark.gate.reference}" if report.get("gate_rows") else ""
+        gate = f" that passed the accuracy gate vs {opts.gate.reference}" if report.get("gate_rows") else ""
         memory = f" and {report['memory_budget_mb']:.0f} MB peak memory" if report.get("memory_budget_mb") else ""
         lines.append(
             f"pick: {pick['name']} = {pick['engine']} {pick['precision']}, {padding_label(pick)}, "
@@ -131,8 +130,8 @@ def format_table(report: dict, cfg: DictConfig) -> str:
         )
     elif report.get("candidates"):
         lines.append("pick: none (no candidate passed the accuracy gate within the memory budget)")
-    lines += paper.summary_lines(report, cfg)
-    lines += gate_lines(report, cfg)
+    lines += paper.summary_lines(report, opts.paper)
+    lines += gate_lines(report, opts)
     lines += profile_lines(rows)
     return "\n".join(lines)
 
@@ -151,13 +150,13 @@ def stock_lines(rows: list[dict], reference: str | None) -> list[str]:
     return [f'stock int8 rows, each engine\'s stock recipe (docs/engines.md, "int8 variants"){ref}: {named}']
 
 
-def gate_lines(report: dict, cfg: DictConfig) -> list[str]:
+def gate_lines(report: dict, options: BenchOptions) -> list[str]:
     """The gate's evidence for every row it judged: pool agreement with its interval, the labelled units that
     differ, the score delta with its interval, p, the verdict and how many flips would change it."""
     judged = [row for row in report["rows"] if row.get("gate")]
     if not judged:
         return []
-    opts = cfg.benchmark.gate
+    opts = options.gate
     lines = [
         f"accuracy gate vs {opts.reference}: fails when the pool disagreement's 95% lower bound > "
         f"{opts.max_disagreement:.1%} or the score test's p < {opts.alpha} (one-sided, paired randomization over "

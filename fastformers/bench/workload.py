@@ -6,8 +6,8 @@ for the end-to-end pass the instance tokenizes itself."""
 from __future__ import annotations
 
 import numpy as np
-from omegaconf import DictConfig
 
+from fastformers.bench.options import BenchOptions
 from fastformers.bench.settings import Setting
 from fastformers.data import EncodedDataset
 from fastformers.engines import MODEL_INPUTS, pad_to_bucket
@@ -15,14 +15,14 @@ from fastformers.instances import Batch, Texts, Work
 
 
 def instance_work(
-    cfg: DictConfig, setting: Setting, dataset: EncodedDataset, tokenizer, tokenizer_folder: str | None = None
+    opts: BenchOptions, setting: Setting, dataset: EncodedDataset, tokenizer, tokenizer_folder: str | None = None
 ) -> list[Work]:
     """The sample batched and padded as the setting says, dealt out to its instances; the first
     `latency_examples` are dealt out the same way as batch-size-1 calls. Every setting is warmed on every input
     shape it will see (bucketed or dynamic), so no row pays a cold first call of a shape inside the clock. With
     `tokenizer_folder`, each share carries its batches' raw texts for the end-to-end pass."""
-    opts, instances = cfg.benchmark, setting.layout.instances
-    length = cfg.task.max_seq_length if setting.padding == "fixed" else None
+    instances = setting.layout.instances
+    length = opts.max_length if setting.padding == "fixed" else None
     batches = make_batches(
         dataset, range(len(dataset)), opts.batch_size, tokenizer, length, opts.sort_by_length, setting.bucket
     )
@@ -36,7 +36,7 @@ def instance_work(
             opts.warmup_batches,
             opts.repeats,
             every_shape=True,
-            texts=texts_of(share, dataset, tokenizer, tokenizer_folder, cfg.task.max_seq_length, length is not None)
+            texts=texts_of(share, dataset, tokenizer, tokenizer_folder, opts.max_length, length is not None)
             if tokenizer_folder
             else None,
         )

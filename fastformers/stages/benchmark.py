@@ -19,12 +19,14 @@ from transformers import AutoConfig, AutoTokenizer
 
 from fastformers.bench import analysis, paper, table
 from fastformers.bench import settings as plan
+from fastformers.bench.options import BenchOptions, GateOptions
 from fastformers.bench.timing import measure_interleaved
 from fastformers.bench.workload import deal, instance_work, make_batches
 from fastformers.checks import require_number
-from fastformers.data import EncodedDataset, load_examples, parse_split
+from fastformers.context import StageContext
+from fastformers.data import EncodedDataset, parse_split
 from fastformers.energy import choose_meter
-from fastformers.engines import PICK, artifact_path, get_engine
+from fastformers.engines import PICK, artifact_path
 from fastformers.errors import FastformersError
 from fastformers.instances import Backend, Instances, Work, usable_cores
 from fastformers.roofline import Shape, family_of, measure_peaks, this_cpu
@@ -37,6 +39,7 @@ CONFIG_KEYS = ("task", "benchmark", "hardware", "precision", "engines", "data.sp
 CACHED = False  # the pipeline re-measures in every run instead of replaying remembered timings
 DISTRIBUTED = False
 GATE_ACTIONS = ("error", "mark")
+HEADLINE = ("pick/throughput", "pick/speedup", "pick/score")
 
 
 def uses(cfg: DictConfig) -> tuple[str, ...]:
@@ -73,26 +76,19 @@ def validate(cfg: DictConfig) -> None:
             raise FastformersError(f"benchmark.gate.on_fail={opts.gate.on_fail!r} must be one of {list(GATE_ACTIONS)}")
 
 
-def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]:
-    from fastformers.tasks import task_of
-
-    task, opts = task_of(cfg), cfg.benchmark
-    examples = load_examples(task, cfg.data.root, opts.split, cfg.data.split_seed, cfg.data.download)
-    examples = examples[: opts.max_examples]
+def run(ctx: StageContext, inputs: dict[str, Path], out: Path) -> dict[str, float]:
+    cfg, task, opts = ctx.cfg, ctx.task, BenchOptions.of(ctx.cfg)
+    examples = ctx.data.examples(opts.split)[: opts.max_examples]
     settings = plan.plan_settings(cfg)
     timed = [setting for setting in settings if not setting.skipped]
     tokenizers, datasets, shapes = {}, {}, {}
     for source in dict.fromkeys(setting.model for setting in timed):  # the latest model, and the teacher
         folder = str(model_folder(source, inputs))
         tokenizers[source] = AutoTokenizer.from_pretrained(folder)
-        datasets[source] = EncodedDataset(examples, tokenizers[source], cfg.task.max_seq_length)
+        datasets[source] = ctx.data.encoded(examples, tokenizers[source])
         shapes[source] = Shape.of(AutoConfig.from_pretrained(folder))
-    meter = choose_meter(cfg.hardware.tdp_watts)
-    peaks = (
-        measure_peaks(cfg.hardware.cores or len(usable_cores()), opts.roofline_seconds)
-        if opts.roofline_seconds
-        else None
-    )
+    meter = choose_meter(opts.tdp_watts)
+    peaks = measure_peaks(opts.cores or len(usable_cores()), opts.roofline_seconds) if opts.roofline_seconds else None
     order_log: list[list[str]] = []
     executed: dict[str, list[int]] = {}  # every row's token counts per sequence, padding included
 
@@ -106,17 +102,17 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
                 setting.layout.label,
             )
             folder = str(model_folder(setting.model, inputs))  # the tokenizer travels to the instances
-            work = instance_work(cfg, setting, datasets[setting.model], tokenizers[setting.model], folder)
+            work = instance_work(opts, setting, datasets[setting.model], tokenizers[setting.model], folder)
             executed[setting.name] = analysis.executed_lengths(work)
             return Instances(
-                backend_of(cfg, setting, inputs), setting.layout, work, analysis.meter_for(meter, setting.layout)
+                backend_of(ctx, setting, inputs), setting.layout, work, analysis.meter_for(meter, setting.layout)
             )
 
         return start
 
     starters, names = [starter(setting) for setting in timed], [setting.name for setting in timed]
     with tempfile.TemporaryDirectory(prefix="fastformers-paper-") as scratch:  # the paper row's random weights
-        paper_sample, paper_start = paper_starter(cfg, task, examples, inputs, Path(scratch), meter)
+        paper_sample, paper_start = paper_starter(ctx, opts, examples, inputs, Path(scratch), meter)
         if paper_start:
             starters, names = [*starters, paper_start], [*names, paper.NAME]
         served = measure_interleaved(
@@ -129,7 +125,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         if setting.skipped:
             rows.append(analysis.skipped_row(setting))
             continue
-        row = analysis.summarize(setting, measured[setting.name], examples, task, cfg, meter)
+        row = analysis.summarize(setting, measured[setting.name], examples, task, opts, meter)
         wall = row["metrics"]["wall_seconds"]
         row["metrics"] |= analysis.work_metrics(
             shapes[setting.model],
@@ -145,10 +141,10 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
                 shapes[setting.model], datasets[setting.model], peaks, setting.precision.startswith("int8"), wall
             )
         rows.append(row)
-    pools = gate_pool_predictions(cfg, task, rows, settings, tokenizers, inputs, meter)
-    report = analyse(cfg, rows, analysis.labelled_sample(task, examples), pools)
+    pools = gate_pool_predictions(ctx, opts, rows, settings, tokenizers, inputs, meter)
+    report = analyse(opts, rows, analysis.labelled_sample(task, examples), pools)
     if paper_start:
-        rows.append(paper_result(cfg, task, paper_sample, served[-1], family, meter))
+        rows.append(paper_result(opts, task, paper_sample, served[-1], family, meter))
         paper.finish_row(rows[-1], rows[:-1], report["reference"])
     report |= {
         "task": task.name,
@@ -161,10 +157,10 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         "interleaving": order_log,
         "rows": rows,
     }
-    text = write_report(report, out, cfg)  # the timings first: a profiler crash must not lose them
+    text = write_report(report, out, opts)  # the timings first: a profiler crash must not lose them
     if opts.profile_examples:
-        profile_rows(cfg, report, settings, datasets, tokenizers, inputs, out, len(examples))
-        text = write_report(report, out, cfg)
+        profile_rows(ctx, opts, report, settings, datasets, tokenizers, inputs, out, len(examples))
+        text = write_report(report, out, opts)
     print(text, flush=True)  # the result itself, once, whatever the logging setup
     if report["gate_failures"] and opts.gate.on_fail == "error":  # the stage's folder is discarded
         if mlflow.active_run():
@@ -183,37 +179,37 @@ def on_gpu(setting: plan.Setting) -> bool:
     return setting.precision == "fp16" or (setting.engine == "torch" and (setting.precision != "fp32" or cuda))
 
 
-def paper_starter(cfg: DictConfig, task, examples, inputs: dict[str, Path], scratch: Path, meter):
+def paper_starter(ctx: StageContext, options: BenchOptions, examples, inputs: dict[str, Path], scratch: Path, meter):
     """With `benchmark.paper_baseline.enabled`: the paper-shape baseline's model (random weights, saved under
     `scratch`), its first examples encoded at its fixed length with the run's tokenizer, and a starter for its
     instance, as (those examples, starter); else ([], None)."""
-    opts = cfg.benchmark.paper_baseline
+    opts = options.paper
     if not opts.enabled:
         return [], None
     tokenizer = AutoTokenizer.from_pretrained(str(model_folder("latest", inputs)))
-    folder = paper.save_model(cfg, tokenizer, task.num_labels, scratch)
+    folder = paper.save_model(opts, tokenizer, ctx.task.num_labels, scratch)
     sample = examples[: opts.examples]
     dataset = EncodedDataset(sample, tokenizer, opts.max_length)
-    setting = paper.setting(cfg)
-    conf = dict(OmegaConf.to_container(cfg.engines.torch, resolve=True))  # type: ignore[arg-type]
+    setting = paper.setting(options)
+    conf = dict(OmegaConf.to_container(ctx.cfg.engines.torch, resolve=True))  # type: ignore[arg-type]
     backend = Backend("torch", tuple(conf.items()), str(folder))
 
     def start() -> Instances:
         log.info("benchmark: loading %s (%s)", setting.name, paper.LABEL)
         return Instances(
-            backend, setting.layout, paper.work(cfg, dataset, tokenizer), analysis.meter_for(meter, setting.layout)
+            backend, setting.layout, paper.work(options, dataset, tokenizer), analysis.meter_for(meter, setting.layout)
         )
 
     return sample, start
 
 
-def paper_result(cfg: DictConfig, task, sample, served, family, meter) -> dict:
+def paper_result(opts: BenchOptions, task, sample, served, family, meter) -> dict:
     """The paper row's record: speed, memory and latency like any row, and its multiply-adds at its fixed length."""
-    setting = paper.setting(cfg)
-    row = analysis.summarize(setting, served, sample, task, cfg, meter)
+    setting = paper.setting(opts)
+    row = analysis.summarize(setting, served, sample, task, opts, meter)
     row["metrics"] |= analysis.work_metrics(
-        paper.shape_of(cfg),
-        [cfg.benchmark.paper_baseline.max_length] * sum(len(e.pairs) for e in sample),
+        opts.paper.shape,
+        [opts.paper.max_length] * sum(len(e.pairs) for e in sample),
         len(sample),
         "fp32",
         setting.layout.instances * setting.layout.threads,
@@ -223,10 +219,9 @@ def paper_result(cfg: DictConfig, task, sample, served, family, meter) -> dict:
     return row
 
 
-def analyse(cfg: DictConfig, rows: list[dict], sample=None, pools: dict[str, list[int]] | None = None) -> dict:
+def analyse(opts: BenchOptions, rows: list[dict], sample=None, pools: dict[str, list[int]] | None = None) -> dict:
     """Ratios, the gate, the memory budget and the pick, in that order (each reads the one before). `sample`
     (the labelled units) and `pools` (the judged rows' pool predictions) feed the gate."""
-    opts = cfg.benchmark
     names = {row["name"] for row in rows}
     gate_reference = opts.gate.reference if opts.gate.reference in names else None
     analysis.compare_with_baseline(rows, gate_reference)
@@ -266,34 +261,33 @@ def validate_gate(cfg: DictConfig) -> None:
     require_number(cfg, "benchmark.gate.seed", 0, integer=True)
 
 
-def gate_pool(cfg: DictConfig, task) -> list:
+def gate_pool(ctx: StageContext, gate: GateOptions) -> list:
     """The gate's pool: the eval split and every other split not used for training or calibration (the test
     split, labelled or not), shuffled with the gate's seed and capped at `gate.pool_examples`."""
+    cfg = ctx.cfg
     train, evaluated = parse_split(cfg.task.train_split)[0], parse_split(cfg.task.eval_split)[0]
-    examples = load_examples(task, cfg.data.root, cfg.task.eval_split, cfg.data.split_seed, cfg.data.download)
+    examples = ctx.data.examples(cfg.task.eval_split)
     for split in ("val", "test"):
         if split in (train, evaluated):
             continue
         try:
-            examples += load_examples(task, cfg.data.root, split, cfg.data.split_seed)
+            examples += ctx.data.examples(split, download=False)
         except FastformersError as err:  # an absent optional split: the pool is the rest
             log.info("benchmark gate: no %s split in the pool (%s)", split, err)
-    random.Random(cfg.benchmark.gate.seed).shuffle(examples)
-    return examples[: cfg.benchmark.gate.pool_examples]
+    random.Random(gate.seed).shuffle(examples)
+    return examples[: gate.pool_examples]
 
 
-def gate_pool_predictions(cfg, task, rows, settings, tokenizers, inputs, meter) -> dict[str, list[int]]:
+def gate_pool_predictions(ctx, opts: BenchOptions, rows, settings, tokenizers, inputs, meter) -> dict[str, list[int]]:
     """Predictions on the pool of every row the gate judges and of its reference, untimed, through the same
     processes, batching and padding as the timed passes; rows that differ only in layout predict alike (whole
     batches are dealt out), so each such group runs once."""
-    opts = cfg.benchmark
     judged = {row["name"] for row in rows if analysis.shown_in_gate(row, opts.gate.reference)}
     if not any(row["gated"] for row in rows) or not judged:
         return {}
     judged.add(opts.gate.reference)
-    pool = gate_pool(cfg, task)
-    length = cfg.task.max_seq_length
-    datasets = {model: EncodedDataset(pool, tokenizer, length) for model, tokenizer in tokenizers.items()}
+    pool = gate_pool(ctx, opts.gate)
+    datasets = {model: ctx.data.encoded(pool, tokenizer) for model, tokenizer in tokenizers.items()}
     predicted: dict[tuple, list[int]] = {}
     out = {}
     for setting in settings:
@@ -307,15 +301,15 @@ def gate_pool_predictions(cfg, task, rows, settings, tokenizers, inputs, meter) 
                 range(len(pool)),
                 opts.batch_size,
                 tokenizers[setting.model],
-                None if setting.padding == "dynamic" else cfg.task.max_seq_length,
+                None if setting.padding == "dynamic" else opts.max_length,
                 opts.sort_by_length,
                 setting.bucket,
             )
             work = [Work(share, [], 0, 1) for share in deal(batches, setting.layout.instances)]
             meter_of = analysis.meter_for(meter, setting.layout)
-            instances = Instances(backend_of(cfg, setting, inputs), setting.layout, work, meter_of)
+            instances = Instances(backend_of(ctx, setting, inputs), setting.layout, work, meter_of)
             instances.timed_pass()
-            predicted[key] = analysis.predictions(instances.close(), len(pool), task.labels is None)
+            predicted[key] = analysis.predictions(instances.close(), len(pool), ctx.task.labels is None)
         out[setting.name] = predicted[key]
     return out
 
@@ -335,10 +329,11 @@ def mark_candidates(rows: list[dict], gate_reference: str | None) -> list[str]:
     return [row["name"] for row in rows if row["candidate"]]
 
 
-def profile_rows(cfg: DictConfig, report: dict, settings, datasets, tokenizers, inputs, out: Path, count: int) -> None:
+def profile_rows(
+    ctx: StageContext, opts: BenchOptions, report: dict, settings, datasets, tokenizers, inputs, out: Path, count: int
+) -> None:
     """The engine's own profiler on the pick and the reference: where the remaining time goes. A profiler that
     fails is logged in one line and named in `report["profile_errors"]`; the stage still succeeds."""
-    opts = cfg.benchmark
     wanted = {report.get("pick"), report.get("reference")} - {None}
     for setting in settings:
         if setting.name not in wanted or setting.engine == "torch":
@@ -352,7 +347,7 @@ def profile_rows(cfg: DictConfig, report: dict, settings, datasets, tokenizers, 
             opts.sort_by_length,
             setting.bucket,
         )
-        engine = get_engine(setting.engine, cfg.engines)
+        engine = ctx.engine(setting.engine)
         row = analysis.row_named(report["rows"], setting.name)
         try:
             profile = engine.profile(
@@ -379,12 +374,12 @@ def describe(err: Exception) -> str:
     return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
-def write_report(report: dict, out: Path, cfg: DictConfig) -> str:
+def write_report(report: dict, out: Path, opts: BenchOptions) -> str:
     """benchmark.json, pick.json and table.txt: written as soon as the timings are in, and again once the
     profiles are added (a profile that failed is named under the table); returns the table."""
     (out / "benchmark.json").write_text(json.dumps(report, indent=2))
     write_pick(report, out)
-    text = table.format_table(report, cfg)
+    text = table.format_table(report, opts)
     for name, error in report.get("profile_errors", {}).items():
         text += f"\nprofile of {name} failed ({error}): its timings above are unaffected"
     (out / "table.txt").write_text(text + "\n")
@@ -455,14 +450,22 @@ def metrics_of(report: dict) -> dict[str, float]:
     return metrics
 
 
+def summary(metrics: dict[str, float]) -> list[str]:
+    """The pick's speed, for the run's closing summary."""
+    if "pick/throughput" not in metrics:
+        return []
+    speedup = metrics.get("pick/speedup", float("nan"))
+    return [f"benchmark pick: {metrics['pick/throughput']:.1f} ex/s, {speedup:.2f}x the baseline"]
+
+
 def model_folder(source: str, inputs: dict[str, Path]) -> Path:
     return inputs["teacher" if source == "teacher" else "model"] / "model"
 
 
-def backend_of(cfg: DictConfig, setting: plan.Setting, inputs: dict[str, Path]) -> Backend:
+def backend_of(ctx: StageContext, setting: plan.Setting, inputs: dict[str, Path]) -> Backend:
     """What an instance process loads, in plain picklable values."""
-    engine = get_engine(setting.engine, cfg.engines)
-    conf = dict(OmegaConf.to_container(cfg.engines[setting.engine], resolve=True))  # type: ignore[arg-type]
+    engine = ctx.engine(setting.engine)
+    conf = dict(OmegaConf.to_container(ctx.cfg.engines[setting.engine], resolve=True))  # type: ignore[arg-type]
     path = (
         model_folder(setting.model, inputs)
         if setting.engine == "torch"

@@ -17,7 +17,7 @@ import lightning as L
 from omegaconf import DictConfig
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from fastformers.data import load_examples
+from fastformers.context import SCORES, StageContext
 from fastformers.errors import FastformersError
 from fastformers.modeling_fastformers import LAYER_FFN, LAYER_HEADS, shrink_to_config
 from fastformers.models import (
@@ -30,7 +30,7 @@ from fastformers.models import (
     resolve_pretrained,
 )
 from fastformers.pruning import family_layout
-from fastformers.tasks import Task, task_of
+from fastformers.tasks import Task
 from fastformers.training import (
     TRAINING_KEYS,
     agreement,
@@ -49,6 +49,7 @@ DISTRIBUTED = True  # trains: under DDP (hardware=ddp) every rank joins its fit
 CONFIG_KEYS = ("task", "student", "distill", *TRAINING_KEYS)
 METHODS = ("task_specific", "task_agnostic")
 INITS = ("teacher_layers", "pretrained", "random")
+HEADLINE = SCORES
 LAYER_KEY = re.compile(r"^(.*\.layer\.)(\d+)(\..*)$")  # encoder.layer.<i>. (DistilBERT: transformer.layer.<i>.)
 
 
@@ -122,11 +123,9 @@ def build_student(spec: DictConfig, teacher, teacher_tokenizer, task: Task):
     return AutoModelForSequenceClassification.from_config(config), teacher_tokenizer
 
 
-def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]:
-    task, opts, spec = task_of(cfg), cfg.distill, cfg.student
-    read = dict(root=cfg.data.root, split_seed=cfg.data.split_seed, download=cfg.data.download)
-    train = load_examples(task, spec=cfg.task.train_split, **read)
-    val = load_examples(task, spec=opts.val_split, **read)
+def run(ctx: StageContext, inputs: dict[str, Path], out: Path) -> dict[str, float]:
+    cfg, task, opts, spec = ctx.cfg, ctx.task, ctx.cfg.distill, ctx.cfg.student
+    train, val = ctx.data.examples(cfg.task.train_split), ctx.data.examples(opts.val_split)
     teacher, teacher_tokenizer = load_finetuned(inputs["model"] / "model")
     L.seed_everything(cfg.seed, workers=True)
     student, tokenizer = build_student(spec, teacher, teacher_tokenizer, task)
@@ -149,7 +148,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         else uniform_layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
     )
     student_score, epochs, seconds, train_examples = train_student(
-        student, tokenizer, teacher, teacher_tokenizer, task, train, val, layer_map, opts, cfg, out
+        student, tokenizer, teacher, teacher_tokenizer, task, train, val, layer_map, opts, cfg, out, logger=ctx.logger
     )
     student.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
@@ -173,3 +172,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         "train_seconds": seconds,
         "train_examples": train_examples,  # with the augmented copies
     }
+
+
+def summary(metrics: dict[str, float]) -> list[str]:
+    return []  # its scores show on its own line; the run's summary names the final model's (evaluate)

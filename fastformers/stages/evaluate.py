@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from transformers import AutoTokenizer
 
 from fastformers.checks import require_number
+from fastformers.context import SCORES, StageContext
 from fastformers.data import load_examples, make_loader, parse_split, split_label
 from fastformers.engines import (
     EngineModel,
@@ -24,7 +25,7 @@ from fastformers.engines import (
 )
 from fastformers.errors import FastformersError
 from fastformers.models import load_finetuned, predict
-from fastformers.tasks import DIAGNOSTICS, Task, task_of
+from fastformers.tasks import DIAGNOSTICS
 
 VERSION = 2  # a manual override: the code itself is part of the cache key (pipeline.stage_modules)
 PROVIDES = None
@@ -32,6 +33,7 @@ CACHED = True
 DISTRIBUTED = False
 PICK = "pick"
 CONFIG_KEYS = ("task", "evaluate", "precision.name", "engines", "data.split_seed")
+HEADLINE = SCORES
 
 
 def uses(cfg: DictConfig) -> tuple[str, ...]:
@@ -73,9 +75,10 @@ def validate_splits(cfg: DictConfig) -> None:
         parse_split(spec)
 
 
-def load(cfg: DictConfig, inputs: dict[str, Path], out: Path):
+def load(ctx: StageContext, inputs: dict[str, Path], out: Path):
     """(model, tokenizer) of what is evaluated: the PyTorch model, an engine's artifact, or the benchmark's
     pick (recorded in `evaluated.json`)."""
+    cfg = ctx.cfg
     if cfg.evaluate.engine == PICK:
         pick = read_pick(inputs[PICK])
         name, precision, bucket, options = pick["engine"], pick["precision"], pick["bucket"], pick["options"]
@@ -86,18 +89,18 @@ def load(cfg: DictConfig, inputs: dict[str, Path], out: Path):
     )
     if name == "torch":
         return load_finetuned(inputs["model"] / "model")
-    engine = get_engine(name, cfg.engines)
+    engine = ctx.engine(name)
     model = EngineModel(engine.open(artifact_path(inputs["onnx"], engine, precision), precision, None, options, bucket))
     return model, AutoTokenizer.from_pretrained(str(tokenizer_folder(inputs["onnx"])))
 
 
-def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]:
-    task = task_of(cfg)
-    model, tokenizer = load(cfg, inputs, out)
+def run(ctx: StageContext, inputs: dict[str, Path], out: Path) -> dict[str, float]:
+    cfg, task = ctx.cfg, ctx.task
+    model, tokenizer = load(ctx, inputs, out)
     results: dict[str, float] = {}
     for spec in cfg.evaluate.splits:
-        examples = load_examples(task, cfg.data.root, spec, cfg.data.split_seed, cfg.data.download)
-        loader = make_loader(examples, tokenizer, task, cfg.task.max_seq_length, cfg.evaluate.batch_size)
+        examples = ctx.data.examples(spec)
+        loader = ctx.data.loader(examples, tokenizer, cfg.evaluate.batch_size)
         preds = predict(model, loader)
         label = split_label(spec)
         _write_jsonl(
@@ -108,14 +111,15 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
             results |= {f"{label}/{k}": v for k, v in task.score(examples, preds).items()}
         else:
             _write_jsonl(out / "submission" / f"{task.name}.jsonl", task.submit(examples, preds))
-            results |= diagnostics(cfg, task, model, tokenizer, out)
+            results |= diagnostics(ctx, model, tokenizer, out)
     return results
 
 
-def diagnostics(cfg: DictConfig, task: Task, model, tokenizer, out: Path) -> dict[str, float]:
+def diagnostics(ctx: StageContext, model, tokenizer, out: Path) -> dict[str, float]:
     """With a test submission, the leaderboard's diagnostics this task's model answers (RTE's: AX-b, AX-g), each
     when its official file is there: its submission file and metrics (their labels are public); the missing ones
     are listed in `diagnostics_missing.json` for the report's archive."""
+    cfg, task = ctx.cfg, ctx.task
     results: dict[str, float] = {}
     missing = []
     for diagnostic in DIAGNOSTICS.get(task.name, ()):
@@ -131,6 +135,11 @@ def diagnostics(cfg: DictConfig, task: Task, model, tokenizer, out: Path) -> dic
     if missing:
         (out / "diagnostics_missing.json").write_text(json.dumps(missing))
     return results
+
+
+def summary(metrics: dict[str, float]) -> list[str]:
+    """The run's scores: every metric of every evaluated split."""
+    return ["scores: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())] if metrics else []
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -17,7 +17,8 @@ import numpy as np
 from omegaconf import DictConfig
 
 from fastformers.checks import require_number
-from fastformers.data import load_examples, make_loader, parse_split
+from fastformers.context import SCORES, StageContext
+from fastformers.data import parse_split
 from fastformers.engines import GRAPHS, INDEX, ExportContext, artifact_key, get_engine
 from fastformers.engines.parity import Target, check
 from fastformers.errors import FastformersError
@@ -25,7 +26,6 @@ from fastformers.models import load_finetuned, model_inputs
 from fastformers.onnx import settings_path
 from fastformers.onnx.convert import export_onnx
 from fastformers.pruning import attention_shape, family_layout
-from fastformers.tasks import task_of
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ DISTRIBUTED = False
 CONFIG_KEYS = ("task", "export", "precision", "engines", "data.split_seed")
 
 PRECISIONS = ("fp32", "int8", "fp16")
+HEADLINE = SCORES
 MOVED_TO_VARIANTS = ("weight_type", "per_channel", "reduce_range", "outlier_matmuls", "outliers", "smooth_alpha")
 
 
@@ -89,27 +90,28 @@ def validate(cfg: DictConfig) -> None:
     parse_split(opts.parity_split)
 
 
-def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]:
+def run(ctx: StageContext, inputs: dict[str, Path], out: Path) -> dict[str, float]:
+    cfg = ctx.cfg
     model, tokenizer = load_finetuned(inputs["model"] / "model")
     folder = out / GRAPHS
     started = time.perf_counter()
     exported = export_onnx(model, tokenizer, folder / "model.onnx", cfg.export.opset)
     heads, width = attention_shape(model)  # pruning narrows it: the optimizer cannot infer it
-    ctx = ExportContext(
+    made_from = ExportContext(
         exported,
         folder,
         heads,
         width,
         cfg.precision,
         cfg.export,
-        functools.cache(lambda: calibration_feeds(cfg, tokenizer)),
+        functools.cache(lambda: calibration_feeds(ctx, tokenizer)),
         family_layout(model).onnx_model_type,
-        functools.cache(lambda count: held_out_feeds(cfg, tokenizer, count)),
+        functools.cache(lambda count: held_out_feeds(ctx, tokenizer, count)),
     )
     artifacts: dict[str, Path] = {}
     skipped: dict[str, str] = {}
     for name in cfg.export.engines:
-        engine = get_engine(name, cfg.engines)
+        engine = ctx.engine(name)
         reason = engine.unavailable("fp32") or (
             engine.unavailable(cfg.precision.name) if cfg.precision.name in engine.precisions else None
         )
@@ -117,10 +119,10 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
             log.warning("export: engine %s skipped: %s", name, reason)
             skipped[name] = reason
             continue
-        artifacts |= {artifact_key(name, kind): path for kind, path in engine.prepare(ctx).items()}
+        artifacts |= {artifact_key(name, kind): path for kind, path in engine.prepare(made_from).items()}
     seconds = time.perf_counter() - started
     tokenizer.save_pretrained(folder)
-    parity = check_parity(cfg, model, tokenizer, exported, artifacts)
+    parity = check_parity(ctx, model, tokenizer, exported, artifacts)
     fusions = json.loads(settings_path(artifacts["onnxruntime/fp32"]).read_text())["fused_operators"]
     (out / INDEX).write_text(
         json.dumps(
@@ -162,49 +164,49 @@ def check_disjoint(calibration: str, evaluation: str, field: str) -> None:
         )
 
 
-def calibration_feeds(cfg: DictConfig, tokenizer) -> list[dict[str, np.ndarray]]:
+def calibration_feeds(ctx: StageContext, tokenizer) -> list[dict[str, np.ndarray]]:
     """The calibration sample as feeds: `precision.calibration_examples` of `precision.calibration_split`."""
-    return as_feeds(cfg, tokenizer, calibration_examples(cfg, 0, cfg.precision.calibration_examples))
+    return as_feeds(ctx, tokenizer, calibration_examples(ctx, 0, ctx.cfg.precision.calibration_examples))
 
 
-def held_out_feeds(cfg: DictConfig, tokenizer, count: int) -> list[dict[str, np.ndarray]]:
+def held_out_feeds(ctx: StageContext, tokenizer, count: int) -> list[dict[str, np.ndarray]]:
     """`count` examples of the calibration split past the calibration sample, as unlabelled feeds: what accuracy
     control validates on (agreement with the fp32 model), never the eval split the gate judges."""
+    cfg = ctx.cfg
     start = cfg.precision.calibration_examples
     if start is None:
         raise FastformersError(
             "precision.calibration_examples=null calibrates on all of precision.calibration_split: an int8 variant "
             "with accuracy_control needs some of it held out (set a count)"
         )
-    examples = calibration_examples(cfg, start, start + count)
+    examples = calibration_examples(ctx, start, start + count)
     if not examples:
         raise FastformersError(
             f"precision.calibration_split={cfg.precision.calibration_split!r} has no examples past the {start} "
             "calibration examples for accuracy control to validate on"
         )
-    return as_feeds(cfg, tokenizer, examples)
+    return as_feeds(ctx, tokenizer, examples)
 
 
-def calibration_examples(cfg: DictConfig, start: int, stop: int | None) -> list:
+def calibration_examples(ctx: StageContext, start: int, stop: int | None) -> list:
     """Examples start..stop of `precision.calibration_split` (checked disjoint from the eval split)."""
-    split = cfg.precision.calibration_split
-    return load_examples(task_of(cfg), cfg.data.root, split, cfg.data.split_seed, cfg.data.download)[start:stop]
+    return ctx.data.examples(ctx.cfg.precision.calibration_split)[start:stop]
 
 
-def as_feeds(cfg: DictConfig, tokenizer, examples: list) -> list[dict[str, np.ndarray]]:
+def as_feeds(ctx: StageContext, tokenizer, examples: list) -> list[dict[str, np.ndarray]]:
     """Examples as the graph's feeds, 8 per batch."""
-    loader = make_loader(examples, tokenizer, task_of(cfg), cfg.task.max_seq_length, 8)
+    loader = ctx.data.loader(examples, tokenizer, 8)
     return [{k: v.numpy() for k, v in model_inputs(batch).items()} for batch in loader]
 
 
-def parity_targets(cfg: DictConfig, exported: Path, artifacts: dict[str, Path]) -> list[Target]:
+def parity_targets(ctx: StageContext, exported: Path, artifacts: dict[str, Path]) -> list[Target]:
     """The raw export (through onnxruntime), then every engine x precision the artifacts let run here."""
-    ort = get_engine("onnxruntime", cfg.engines)
+    ort = ctx.engine("onnxruntime")
     targets = [Target("exported", ort, "fp32", exported, True)]
     if "onnxruntime/smoothed" in artifacts:
         targets.append(Target("onnxruntime/smoothed", ort, "fp32", artifacts["onnxruntime/smoothed"], True))
-    for name in cfg.export.engines:
-        engine = get_engine(name, cfg.engines)
+    for name in ctx.cfg.export.engines:
+        engine = ctx.engine(name)
         for precision in engine.precisions:
             key = artifact_key(name, engine.artifact_name(precision))
             if key in artifacts and engine.unavailable(precision) is None:
@@ -220,17 +222,19 @@ def parity_targets(cfg: DictConfig, exported: Path, artifacts: dict[str, Path]) 
     return targets
 
 
-def check_parity(cfg: DictConfig, model, tokenizer, exported: Path, artifacts: dict[str, Path]) -> dict:
-    task = task_of(cfg)
-    examples = load_examples(task, cfg.data.root, cfg.export.parity_split, cfg.data.split_seed, cfg.data.download)
-    loader = make_loader(
-        examples[: cfg.export.parity_examples], tokenizer, task, cfg.task.max_seq_length, cfg.export.parity_batch_size
-    )
+def check_parity(ctx: StageContext, model, tokenizer, exported: Path, artifacts: dict[str, Path]) -> dict:
+    cfg = ctx.cfg
+    examples = ctx.data.examples(cfg.export.parity_split)
+    loader = ctx.data.loader(examples[: cfg.export.parity_examples], tokenizer, cfg.export.parity_batch_size)
     return check(
         model,
         loader,
-        parity_targets(cfg, exported, artifacts),
+        parity_targets(ctx, exported, artifacts),
         cfg.export.fp32_max_abs_diff,
         artifact_key("onnxruntime", cfg.precision.name),
         cfg.precision.min_agreement,
     )
+
+
+def summary(metrics: dict[str, float]) -> list[str]:
+    return []  # what it built is in export.json and MLflow; the summary names scores and speed

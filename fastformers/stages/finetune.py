@@ -10,9 +10,9 @@ from omegaconf import DictConfig
 from transformers import AutoTokenizer
 
 from fastformers.checks import require_number
-from fastformers.data import TaskDataModule, load_examples, texts_of
+from fastformers.context import SCORES, StageContext
+from fastformers.data import TaskDataModule, texts_of
 from fastformers.models import count_parameters, load_model
-from fastformers.tasks import task_of
 from fastformers.training import (
     TRAINING_KEYS,
     FineTuneModule,
@@ -29,6 +29,7 @@ CACHED = True
 DISTRIBUTED = True  # trains: under DDP (hardware=ddp) every rank joins its fit
 CONFIG_KEYS = ("task", "teacher", "finetune", *TRAINING_KEYS)
 MONITOR = "finetune/val_score"
+HEADLINE = SCORES
 
 
 def uses(cfg: DictConfig) -> tuple[str, ...]:
@@ -43,11 +44,9 @@ def validate(cfg: DictConfig) -> None:
     check_accelerator(cfg.hardware)
 
 
-def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]:
-    task = task_of(cfg)
-    read = dict(root=cfg.data.root, split_seed=cfg.data.split_seed, download=cfg.data.download)
-    train = load_examples(task, spec=cfg.task.train_split, **read)
-    val = load_examples(task, spec=cfg.finetune.val_split, **read)
+def run(ctx: StageContext, inputs: dict[str, Path], out: Path) -> dict[str, float]:
+    cfg, task = ctx.cfg, ctx.task
+    train, val = ctx.data.examples(cfg.task.train_split), ctx.data.examples(cfg.finetune.val_split)
     L.seed_everything(cfg.seed, workers=True)
     model, tokenizer = load_model(cfg.teacher, task, texts_of(train))
     if not cfg.teacher.pretrained:
@@ -55,7 +54,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
     opts = cfg.finetune
     module = FineTuneModule(model, task, val, opts)
     data = TaskDataModule(task, tokenizer, train, val, cfg.task.max_seq_length, opts, cfg.seed)
-    best_score, epochs, seconds = fit_best(module, data, opts, cfg, out, MONITOR)
+    best_score, epochs, seconds = fit_best(module, data, opts, cfg, out, MONITOR, ctx.logger)
     if task.labels:  # outputs named as the task names its labels, for whoever loads the folder later
         model.config.id2label = {i: str(label) for i, label in enumerate(task.labels)}
         model.config.label2id = {name: i for i, name in model.config.id2label.items()}
@@ -69,6 +68,10 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         "train_examples": len(train),
         "parameters": count_parameters(model),
     }
+
+
+def summary(metrics: dict[str, float]) -> list[str]:
+    return []  # its scores show on its own line; the run's summary names the final model's (evaluate)
 
 
 def same_tokenizer_as_checkpoint(model, tokenizer, out: Path, cfg: DictConfig):

@@ -22,7 +22,8 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from fastformers.checks import require_number
-from fastformers.data import load_examples, make_loader, parse_split
+from fastformers.context import SCORES, StageContext
+from fastformers.data import parse_split
 from fastformers.errors import FastformersError
 from fastformers.hub import save_pruned
 from fastformers.models import (
@@ -39,7 +40,7 @@ from fastformers.pruning import (
     rewire,
     top_per_layer,
 )
-from fastformers.tasks import Task, task_of
+from fastformers.tasks import Task
 from fastformers.training import (
     TRAINING_KEYS,
     check_distillation,
@@ -55,6 +56,7 @@ CACHED = True
 DISTRIBUTED = True  # trains: under DDP (hardware=ddp) every rank joins its fit
 CONFIG_KEYS = ("task", "pruning", "distill", *TRAINING_KEYS)
 NORMALIZATIONS = ("none", "layer")
+HEADLINE = SCORES
 
 
 def uses(cfg: DictConfig) -> tuple[str, ...]:
@@ -79,15 +81,16 @@ def val_score(model, tokenizer, task: Task, examples, cfg: DictConfig) -> float:
     return task.score(examples, preds)["score"]
 
 
-def redistill(pruned, teacher, tokenizer, task: Task, train, val, cfg: DictConfig, out: Path) -> tuple[float, float]:
+def redistill(pruned, teacher, tokenizer, train, val, ctx: StageContext, out: Path) -> tuple[float, float]:
     """The distill stage's soft-target training (and its intermediate losses, if on), layer to layer,
     with the unpruned model as teacher; returns (best val score, seconds)."""
+    cfg = ctx.cfg
     opts = cast(
         DictConfig, OmegaConf.merge(cfg.distill, {"epochs": cfg.pruning.redistill_epochs, "method": "task_specific"})
     )
     layer_map = list(range(1, pruned.config.num_hidden_layers + 1))
     score, _, seconds, _ = train_student(
-        pruned, tokenizer, teacher, tokenizer, task, train, val, layer_map, opts, cfg, out, prefix="prune"
+        pruned, tokenizer, teacher, tokenizer, ctx.task, train, val, layer_map, opts, cfg, out, "prune", ctx.logger
     )
     return score, seconds
 
@@ -100,22 +103,21 @@ def source_name(cfg: DictConfig) -> str:
     return f"{teacher} fine-tuned on {cfg.task.name}"
 
 
-def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]:
-    task, opts = task_of(cfg), cfg.pruning
-    read = dict(root=cfg.data.root, split_seed=cfg.data.split_seed, download=cfg.data.download)
-    sample = load_examples(task, spec=opts.importance_split, **read)[: opts.importance_examples]
+def run(ctx: StageContext, inputs: dict[str, Path], out: Path) -> dict[str, float]:
+    cfg, task, opts = ctx.cfg, ctx.task, ctx.cfg.pruning
+    sample = ctx.data.examples(opts.importance_split)[: opts.importance_examples]
     if not any(e.label is not None for e in sample):
         raise FastformersError(
             f"pruning.importance_split={opts.importance_split!r} has no labels: importance "
             "needs the task loss, pick a labelled split such as train"
         )
-    val = load_examples(task, spec=cfg.distill.val_split, **read)
+    val = ctx.data.examples(cfg.distill.val_split)
     model, tokenizer = load_finetuned(inputs["model"] / "model")
     score_before = val_score(model, tokenizer, task, val, cfg)
     params_before = count_parameters(model)
 
     started = time.perf_counter()
-    loader = make_loader(sample, tokenizer, task, cfg.task.max_seq_length, opts.importance_batch_size)
+    loader = ctx.data.loader(sample, tokenizer, opts.importance_batch_size)
 
     def loss_of(batch):
         scores = example_scores(
@@ -148,8 +150,8 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
     score_final, redistill_seconds = score_pruned, 0.0
     if pruned_anything and opts.redistill_epochs > 0:
         L.seed_everything(cfg.seed, workers=True)
-        train = load_examples(task, spec=cfg.task.train_split, **read)
-        score_final, redistill_seconds = redistill(model, teacher, tokenizer, task, train, val, cfg, out)
+        train = ctx.data.examples(cfg.task.train_split)
+        score_final, redistill_seconds = redistill(model, teacher, tokenizer, train, val, ctx, out)
     save_pruned(model, tokenizer, out / "model", source_name(cfg), params_before)
     params_after = count_parameters(model)
     drop_checkpoints(out)  # only now: a failure before this line leaves a resumable re-distillation (fit_best)
@@ -169,3 +171,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]
         "importance_seconds": importance_seconds,
         "redistill_seconds": redistill_seconds,
     }
+
+
+def summary(metrics: dict[str, float]) -> list[str]:
+    return []  # its scores show on its own line; the run's summary names the final model's (evaluate)

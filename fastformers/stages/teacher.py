@@ -15,12 +15,13 @@ import json
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
-from fastformers.data import hash_file, load_examples, split_label
+from fastformers.context import SCORES, StageContext
+from fastformers.data import hash_file, split_label
 from fastformers.errors import FastformersError
 from fastformers.models import check_family, count_parameters, load_finetuned, resolve_pretrained
-from fastformers.tasks import Task, task_of
+from fastformers.tasks import Task
 from fastformers.training import predictions
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ PROVIDES = "model"
 CACHED = True
 DISTRIBUTED = False  # trains nothing
 CONFIG_KEYS = ("task", "teacher", "finetune.val_split", "finetune.eval_batch_size", "data.split_seed")
+HEADLINE = SCORES
 HEAD = "ForSequenceClassification"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model")
 
@@ -58,6 +60,8 @@ def folder_of(cfg: DictConfig) -> Path:
 
 
 def validate(cfg: DictConfig) -> None:
+    """Also records the folder's content hash as `teacher.sha256`: it keys this stage's cache entry (a changed
+    model is taken afresh) and shows in MLflow's params."""
     path = folder_of(cfg)
     try:
         config = json.loads((path / "config.json").read_text())
@@ -76,6 +80,8 @@ def validate(cfg: DictConfig) -> None:
             f"teacher.pretrained={cfg.teacher.pretrained!r}: {path} has no tokenizer; save it beside the model "
             "(tokenizer.save_pretrained(folder))"
         )
+    with open_dict(cfg.teacher):
+        cfg.teacher.sha256 = folder_hash(path)
 
 
 def folder_hash(path: Path) -> str:
@@ -117,16 +123,20 @@ def check_labels(config, task: Task, where: str) -> None:
     raise FastformersError(f"{where}: the model's outputs are named {names} but task {task.name}'s labels are {wanted}")
 
 
-def run(cfg: DictConfig, inputs: dict[str, Path], out: Path) -> dict[str, float]:
-    task, path = task_of(cfg), folder_of(cfg)
+def run(ctx: StageContext, inputs: dict[str, Path], out: Path) -> dict[str, float]:
+    cfg, task, path = ctx.cfg, ctx.task, folder_of(ctx.cfg)
     model, tokenizer = load_finetuned(path)
     check_labels(model.config, task, f"teacher.pretrained={cfg.teacher.pretrained}")
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     spec = cfg.finetune.val_split
-    val = load_examples(task, cfg.data.root, spec, cfg.data.split_seed, cfg.data.download)
+    val = ctx.data.examples(spec)
     results: dict[str, float] = {"parameters": count_parameters(model), "outputs": task.num_labels}
     if any(e.label is not None for e in val):
         preds = predictions(model, tokenizer, task, val, cfg.task.max_seq_length, cfg.finetune.eval_batch_size)
         results |= {f"{split_label(spec)}/{k}": v for k, v in task.score(val, preds).items()}
     return results
+
+
+def summary(metrics: dict[str, float]) -> list[str]:
+    return []  # its scores show on its own line; the run's summary names the final model's (evaluate)
