@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from fastformers.bench.settings import Setting
 from fastformers.checks import require_number
 from fastformers.data import EncodedDataset
+from fastformers.engines.target import Target
 from fastformers.errors import FastformersError
 from fastformers.instances import Work, plan_layout
 from fastformers.roofline import Shape
@@ -45,8 +46,10 @@ def shape_of(cfg: DictConfig) -> Shape:
 
 
 def setting(cfg: DictConfig) -> Setting:
-    """One instance on all the cores, fixed padding, torch fp32: the paper's baseline out of the box."""
-    return Setting(NAME, "torch", "fp32", "fixed", plan_layout(1, None, cfg.hardware.cores), model="paper")
+    """One instance on all the cores, fixed padding, fp32 on `benchmark.baseline`'s engine (PyTorch out of the
+    box): the paper's baseline."""
+    target = Target(str(cfg.benchmark.baseline.engine), "fp32")
+    return Setting(NAME, target, "fixed", plan_layout(1, None, cfg.hardware.cores), model="paper")
 
 
 def save_model(cfg: DictConfig, tokenizer, num_labels: int, folder: Path) -> Path:
