@@ -123,7 +123,24 @@ def owner_of_scratch(name: str) -> dict | None:
             "started": int(match["start"]) / 100}  # fmt: skip
 
 
-LIBRARIES = ("torch", "transformers", "lightning", "onnx", "onnxruntime", "openvino", "nncf")  # shape outputs too
+CORE_LIBRARIES = ("torch", "transformers", "lightning")  # what trains and exports every model
+ENGINES_CONF = Path(__file__).resolve().parent.parent / "conf" / "engines"  # the packaged engine configs
+
+
+def engine_libraries(folder: Path = ENGINES_CONF) -> tuple[str, ...]:
+    """The libraries the configured engines declare (each `conf/engines/<name>.yaml`'s class says its own)."""
+    from omegaconf import OmegaConf
+
+    from fastformers.engines import configured_libraries
+
+    engines: dict = {}
+    for path in sorted(folder.glob("*.yaml")):
+        engines |= dict(OmegaConf.load(path))
+    return configured_libraries(engines)
+
+
+# the libraries whose kernels and exporters shape a stage's output: they travel in every cache key
+LIBRARIES = tuple(dict.fromkeys(CORE_LIBRARIES + engine_libraries()))
 
 
 def code_fingerprint(*modules: str) -> str:

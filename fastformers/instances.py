@@ -20,6 +20,7 @@ import numpy as np
 
 from fastformers.energy import EnergyMeter
 from fastformers.engines import MODEL_INPUTS
+from fastformers.engines.target import Target
 from fastformers.errors import FastformersError
 
 SYS_CPU = Path("/sys/devices/system/cpu")
@@ -118,21 +119,19 @@ class Batch:
 
 @dataclass(frozen=True)
 class Backend:
-    """What an instance loads: an engine (its `engines.<name>` config, plain and picklable), the artifact
-    file or model folder, the precision, per-setting engine options and the shape bucket."""
+    """What an instance loads: the target (engine, precision, options, shape bucket), its engine's
+    `engines.<name>` config (plain and picklable) and the artifact file or model folder."""
 
-    engine: str
+    target: Target
     engine_conf: tuple[tuple[str, object], ...]
     path: str
-    precision: str = "fp32"
-    options: tuple[tuple[str, object], ...] = ()
-    bucket: int | None = None
 
     def open(self, threads: int):
         from fastformers.engines import get_engine
 
-        engine = get_engine(self.engine, {self.engine: dict(self.engine_conf)})
-        return engine.open(Path(self.path), self.precision, threads, dict(self.options), self.bucket)
+        target = self.target
+        engine = get_engine(target.engine, {target.engine: dict(self.engine_conf)})
+        return engine.open(Path(self.path), target.precision, threads, dict(target.options), target.bucket)
 
 
 @dataclass(frozen=True)

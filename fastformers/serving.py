@@ -25,7 +25,18 @@ from packaging.version import Version
 
 from fastformers.checks import require_number
 from fastformers.data import make_loader  # imported with the model, not by the first requests (torch: seconds)
-from fastformers.engines import PICK, artifact_path, check_target, get_engine, read_pick, tokenizer_folder
+from fastformers.engines import (
+    PICK,
+    REFERENCE,
+    Engine,
+    artifact_path,
+    check_target,
+    engine_names,
+    get_engine,
+    picked_target,
+    tokenizer_folder,
+)
+from fastformers.engines.target import Target
 from fastformers.errors import FastformersError
 from fastformers.models import predict
 from fastformers.tasks import RecordError
@@ -33,12 +44,11 @@ from fastformers.tasks import RecordError
 ARTIFACT_PATH = "model"
 PACKAGE = Path(__file__).resolve().parent  # the fastformers package, shipped with the model as its code
 # what the served code imports (the package's own dependencies that serving reaches), by distribution name;
-# the engine's package is added per model
+# the engine's own (Engine.requirements) are added per model
 RUNTIME_REQUIREMENTS = (
     *("transformers", "tokenizers", "safetensors", "torch", "lightning"),  # models.py, data.py
     *("numpy", "pandas", "scikit-learn", "omegaconf", "packaging"),  # engines, requests, metrics.py, config
 )
-ENGINE_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
 
 
 class EngineTaskModel(PythonModel):
@@ -57,11 +67,10 @@ class EngineTaskModel(PythonModel):
         self.shape = f"as rows with the field {spec['text_field']}" if spec else "in the official jsonl shape"
         self.max_length = int(config["max_seq_length"])
         self.max_records = config.get("max_records")  # None in a model logged before the limit existed
-        engine = get_engine(config["engine"], {config["engine"]: config["engine_conf"]})
+        target = Target.from_dict(config, "the served model's config")  # the keys models logged before it held
+        engine = get_engine(target.engine, {target.engine: config["engine_conf"]})
         self.model = EngineModel(
-            engine.open(
-                Path(context.artifacts["model"]), config["precision"], None, config["options"], config["bucket"]
-            )
+            engine.open(Path(context.artifacts["model"]), target.precision, None, dict(target.options), target.bucket)
         )
         self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"])
 
@@ -97,14 +106,19 @@ def _is_nan(value) -> bool:
 
 def served_choice(cfg: DictConfig, pick_folder: Path | None) -> dict:
     """`serve.engine` when set (with `serve.precision`, else the run's, and `serve.bucket`), else the
-    benchmark's pick if it chose an exported artifact, else the run's precision on onnxruntime."""
+    benchmark's pick if it chose an exported artifact, else the run's precision on the reference engine; as
+    a Target's dict."""
+    return served_target(cfg, pick_folder).to_dict()
+
+
+def served_target(cfg: DictConfig, pick_folder: Path | None) -> Target:
     forced = cfg.serve.engine
     if forced:
         return forced_choice(cfg, str(forced))
-    pick = read_pick(pick_folder) if pick_folder and (pick_folder / PICK).is_file() else None
-    if pick and pick["engine"] != "torch":
-        return {k: pick[k] for k in ("engine", "precision", "bucket", "options")}
-    return {"engine": "onnxruntime", "precision": cfg.precision.name, "bucket": None, "options": {}}
+    pick = picked_target(pick_folder) if pick_folder and (pick_folder / PICK).is_file() else None
+    if pick and not get_engine(pick.engine, cfg.engines).runs_model_folder:
+        return pick
+    return Target(REFERENCE, cfg.precision.name)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -117,15 +131,16 @@ def validate(cfg: DictConfig) -> None:
         forced_choice(cfg, str(cfg.serve.engine))
 
 
-def forced_choice(cfg: DictConfig, engine_name: str) -> dict:
-    """The served model `serve.engine` names (torch has no exported artifact to serve)."""
-    if engine_name not in ENGINE_PACKAGES:
+def forced_choice(cfg: DictConfig, engine_name: str) -> Target:
+    """The served model `serve.engine` names (an engine that runs the model folder has no artifact to serve)."""
+    servable = [name for name in engine_names(cfg.engines) if not get_engine(name, cfg.engines).runs_model_folder]
+    if engine_name not in servable:
         raise FastformersError(
-            f"serve.engine={engine_name!r}: serve one of {sorted(ENGINE_PACKAGES)}, or null for the benchmark's pick"
+            f"serve.engine={engine_name!r}: serve one of {servable}, or null for the benchmark's pick"
         )
     precision = str(cfg.serve.precision or cfg.precision.name)
     check_target(get_engine(engine_name, cfg.engines), precision, "serve.precision")
-    return {"engine": engine_name, "precision": precision, "bucket": cfg.serve.bucket, "options": {}}
+    return Target(engine_name, precision, cfg.serve.bucket)
 
 
 def pinned(distribution: str) -> str:
@@ -134,10 +149,9 @@ def pinned(distribution: str) -> str:
     return f"{distribution}=={Version(version(distribution)).public}"
 
 
-def served_requirements(engine_name: str) -> list[str]:
+def served_requirements(engine: Engine) -> list[str]:
     """The served code's libraries pinned to what this run used; fastformers itself travels as the model's code."""
-    names = [*RUNTIME_REQUIREMENTS, *([ENGINE_PACKAGES[engine_name]] if engine_name in ENGINE_PACKAGES else [])]
-    return [pinned(name) for name in names]
+    return [pinned(name) for name in dict.fromkeys([*RUNTIME_REQUIREMENTS, *engine.requirements])]
 
 
 def log_served_model(onnx_folder: Path, cfg: DictConfig, pick_folder: Path | None = None) -> dict:
@@ -145,19 +159,18 @@ def log_served_model(onnx_folder: Path, cfg: DictConfig, pick_folder: Path | Non
     run's `model`; returns the choice."""
     from fastformers.task_config import from_files, task_of
 
-    choice = served_choice(cfg, pick_folder)
+    target = served_target(cfg, pick_folder)
+    choice = target.to_dict()
     task_spec = {"task_spec": task_of(cfg).spec} if from_files(cfg.task) else {}
-    engine = get_engine(choice["engine"], cfg.engines)
-    path = artifact_path(onnx_folder, engine, choice["precision"])
-    artifacts = {"model": str(path), "tokenizer": str(tokenizer_folder(onnx_folder))}
-    if path.suffix == ".xml":
-        artifacts["weights"] = str(path.with_suffix(".bin"))  # copied beside the .xml, where OpenVINO looks
+    engine = get_engine(target.engine, cfg.engines)
+    files = engine.artifact_files(artifact_path(onnx_folder, engine, target.precision))  # copied side by side
+    artifacts = {role: str(path) for role, path in files.items()} | {"tokenizer": str(tokenizer_folder(onnx_folder))}
     mlflow.pyfunc.log_model(
         name=ARTIFACT_PATH,
         python_model=str(PACKAGE / "served_model.py"),  # models from code: a file path, run when loaded
         code_paths=[str(PACKAGE)],  # copied to the model's code/fastformers, put first on sys.path when loaded
         artifacts=artifacts,
-        pip_requirements=served_requirements(engine.name),
+        pip_requirements=served_requirements(engine),
         model_config={
             "task": cfg.task.name,
             "max_seq_length": cfg.task.max_seq_length,
@@ -167,5 +180,5 @@ def log_served_model(onnx_folder: Path, cfg: DictConfig, pick_folder: Path | Non
         | task_spec
         | choice,
     )
-    mlflow.set_tags({"served.engine": choice["engine"], "served.precision": choice["precision"]})
+    mlflow.set_tags({"served.engine": target.engine, "served.precision": target.precision})
     return choice

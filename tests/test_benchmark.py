@@ -20,6 +20,7 @@ from fastformers.bench.workload import deal, make_batches, texts_of
 from fastformers.data import EncodedDataset, load_examples
 from fastformers.energy import EnergyMeter, choose_meter
 from fastformers.engines.onnxruntime_engine import operator_times
+from fastformers.engines.target import Target
 from fastformers.errors import FastformersError
 from fastformers.instances import (
     Backend,
@@ -91,7 +92,7 @@ ORT = (("_target_", "fastformers.engines.onnxruntime_engine.OnnxRuntimeEngine"),
 
 
 def ort_backend(path) -> Backend:
-    return Backend("onnxruntime", ORT, str(path))
+    return Backend(Target("onnxruntime"), ORT, str(path))
 
 
 def shares(dataset, tokenizer, instances, batch_size, sort_by_length=False, fixed_length=None, bucket=None):
@@ -507,7 +508,7 @@ def test_a_setting_can_time_the_teacher_beside_the_distilled_student(make_cfg):
                 "precision=int8",
                 "benchmark.settings=[{name: s, engine: onnxruntime, precision: int8_static, padding: dynamic}]",
             ],
-            r"precision=int8_static: .* only with precision.static=true",
+            r"precision=int8_static: .* engines.onnxruntime.precisions.int8_static.built=true",
         ),
     ],
 )

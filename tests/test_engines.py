@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
 from fastformers import pipeline, tracking
+from fastformers.cli import CONF_DIR
 from fastformers.data import load_examples, make_loader
 from fastformers.engines import (
     Engine,
@@ -66,14 +68,19 @@ def engine_logits(engine: Engine, path: Path, precision: str, loader, bucket=Non
     return [model(**model_inputs(batch)).logits for batch in loader]
 
 
-ENGINE_PRECISIONS = [
-    ("onnxruntime", "fp32"),
-    ("onnxruntime", "int8"),
-    ("onnxruntime", "int8_stock"),
-    ("openvino", "fp32"),
-    ("openvino", "bf16"),
-    ("openvino", "int8"),
-]
+def exported_engine_precisions() -> list[tuple[str, str]]:
+    """Every engine x precision an int8 export builds an artifact for, from the registry (conf/engines/)."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        engines = compose("config", overrides=["precision=int8"]).engines
+    pairs = []
+    for name in engine_names(engines):
+        engine = get_engine(name, engines)
+        if not engine.runs_model_folder:
+            pairs += [(name, precision) for precision in engine.precisions if engine.builds(precision, "int8")]
+    return pairs
+
+
+ENGINE_PRECISIONS = exported_engine_precisions()
 
 
 @pytest.mark.parametrize("name, precision", ENGINE_PRECISIONS)

@@ -373,7 +373,7 @@ def int8_export(superglue_root, tmp_path_factory):
         "stages=[finetune,export]",
         "finetune.learning_rate=5e-3",
         "precision=int8",
-        "precision.static=true",
+        "engines.onnxruntime.precisions.int8_static.built=true",
         "engines.onnxruntime.int8.int8.outlier_matmuls=1",
         "engines.onnxruntime.int8.int8.outliers=float",
     )

@@ -151,7 +151,7 @@ def test_serve_engine_forces_the_served_model_and_bad_settings_are_refused_up_fr
 
 
 def test_the_served_requirements_pin_the_runtime_and_never_name_fastformers():
-    requirements = served_requirements("openvino")
+    requirements = served_requirements(OpenVinoEngine())
     names = {r.split("==")[0] for r in requirements}
     assert {"transformers", "tokenizers", "torch", "numpy", "omegaconf", "openvino"} <= names
     assert "fastformers" not in names and all("==" in r and "+" not in r for r in requirements)

@@ -32,6 +32,7 @@ class PaperOptions:
     examples: int
     max_length: int
     shape: Shape
+    engine: str  # benchmark.baseline's engine: the paper's baseline runs out of the box, as the baseline row does
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class BenchOptions:
                 int(paper.examples),
                 int(paper.max_length),
                 Shape(s.layers, s.hidden, s.heads, s.hidden // s.heads if s.heads else 0, s.ffn),  # checked if enabled
+                str(opts.baseline.engine),
             ),
             max_length=int(cfg.task.max_seq_length),
             cores=cfg.hardware.cores,

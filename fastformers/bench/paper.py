@@ -13,6 +13,7 @@ from fastformers.bench.options import BenchOptions, PaperOptions
 from fastformers.bench.settings import Setting
 from fastformers.checks import require_number
 from fastformers.data import EncodedDataset
+from fastformers.engines.target import Target
 from fastformers.errors import FastformersError
 from fastformers.instances import Work, plan_layout
 
@@ -40,8 +41,10 @@ def validate(cfg: DictConfig) -> None:
 
 
 def setting(opts: BenchOptions) -> Setting:
-    """One instance on all the cores, fixed padding, torch fp32: the paper's baseline out of the box."""
-    return Setting(NAME, "torch", "fp32", "fixed", plan_layout(1, None, opts.cores), model="paper")
+    """One instance on all the cores, fixed padding, fp32 on `benchmark.baseline`'s engine (PyTorch out of the
+    box): the paper's baseline."""
+    target = Target(opts.paper.engine, "fp32")
+    return Setting(NAME, target, "fixed", plan_layout(1, None, opts.cores), model="paper")
 
 
 def save_model(opts: PaperOptions, tokenizer, num_labels: int, folder: Path) -> Path:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-from fastformers.engines import Engine, check_target, get_engine
+from fastformers.engines import Engine, check_target, engine_names, get_engine
+from fastformers.engines.target import Target
 from fastformers.engines.variants import int8_features, selected
 from fastformers.errors import FastformersError
 from fastformers.instances import Layout, layouts_filling, plan_layout, usable_cores
@@ -40,21 +41,30 @@ class Setting:
     """One row of the table."""
 
     name: str
-    engine: str
-    precision: str
+    target: Target  # engine, precision, bucket (pad each batch to a multiple of it: static shapes), options
     padding: str
     layout: Layout
-    bucket: int | None = None  # pad each batch to a multiple of this many tokens (static shapes)
     model: str = "latest"
-    options: tuple[tuple[str, object], ...] = ()  # engine options (e.g. onnxruntime session entries)
     gated: bool = False  # may change predictions: held to benchmark.gate
     candidate: bool = False  # one of the pick's candidates
     stock: bool = False  # the engine's stock int8 recipe: the pick must be measurably faster than it (analysis.pick)
     skipped: str | None = None  # why this machine cannot run it
 
     @property
-    def target(self) -> str:
-        return f"{self.engine}/{self.precision}" + (f" b{self.bucket}" if self.bucket else "")
+    def engine(self) -> str:
+        return self.target.engine
+
+    @property
+    def precision(self) -> str:
+        return self.target.precision
+
+    @property
+    def bucket(self) -> int | None:
+        return self.target.bucket
+
+    @property
+    def options(self) -> tuple[tuple[str, object], ...]:
+        return self.target.options
 
 
 def plan_settings(cfg: DictConfig) -> list[Setting]:
@@ -147,11 +157,9 @@ def search_candidates(cfg: DictConfig, layouts: list[tuple[int, int]]) -> list[S
                     rows.append(
                         Setting(
                             name,
-                            engine_name,
-                            precision,
+                            Target(engine_name, precision, bucket),
                             "dynamic",
                             layout,
-                            bucket,
                             gated=True,
                             candidate=True,
                             stock=is_stock(engine, precision),
@@ -208,42 +216,46 @@ def parse_setting(cfg: DictConfig, spec: DictConfig, field: str) -> Setting:
     model = spec.get("model", "latest")
     if model not in MODELS:
         raise FastformersError(f"{field}.model={model!r} must be one of {list(MODELS)}")
-    if model == "teacher" and engine.name != "torch":
+    if model == "teacher" and not engine.runs_model_folder:
+        folder_engines = [name for name in engine_names(cfg.engines) if get_engine(name, cfg.engines).runs_model_folder]
         raise FastformersError(
-            f"{field}: model=teacher runs on engine torch only (the export stage exports the latest model)"
+            f"{field}: model=teacher runs on engine {' or '.join(folder_engines)} only (the export stage exports "
+            "the latest model)"
         )
-    options = tuple(sorted((str(k), v) for k, v in (spec.get("options") or {}).items()))
-    engine.check_options(dict(options), f"{field}.options")
-    skipped = engine.unavailable(precision, dict(options))  # a row this machine cannot run needs no artifact
-    exported_precisions = {"fp32", cfg.precision.name, "bf16", "int8_static"}
-    if cfg.precision.name == "int8":
-        exported_precisions |= set(engine.variants)  # the export builds every declared variant
-    if engine.name != "torch" and precision not in exported_precisions and not skipped:
-        raise FastformersError(
-            f"{field}.precision={precision}: the export stage builds fp32 and "
-            f"precision={cfg.precision.name}'s artifacts; run with precision={precision}"
-        )
-    if precision == "int8_static" and not cfg.precision.get("static"):
-        raise FastformersError(
-            f"{field}.precision=int8_static: the export stage builds the static int8 graph "
-            "only with precision.static=true"
-        )
+    target = Target.of(engine.name, precision, bucket, spec.get("options"))
+    engine.check_options(dict(target.options), f"{field}.options")
+    skipped = engine.unavailable(precision, dict(target.options))  # a row this machine cannot run needs no artifact
+    if not engine.runs_model_folder and not skipped:
+        check_exported(engine, precision, cfg.precision.name, field)
     hardware = cfg.hardware
     instances = spec.instances if "instances" in spec else hardware.instances
     threads = spec.threads_per_instance if "threads_per_instance" in spec else hardware.threads_per_instance
     gated = bool(spec.get("gated", False))
     return Setting(
         spec.name,
-        engine.name,
-        precision,
+        target,
         spec.padding,
         plan_layout(instances, threads, hardware.cores),
-        bucket,
         model,
-        options,
         gated,
         stock=is_stock(engine, precision),
         skipped=skipped,
+    )
+
+
+def check_exported(engine: Engine, precision: str, run_precision: str, field: str) -> None:
+    """Refuses a row whose artifact the export of this run does not build, saying what would build it."""
+    if engine.builds(precision, run_precision):
+        return
+    spec = engine.spec(precision)
+    if not spec.built:
+        raise FastformersError(
+            f"{field}.precision={precision}: the export stage builds it only when switched on: set "
+            f"engines.{engine.name}.precisions.{precision}.built=true"
+        )
+    raise FastformersError(
+        f"{field}.precision={precision}: the export stage builds fp32 and precision={run_precision}'s artifacts; "
+        f"run with precision={spec.built_by}"
     )
 
 

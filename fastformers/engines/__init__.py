@@ -2,8 +2,10 @@
 (`prepare`, at export time) and loads an artifact as `infer(feeds) -> logits` on N threads (`load`, in a
 benchmark instance, in `evaluate`, in serving, in the export's parity check).
 
-Engines are named by the config group `conf/engines/` (each file: `_target_` = the engine class, plus its
-options); adding one is a module here, a file there and its name in conf/config.yaml's defaults list.
+Engines are named by the config group `conf/engines/` (each file: `_target_` = the engine class, its
+`precisions` and its options); adding one is a module here and a file there. What the rest of the package asks
+of an engine is a property of it (runs the model folder or an artifact, the files of an artifact, the libraries
+it needs), never a test of its name.
 """
 
 from __future__ import annotations
@@ -12,14 +14,15 @@ import json
 import pkgutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
-from fastformers.engines.variants import Variant
+from fastformers.engines.target import Target
+from fastformers.engines.variants import VARIANTS_BUILT_BY, Variant
 from fastformers.errors import FastformersError
 
 Infer = Callable[[dict[str, np.ndarray]], np.ndarray]  # int64 feeds in, float32 logits [rows, classes] out
@@ -27,6 +30,41 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 INDEX = "export.json"  # written by the export stage: which file holds which engine's artifact
 GRAPHS = "model"  # the export stage's subfolder of artifacts and tokenizer (kept out of MLflow artifacts)
 PICK = "pick.json"  # written by the benchmark stage: the engine, precision, bucket and layout it picked
+# the engine every export builds: its fused fp32 graph is the float reference of parity and of the benchmark's gate,
+# and a run without a pick serves its precision on it
+REFERENCE = "onnxruntime"
+
+
+@dataclass(frozen=True)
+class Precision:
+    """One precision an engine runs, as its config declares it (`engines.<name>.precisions.<precision>`)."""
+
+    name: str
+    artifact: str  # the artifact it runs (openvino's bf16: the fp32 IR compiled with a bf16 hint)
+    built_by: str | None = None  # the run's precision (precision.name) whose export builds it; None: every export
+    built: bool = True  # false: declared, but exported only when switched on (an opt-in artifact)
+    quantized: bool = False  # integer arithmetic: the roofline holds it to the int8 peak
+    float: bool = False  # held to allclose with PyTorch in parity; the others to argmax agreement
+
+
+PRECISION_KEYS = tuple(f.name for f in fields(Precision) if f.name != "name")
+
+
+def parse_precisions(spec: Mapping | None, field: str) -> dict[str, Precision]:
+    """An engine's `precisions` block as data, each key checked (a typo would silently change what is built)."""
+    table = {}
+    for name, given in (spec or {}).items():
+        body = dict(given or {})
+        unknown = sorted(set(body) - set(PRECISION_KEYS))
+        if unknown:
+            raise FastformersError(
+                f"{field}.{name}: unknown key {unknown[0]!r}; a precision takes {list(PRECISION_KEYS)}"
+            )
+        for key in ("built", "quantized", "float"):
+            if not isinstance(body.get(key, False), bool):
+                raise FastformersError(f"{field}.{name}.{key}={body[key]!r} must be true or false")
+        table[str(name)] = Precision(str(name), str(body.pop("artifact", name)), **body)
+    return table
 
 
 @dataclass
@@ -49,13 +87,46 @@ class Engine(ABC):
     """One inference runtime. Precisions name what the engine runs; an artifact is a file it loads."""
 
     name: str = ""
-    precisions: tuple[str, ...] = ()
-    float_precisions: tuple[str, ...] = ("fp32",)  # held to allclose in parity; the rest to argmax agreement
     static_shapes: bool = False  # compiles per input shape: worth searching over shape buckets
+    runs_model_folder: bool = False  # loads the saved model folder a training stage wrote, not an exported artifact
+    requirements: tuple[str, ...] = ()  # pip distributions a served model of this engine needs, beyond the package's
+    libraries: tuple[str, ...] = ()  # distributions whose code shapes its artifacts and outputs (cache provenance)
 
-    def __init__(self, **options: Any):
+    def __init__(self, precisions: Mapping | None = None, **options: Any):
         self.options = options
         self.variants: dict[str, Variant] = {}  # its int8 variants by precision name (engines/variants.py)
+        self.table = parse_precisions(precisions, f"engines.{self.name}.precisions")
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """What it runs: the precisions its config declares, then its int8 variants."""
+        return (*self.table, *(name for name in self.variants if name not in self.table))
+
+    @property
+    def float_precisions(self) -> tuple[str, ...]:
+        return tuple(name for name in self.precisions if self.spec(name).float)
+
+    def spec(self, precision: str) -> Precision:
+        """A precision's data; an int8 variant is a quantized artifact of an int8 export. Undeclared (an engine
+        built from a served model's older config): its own artifact, built by every export."""
+        if precision in self.table:
+            return self.table[precision]
+        if precision in self.variants:
+            return Precision(precision, precision, built_by=VARIANTS_BUILT_BY, quantized=True)
+        return Precision(precision, precision)
+
+    def builds(self, precision: str, run_precision: str) -> bool:
+        """Whether an export in `run_precision` builds the artifact `precision` runs on."""
+        spec = self.spec(precision)
+        return spec.built and spec.built_by in (None, run_precision)
+
+    def runs_on_gpu(self, precision: str, options: Mapping[str, Any] | None = None) -> bool:
+        """Whether `precision` (with a setting's `options`) runs on a CUDA GPU: no CPU peak applies to it."""
+        return False
+
+    def artifact_files(self, path: Path) -> dict[str, Path]:
+        """Every file an artifact is, by role (a served model copies them side by side): one file by default."""
+        return {"model": Path(path)}
 
     def unavailable(self, precision: str, options: Mapping[str, Any] | None = None) -> str | None:
         """Why `precision` (with a setting's `options`) cannot run on this machine (a missing package, no bf16 in
@@ -64,7 +135,7 @@ class Engine(ABC):
 
     def artifact_name(self, precision: str) -> str:
         """The artifact a precision runs on (OpenVINO's bf16 compiles the fp32 model with a bf16 hint)."""
-        return precision
+        return self.spec(precision).artifact
 
     @abstractmethod
     def prepare(self, ctx: ExportContext) -> dict[str, Path]:
@@ -132,6 +203,14 @@ def get_engine(name: str, engines_cfg: Mapping) -> Engine:
     if not target:
         raise FastformersError(f"engines.{name}: missing _target_ (the engine class)")
     return engine_class(name, str(target))(**spec)
+
+
+def configured_libraries(engines_cfg: Mapping) -> tuple[str, ...]:
+    """The libraries of every configured engine, from their classes (nothing is instantiated)."""
+    found: dict[str, None] = {}
+    for name in engine_names(engines_cfg):
+        found |= dict.fromkeys(engine_class(name, str(engines_cfg[name].get("_target_"))).libraries)
+    return tuple(found)
 
 
 def engine_class(name: str, target: str) -> type[Engine]:
@@ -226,7 +305,7 @@ def tokenizer_folder(folder: Path) -> Path:
 
 
 def read_pick(folder: Path) -> dict:
-    """The benchmark's pick: {name, engine, precision, bucket, layout, options, model}."""
+    """The benchmark's pick: {name, layout, model} and its target's {engine, precision, bucket, options}."""
     path = Path(folder) / PICK
     pick = json.loads(path.read_text()) if path.is_file() else None
     if not pick:
@@ -235,3 +314,8 @@ def read_pick(folder: Path) -> dict:
             "to an engine name instead of pick"
         )
     return pick
+
+
+def picked_target(folder: Path) -> Target:
+    """What the benchmark picked, as a Target (pick.json files written before Target read the same)."""
+    return Target.from_dict(read_pick(folder), str(Path(folder) / PICK))

@@ -24,14 +24,15 @@ FUSIONS = ("project", "stock")  # export.fusion_options, or the optimizer's defa
 
 
 class OnnxRuntimeEngine(Engine):
-    name = "onnxruntime"
+    name = "onnxruntime"  # precisions: conf/engines/onnxruntime.yaml
+    requirements = ("onnxruntime",)
+    libraries = ("onnx", "onnxruntime")
 
     def __init__(self, int8: Mapping | None = None, **options: Any):
         super().__init__(**options)
         self.variants = parse_variants(int8, "engines.onnxruntime.int8", RECIPE)
         for variant in self.variants.values():
             check_recipe(variant)
-        self.precisions = ("fp32", *self.variants, "int8_static", "fp16")
         self._stats: dict[Path, dict] = {}  # MatMul input statistics per source graph, during one prepare
 
     def unavailable(self, precision: str, options: Mapping[str, Any] | None = None) -> str | None:
@@ -41,6 +42,9 @@ class OnnxRuntimeEngine(Engine):
                 f"onnxruntime offers {_ort().get_available_providers()}"
             )
         return None
+
+    def runs_on_gpu(self, precision: str, options: Mapping[str, Any] | None = None) -> bool:
+        return precision == "fp16"  # the CUDA provider
 
     def prepare(self, ctx: ExportContext) -> dict[str, Path]:
         from fastformers.onnx import quantize
@@ -54,7 +58,7 @@ class OnnxRuntimeEngine(Engine):
         if precision.name == "int8":
             for variant in self.variants.values():  # every one declared: the cache entry fits any CPU
                 artifacts |= self.quantize_variant(ctx, variant, fp32)
-            if precision.static:
+            if self.builds("int8_static", precision.name):  # opt-in: engines.onnxruntime.precisions
                 source, float_matmuls = self.outlier_treatment(ctx, self.project_variant(), fp32)
                 artifacts["int8_static"] = quantize.quantize_int8_static(source, ctx.calibration(), float_matmuls)
         elif precision.name == "fp16":
@@ -86,11 +90,7 @@ class OnnxRuntimeEngine(Engine):
         treated, float_matmuls = self.outlier_treatment(ctx, variant, source)
         if treated != source and variant.name == "int8":
             built["smoothed"] = treated  # the float graph it was quantized from: held to fp32 parity
-        options = quantize.Int8Options(
-            str(recipe.get("weight_type", "QInt8")),
-            bool(recipe.get("per_channel", True)),
-            bool(recipe.get("reduce_range", False)),
-        )
+        options = quantize.Int8Options.of(recipe)
         built[variant.name] = quantize.quantize_int8(treated, options, float_matmuls, suffix=suffix)
         if source != fp32:  # an intermediate: only its quantized graph is kept
             source.unlink()

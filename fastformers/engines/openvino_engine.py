@@ -78,9 +78,10 @@ def cpu_capabilities(ov) -> list[str]:
 
 
 class OpenVinoEngine(Engine):
-    name = "openvino"
-    float_precisions = ("fp32",)
+    name = "openvino"  # precisions: conf/engines/openvino.yaml
     static_shapes = True
+    requirements = ("openvino",)
+    libraries = ("openvino", "nncf")
 
     def __init__(
         self,
@@ -99,7 +100,6 @@ class OpenVinoEngine(Engine):
                     f"engines.openvino.int8.{variant.name}.overflow_fix={fix!r} must be one of {list(OVERFLOW_FIXES)}"
                 )
             check_accuracy_control(variant)
-        self.precisions = ("fp32", "bf16", *self.variants)
 
     def unavailable(self, precision: str, options: Mapping[str, Any] | None = None) -> str | None:
         try:
@@ -128,8 +128,9 @@ class OpenVinoEngine(Engine):
         minutes and restores agreement as this CPU's kernels compute it, so it is built where its `when` holds."""
         return not variant.settings.get("accuracy_control") or variant.applies(cpu_variants.int8_features())
 
-    def artifact_name(self, precision: str) -> str:
-        return "fp32" if precision == "bf16" else precision  # bf16 is the fp32 model compiled with a bf16 hint
+    def artifact_files(self, path: Path) -> dict[str, Path]:
+        """The IR's .xml and its .bin weights, which OpenVINO looks for beside it."""
+        return {"model": Path(path), "weights": Path(path).with_suffix(".bin")}
 
     def prepare(self, ctx: ExportContext) -> dict[str, Path]:
         ov = _ov()

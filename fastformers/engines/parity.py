@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from fastformers.engines import Engine, EngineModel
+from fastformers.engines.target import Target
 from fastformers.errors import FastformersError
 from fastformers.models import example_scores, model_inputs
 
@@ -19,12 +20,12 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Target:
-    """One thing to compare: an engine running an artifact in a precision."""
+class Compared:
+    """One thing to compare: an engine (built from the run's config) running an artifact as `target` says."""
 
     label: str  # e.g. onnxruntime/int8, openvino/bf16
     engine: Engine
-    precision: str
+    target: Target
     path: Path
     is_float: bool
 
@@ -52,13 +53,14 @@ def compare(reference, candidate, loader) -> dict[str, float]:
 
 
 def check(
-    model, loader, targets: list[Target], max_abs_diff: float, gated: str, min_agreement: float
+    model, loader, targets: list[Compared], max_abs_diff: float, gated: str, min_agreement: float
 ) -> dict[str, dict[str, float]]:
     """Compares every target with `model`; raises when a float one drifts or the `gated` one disagrees."""
     reference = batch_logits(model, loader)
     results = {}
     for target in targets:
-        engine_model = EngineModel(target.engine.open(target.path, target.precision))
+        run = target.target
+        engine_model = EngineModel(target.engine.open(target.path, run.precision, None, dict(run.options), run.bucket))
         results[target.label] = compare(reference, batch_logits(engine_model, loader), loader)
         log.info("parity %s: %s", target.label, results[target.label])
         if target.is_float and results[target.label]["max_abs_diff"] > max_abs_diff:

@@ -18,14 +18,17 @@ DEVICES = ("cpu", "cuda")
 
 
 class TorchEngine(Engine):
-    name = "torch"
-    precisions = ("fp32", "fp16", "bf16")  # fp16 and bf16 run on a CUDA GPU
+    name = "torch"  # precisions: conf/engines/torch.yaml (fp16 and bf16 run on a CUDA GPU)
+    runs_model_folder = True
+    libraries = ("torch",)
+
+    def runs_on_gpu(self, precision: str, options: Mapping[str, Any] | None = None) -> bool:
+        return precision != "fp32" or (options or {}).get("device") == "cuda"
 
     def unavailable(self, precision: str, options: Mapping[str, Any] | None = None) -> str | None:
         import torch
 
-        on_gpu = precision != "fp32" or (options or {}).get("device") == "cuda"
-        if on_gpu and not torch.cuda.is_available():
+        if self.runs_on_gpu(precision, options) and not torch.cuda.is_available():
             return f"torch {precision} runs on a CUDA GPU here (SDPA attention); torch {torch.__version__} sees none"
         return None
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from fastformers.errors import FastformersError
 
+VARIANTS_BUILT_BY = "int8"  # the run precision whose export builds every declared variant
 FEATURES = ("vnni",)  # what a variant's `when` may name
 SELECTIONS = ("needed", "all")  # benchmark.search.variants: the variants this CPU needs, or every one declared
 

@@ -57,7 +57,7 @@ def export_onnx(model, tokenizer, path: Path, opset: int) -> Path:
         path,
         {
             "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
-            "torch": torch.__version__,
+            torch.__name__: torch.__version__,
             "opset": opset,
             "inputs": names,
             "outputs": ["logits"],

@@ -55,7 +55,7 @@ def optimize(
             "model_type": model_type,
             "num_heads": num_heads,
             "hidden_size": hidden_size,
-            "onnxruntime": ort.__version__,
+            ort.__name__: ort.__version__,
             "fusion_options": fusion_options or {},
             "session_disabled_optimizers": disabled,
             "fused_operators": fusions,

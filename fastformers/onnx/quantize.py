@@ -5,9 +5,10 @@ CUDA. Calibration feeds come from the train split, never the one the metric is r
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -39,6 +40,16 @@ class Int8Options:
     weight_type: str = "QInt8"  # QInt8 | QUInt8
     per_channel: bool = True  # one scale per output column: keeps fp32's accuracy (docs/speed.md)
     reduce_range: bool = False
+
+    @classmethod
+    def of(cls, recipe: Mapping[str, Any]) -> Int8Options:
+        """The quantizer's fields of an int8 variant's recipe (conf/engines/onnxruntime.yaml); unset: stock."""
+        stock = cls.stock()
+        return cls(
+            weight_type=str(recipe.get("weight_type", stock.weight_type)),
+            per_channel=bool(recipe.get("per_channel", stock.per_channel)),
+            reduce_range=bool(recipe.get("reduce_range", stock.reduce_range)),
+        )
 
     @classmethod
     def stock(cls) -> Int8Options:
@@ -82,7 +93,7 @@ def quantize_int8(
             **asdict(options),
             "nodes_kept_float": list(float_nodes),
             "extra_options": {"MatMulConstBOnly": True, "DefaultTensorType": "FLOAT"},
-            "onnxruntime": ort.__version__,
+            ort.__name__: ort.__version__,
         },
     )
     return target
@@ -137,7 +148,7 @@ def quantize_int8_static(path: Path, feeds: list[dict[str, np.ndarray]], float_n
             "weights": "QInt8",
             "nodes_kept_float": list(float_nodes),
             "calibration_batches": "precision.calibration_split",
-            "onnxruntime": ort.__version__,
+            ort.__name__: ort.__version__,
         },
     )
     return target
@@ -231,7 +242,7 @@ def convert_fp16(path: Path) -> Path:
             "converter": "onnxruntime.transformers OnnxModel.convert_float_to_float16",
             "keep_io_types": True,
             "execution_provider": CUDA,
-            "onnxruntime": ort.__version__,
+            ort.__name__: ort.__version__,
         },
     )
     return target

@@ -26,7 +26,8 @@ from fastformers.checks import require_number
 from fastformers.context import StageContext
 from fastformers.data import EncodedDataset, parse_split
 from fastformers.energy import choose_meter
-from fastformers.engines import PICK, artifact_path
+from fastformers.engines import PICK, artifact_path, get_engine
+from fastformers.engines.target import Target
 from fastformers.errors import FastformersError
 from fastformers.instances import Backend, Instances, Work, usable_cores
 from fastformers.roofline import Shape, family_of, measure_peaks, this_cpu
@@ -44,7 +45,8 @@ HEADLINE = ("pick/throughput", "pick/speedup", "pick/score")
 
 def uses(cfg: DictConfig) -> tuple[str, ...]:
     specs = list(cfg.benchmark.settings)
-    exported = ("onnx",) if cfg.benchmark.search or any(spec.engine != "torch" for spec in specs) else ()
+    artifacts = any(not get_engine(spec.engine, cfg.engines).runs_model_folder for spec in specs)
+    exported = ("onnx",) if cfg.benchmark.search or artifacts else ()
     teacher = ("teacher",) if any(spec.get("model") == "teacher" for spec in specs) else ()
     return ("model",) + exported + teacher  # "teacher": the first model of the run, for the baseline
 
@@ -97,7 +99,7 @@ def run(ctx: StageContext, inputs: dict[str, Path], out: Path) -> dict[str, floa
             log.info(
                 "benchmark: loading %s (%s, %s, %s)",
                 setting.name,
-                setting.target,
+                setting.target.label,
                 setting.padding,
                 setting.layout.label,
             )
@@ -133,12 +135,13 @@ def run(ctx: StageContext, inputs: dict[str, Path], out: Path) -> dict[str, floa
             len(examples),
             setting.precision,
             setting.layout.instances * setting.layout.threads,
-            None if on_gpu(setting) else family,
+            None if on_gpu(ctx, setting) else family,
             wall,
         )
         if peaks:
+            quantized = ctx.engine(setting.engine).spec(setting.precision).quantized
             row["metrics"] |= analysis.roofline_metrics(
-                shapes[setting.model], datasets[setting.model], peaks, setting.precision.startswith("int8"), wall
+                shapes[setting.model], datasets[setting.model], peaks, quantized, wall
             )
         rows.append(row)
     pools = gate_pool_predictions(ctx, opts, rows, settings, tokenizers, inputs, meter)
@@ -173,10 +176,9 @@ def run(ctx: StageContext, inputs: dict[str, Path], out: Path) -> dict[str, floa
     return metrics_of(report)
 
 
-def on_gpu(setting: plan.Setting) -> bool:
-    """A row that runs on a CUDA GPU (fp16, torch's bf16, or device: cuda): no CPU peak applies to it."""
-    cuda = dict(setting.options).get("device") == "cuda"
-    return setting.precision == "fp16" or (setting.engine == "torch" and (setting.precision != "fp32" or cuda))
+def on_gpu(ctx: StageContext, setting: plan.Setting) -> bool:
+    """A row that runs on a CUDA GPU (its engine says: fp16, torch's bf16, device: cuda): no CPU peak applies."""
+    return ctx.engine(setting.engine).runs_on_gpu(setting.precision, dict(setting.options))
 
 
 def paper_starter(ctx: StageContext, options: BenchOptions, examples, inputs: dict[str, Path], scratch: Path, meter):
@@ -191,8 +193,7 @@ def paper_starter(ctx: StageContext, options: BenchOptions, examples, inputs: di
     sample = examples[: opts.examples]
     dataset = EncodedDataset(sample, tokenizer, opts.max_length)
     setting = paper.setting(options)
-    conf = dict(OmegaConf.to_container(ctx.cfg.engines.torch, resolve=True))  # type: ignore[arg-type]
-    backend = Backend("torch", tuple(conf.items()), str(folder))
+    backend = Backend(setting.target, engine_conf(ctx.cfg, setting.engine), str(folder))
 
     def start() -> Instances:
         log.info("benchmark: loading %s (%s)", setting.name, paper.LABEL)
@@ -336,7 +337,8 @@ def profile_rows(
     fails is logged in one line and named in `report["profile_errors"]`; the stage still succeeds."""
     wanted = {report.get("pick"), report.get("reference")} - {None}
     for setting in settings:
-        if setting.name not in wanted or setting.engine == "torch":
+        engine = ctx.engine(setting.engine)
+        if setting.name not in wanted or engine.runs_model_folder:  # no artifact, no engine profiler
             continue
         batches = make_batches(
             datasets[setting.model],
@@ -347,7 +349,6 @@ def profile_rows(
             opts.sort_by_length,
             setting.bucket,
         )
-        engine = ctx.engine(setting.engine)
         row = analysis.row_named(report["rows"], setting.name)
         try:
             profile = engine.profile(
@@ -389,8 +390,11 @@ def write_report(report: dict, out: Path, opts: BenchOptions) -> str:
 def write_pick(report: dict, out: Path) -> None:
     """What `evaluate.engine=pick` and serving run: the pick's engine, precision, bucket and layout."""
     row = analysis.row_named(report["rows"], report["pick"])
-    keys = ("name", "engine", "precision", "bucket", "layout", "options", "model")
-    (out / PICK).write_text(json.dumps({k: row[k] for k in keys} if row else None, indent=2))
+    pick = None
+    if row:
+        target = Target.from_dict(row, f"benchmark row {row['name']}")
+        pick = {"name": row["name"]} | target.to_dict() | {"layout": row["layout"], "model": row["model"]}
+    (out / PICK).write_text(json.dumps(pick, indent=2))
 
 
 def log_pick(report: dict) -> None:
@@ -465,10 +469,14 @@ def model_folder(source: str, inputs: dict[str, Path]) -> Path:
 def backend_of(ctx: StageContext, setting: plan.Setting, inputs: dict[str, Path]) -> Backend:
     """What an instance process loads, in plain picklable values."""
     engine = ctx.engine(setting.engine)
-    conf = dict(OmegaConf.to_container(ctx.cfg.engines[setting.engine], resolve=True))  # type: ignore[arg-type]
     path = (
         model_folder(setting.model, inputs)
-        if setting.engine == "torch"
+        if engine.runs_model_folder
         else artifact_path(inputs["onnx"], engine, setting.precision)
     )
-    return Backend(setting.engine, tuple(conf.items()), str(path), setting.precision, setting.options, setting.bucket)
+    return Backend(setting.target, engine_conf(ctx.cfg, setting.engine), str(path))
+
+
+def engine_conf(cfg: DictConfig, name: str) -> tuple[tuple[str, object], ...]:
+    """`engines.<name>` as plain pairs: what an instance process builds its engine from."""
+    return tuple(dict(OmegaConf.to_container(cfg.engines[name], resolve=True)).items())  # type: ignore[arg-type]

@@ -20,9 +20,10 @@ from fastformers.engines import (
     artifact_path,
     check_target,
     get_engine,
-    read_pick,
+    picked_target,
     tokenizer_folder,
 )
+from fastformers.engines.target import Target
 from fastformers.errors import FastformersError
 from fastformers.models import load_finetuned, predict
 from fastformers.tasks import DIAGNOSTICS
@@ -39,12 +40,13 @@ HEADLINE = SCORES
 def uses(cfg: DictConfig) -> tuple[str, ...]:
     if cfg.evaluate.engine == PICK:
         return ("model",) + (("onnx",) if "export" in cfg.stages else ()) + (PICK,)
-    return ("model",) if cfg.evaluate.engine == "torch" else ("onnx",)
+    return ("model",) if get_engine(cfg.evaluate.engine, cfg.engines).runs_model_folder else ("onnx",)
 
 
 def precision_of(cfg: DictConfig) -> str:
-    """The precision evaluated: `evaluate.precision`, else the run's (fp32 for PyTorch)."""
-    if cfg.evaluate.engine == "torch":
+    """The precision evaluated: `evaluate.precision`, else the run's (fp32 for an engine that runs the trained
+    model folder)."""
+    if get_engine(cfg.evaluate.engine, cfg.engines).runs_model_folder:
         return cfg.evaluate.precision or "fp32"
     return cfg.evaluate.precision or cfg.precision.name
 
@@ -80,17 +82,15 @@ def load(ctx: StageContext, inputs: dict[str, Path], out: Path):
     pick (recorded in `evaluated.json`)."""
     cfg = ctx.cfg
     if cfg.evaluate.engine == PICK:
-        pick = read_pick(inputs[PICK])
-        name, precision, bucket, options = pick["engine"], pick["precision"], pick["bucket"], pick["options"]
+        target = picked_target(inputs[PICK])
     else:
-        name, precision, bucket, options = cfg.evaluate.engine, precision_of(cfg), cfg.evaluate.bucket, {}
-    (out / "evaluated.json").write_text(
-        json.dumps({"engine": name, "precision": precision, "bucket": bucket, "options": options})
-    )
-    if name == "torch":
+        target = Target.of(cfg.evaluate.engine, precision_of(cfg), cfg.evaluate.bucket)
+    (out / "evaluated.json").write_text(json.dumps(target.to_dict()))
+    engine = ctx.engine(target.engine)
+    if engine.runs_model_folder:  # the trained model as saved (its tokenizer beside it)
         return load_finetuned(inputs["model"] / "model")
-    engine = ctx.engine(name)
-    model = EngineModel(engine.open(artifact_path(inputs["onnx"], engine, precision), precision, None, options, bucket))
+    path = artifact_path(inputs["onnx"], engine, target.precision)
+    model = EngineModel(engine.open(path, target.precision, None, dict(target.options), target.bucket))
     return model, AutoTokenizer.from_pretrained(str(tokenizer_folder(inputs["onnx"])))
 
 

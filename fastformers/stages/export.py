@@ -19,8 +19,9 @@ from omegaconf import DictConfig
 from fastformers.checks import require_number
 from fastformers.context import SCORES, StageContext
 from fastformers.data import parse_split
-from fastformers.engines import GRAPHS, INDEX, ExportContext, artifact_key, get_engine
-from fastformers.engines.parity import Target, check
+from fastformers.engines import GRAPHS, INDEX, REFERENCE, Engine, ExportContext, artifact_key, get_engine
+from fastformers.engines.parity import Compared, check
+from fastformers.engines.target import Target
 from fastformers.errors import FastformersError
 from fastformers.models import load_finetuned, model_inputs
 from fastformers.onnx import settings_path
@@ -62,21 +63,26 @@ def validate(cfg: DictConfig) -> None:
         raise FastformersError(f"precision.name={precision.name!r} must be one of {list(PRECISIONS)}")
     require_number(cfg, "precision.min_agreement", 0, 1, lo_open=True)
     if precision.name == "int8":
+        if "static" in precision:
+            raise FastformersError(
+                f"precision.static moved to the engine that builds it: set engines.{REFERENCE}.precisions."
+                "int8_static.built=true (conf/engines/onnxruntime.yaml)"
+            )
         moved = sorted(set(precision) & set(MOVED_TO_VARIANTS))
         if moved:
             raise FastformersError(
                 f"precision.{moved[0]} moved to the engines' int8 variants: set it per variant in "
-                f"engines.onnxruntime.int8.<variant>.{moved[0]} (conf/engines/onnxruntime.yaml)"
+                f"engines.{REFERENCE}.int8.<variant>.{moved[0]} (conf/engines/{REFERENCE}.yaml)"
             )
         require_number(cfg, "precision.calibration_examples", 1, integer=True, null="all")
         check_disjoint(precision.calibration_split, cfg.task.eval_split, "precision.calibration_split")
     if precision.name == "fp16":
-        reason = get_engine("onnxruntime", cfg.engines).unavailable("fp16")
+        reason = get_engine(REFERENCE, cfg.engines).unavailable("fp16")
         if reason:
             raise FastformersError(f"precision=fp16: {reason}")
-    if "onnxruntime" not in opts.engines:
+    if REFERENCE not in opts.engines:
         raise FastformersError(
-            f"export.engines={list(opts.engines)} must include onnxruntime (its fused fp32 "
+            f"export.engines={list(opts.engines)} must include {REFERENCE} (its fused fp32 "
             "graph is the float reference of every accuracy gate)"
         )
     for name in opts.engines:
@@ -109,6 +115,7 @@ def run(ctx: StageContext, inputs: dict[str, Path], out: Path) -> dict[str, floa
         functools.cache(lambda count: held_out_feeds(ctx, tokenizer, count)),
     )
     artifacts: dict[str, Path] = {}
+    built_by: dict[str, Engine] = {}  # artifact key -> the engine that built it (it knows the artifact's files)
     skipped: dict[str, str] = {}
     for name in cfg.export.engines:
         engine = ctx.engine(name)
@@ -119,11 +126,12 @@ def run(ctx: StageContext, inputs: dict[str, Path], out: Path) -> dict[str, floa
             log.warning("export: engine %s skipped: %s", name, reason)
             skipped[name] = reason
             continue
-        artifacts |= {artifact_key(name, kind): path for kind, path in engine.prepare(made_from).items()}
+        for kind, path in engine.prepare(made_from).items():
+            artifacts[artifact_key(name, kind)], built_by[artifact_key(name, kind)] = path, engine
     seconds = time.perf_counter() - started
     tokenizer.save_pretrained(folder)
     parity = check_parity(ctx, model, tokenizer, exported, artifacts)
-    fusions = json.loads(settings_path(artifacts["onnxruntime/fp32"]).read_text())["fused_operators"]
+    fusions = json.loads(settings_path(artifacts[artifact_key(REFERENCE, "fp32")]).read_text())["fused_operators"]
     (out / INDEX).write_text(
         json.dumps(
             {
@@ -143,15 +151,17 @@ def run(ctx: StageContext, inputs: dict[str, Path], out: Path) -> dict[str, floa
     )
     metrics = {"export_seconds": seconds, "layers": model.config.num_hidden_layers}
     metrics |= {f"fused/{op}": count for op, count in fusions.items()}
-    metrics |= {f"artifact_mb/{key}": artifact_bytes(path) / 2**20 for key, path in artifacts.items()}
+    metrics |= {
+        f"artifact_mb/{key}": artifact_bytes(built_by[key].artifact_files(path)) / 2**20
+        for key, path in artifacts.items()
+    }
     metrics |= {f"parity/{label}/{k}": v for label, values in parity.items() for k, v in values.items()}
     return metrics
 
 
-def artifact_bytes(path: Path) -> int:
-    """A graph file, or an OpenVINO IR's .xml plus its .bin weights."""
-    weights = path.with_suffix(".bin")
-    return path.stat().st_size + (weights.stat().st_size if path.suffix == ".xml" and weights.is_file() else 0)
+def artifact_bytes(files: dict[str, Path]) -> int:
+    """The size of every file an artifact is (an OpenVINO IR: its .xml and its .bin weights)."""
+    return sum(path.stat().st_size for path in files.values() if path.is_file())
 
 
 def check_disjoint(calibration: str, evaluation: str, field: str) -> None:
@@ -199,24 +209,24 @@ def as_feeds(ctx: StageContext, tokenizer, examples: list) -> list[dict[str, np.
     return [{k: v.numpy() for k, v in model_inputs(batch).items()} for batch in loader]
 
 
-def parity_targets(ctx: StageContext, exported: Path, artifacts: dict[str, Path]) -> list[Target]:
-    """The raw export (through onnxruntime), then every engine x precision the artifacts let run here."""
-    ort = ctx.engine("onnxruntime")
-    targets = [Target("exported", ort, "fp32", exported, True)]
-    if "onnxruntime/smoothed" in artifacts:
-        targets.append(Target("onnxruntime/smoothed", ort, "fp32", artifacts["onnxruntime/smoothed"], True))
+def parity_targets(ctx: StageContext, exported: Path, artifacts: dict[str, Path]) -> list[Compared]:
+    """The raw export (through the reference engine), then every engine x precision the artifacts let run here."""
+    reference, smoothed = ctx.engine(REFERENCE), artifact_key(REFERENCE, "smoothed")
+    targets = [Compared("exported", reference, Target(REFERENCE), exported, True)]
+    if smoothed in artifacts:
+        targets.append(Compared(smoothed, reference, Target(REFERENCE), artifacts[smoothed], True))
     for name in ctx.cfg.export.engines:
         engine = ctx.engine(name)
         for precision in engine.precisions:
             key = artifact_key(name, engine.artifact_name(precision))
             if key in artifacts and engine.unavailable(precision) is None:
                 targets.append(
-                    Target(
+                    Compared(
                         artifact_key(name, precision),
                         engine,
-                        precision,
+                        Target(name, precision),
                         artifacts[key],
-                        precision in engine.float_precisions,
+                        engine.spec(precision).float,
                     )
                 )
     return targets
@@ -231,7 +241,7 @@ def check_parity(ctx: StageContext, model, tokenizer, exported: Path, artifacts:
         loader,
         parity_targets(ctx, exported, artifacts),
         cfg.export.fp32_max_abs_diff,
-        artifact_key("onnxruntime", cfg.precision.name),
+        artifact_key(REFERENCE, cfg.precision.name),
         cfg.precision.min_agreement,
     )
 
