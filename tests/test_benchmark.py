@@ -36,7 +36,7 @@ from fastformers.onnx.convert import export_onnx
 from fastformers.onnx.optimize import optimize
 from fastformers.pruning import encoder_layers
 from fastformers.tasks import TASKS
-from tests.conftest import mlflow_runs, saved_tiny
+from tests.helpers import mlflow_runs, saved_tiny
 
 needs_two_cores = pytest.mark.skipif(len(usable_cores()) < 2, reason="needs two physical cores")
 NO_ENERGY = EnergyMeter("none")

@@ -17,7 +17,7 @@ from fastformers.training import (
     soft_cross_entropy,
     uniform_layer_map,
 )
-from tests.conftest import tiny_spec
+from tests.helpers import tiny_spec
 
 TEXTS = ["the cat sat on the mat", "a dog ran in the park", "it rained all day long"] * 20
 

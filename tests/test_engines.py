@@ -25,7 +25,7 @@ from fastformers.engines.openvino_engine import OpenVinoEngine
 from fastformers.errors import FastformersError
 from fastformers.models import load_finetuned, model_inputs
 from fastformers.tasks import TASKS
-from tests.conftest import compose_cfg
+from tests.helpers import compose_cfg
 
 
 def test_the_registry_composes_every_engine_from_its_config_file(make_cfg):

@@ -36,9 +36,9 @@ from fastformers.onnx.quantize import (
     quantize_int8,
     smooth_matmuls,
 )
-from fastformers.pruning import encoder_layers, keep_attention_heads
+from fastformers.pruning import attention_shape, encoder_layers, keep_attention_heads
 from fastformers.tasks import TASKS
-from tests.conftest import LAYERS, attention_shape, compose_cfg, saved_tiny
+from tests.helpers import LAYERS, compose_cfg, saved_tiny
 
 
 def on_onnxruntime(path, **kwargs) -> EngineModel:

@@ -10,7 +10,7 @@ import pytest
 
 from fastformers import pipeline
 from fastformers.errors import FastformersError
-from tests.conftest import mlflow_runs
+from tests.helpers import mlflow_runs
 
 
 def test_finetune_lowers_the_loss_and_logs_everything_to_mlflow(make_cfg):

@@ -23,6 +23,7 @@ from fastformers.onnx.convert import export_onnx
 from fastformers.onnx.optimize import optimize
 from fastformers.pruning import (
     HEADS_KEPT,
+    attention_shape,
     encoder_layers,
     importance,
     kept_count,
@@ -32,16 +33,9 @@ from fastformers.pruning import (
     top_per_layer,
 )
 from fastformers.tasks import TASKS
-from tests.conftest import mlflow_runs, tiny_spec
+from tests.helpers import FFN, HEADS, HIDDEN, LAYERS, masks_keeping, mlflow_runs, pair_inputs, tiny_spec
 
-LAYERS, HIDDEN, HEADS, FFN = 2, 64, 4, 128
 HEAD_SIZE = HIDDEN // HEADS
-
-
-def attention_shape(model) -> tuple[int, int]:
-    """(heads, total head width) of the first layer's attention, what the export stage gives the optimizer."""
-    layer = encoder_layers(model)[0].attention.self
-    return layer.num_attention_heads, layer.all_head_size
 
 
 def tiny(family, superglue_root):
@@ -51,25 +45,6 @@ def tiny(family, superglue_root):
     return model.eval(), tokenizer
 
 
-def inputs(tokenizer):
-    return dict(
-        tokenizer(
-            ["the cat sat on the mat", "a dog ran in the park all day"],
-            ["yes", "no it did not"],
-            padding=True,
-            return_tensors="pt",
-        )
-    )
-
-
-def masks_keeping(heads, neurons):
-    """0/1 masks that switch off every head and neuron not listed (per layer)."""
-    head_mask, ffn_mask = torch.zeros(LAYERS, HEADS), torch.zeros(LAYERS, FFN)
-    for layer, (h, n) in enumerate(zip(heads, neurons)):
-        head_mask[layer, h], ffn_mask[layer, n] = 1.0, 1.0
-    return head_mask, ffn_mask
-
-
 KEPT_HEADS = [[0, 2], [1, 3]]  # the same count in every layer, different heads
 KEPT_NEURONS = [list(range(0, FFN, 4)), list(range(3, FFN, 4))]
 
@@ -77,7 +52,7 @@ KEPT_NEURONS = [list(range(0, FFN, 4)), list(range(3, FFN, 4))]
 @pytest.mark.parametrize("family", ["bert", "roberta"])
 def test_all_ones_masks_leave_outputs_unchanged(family, superglue_root):
     model, tokenizer = tiny(family, superglue_root)
-    batch = inputs(tokenizer)
+    batch = pair_inputs(tokenizer)
     plain = model(**batch).logits
     head_shape, ffn_shape = mask_shapes(model)
     assert (head_shape, ffn_shape) == ((LAYERS, HEADS), (LAYERS, FFN))
@@ -119,7 +94,7 @@ def test_importance_ranks_first_the_head_and_neuron_made_to_matter(superglue_roo
 @pytest.mark.parametrize("family", ["bert", "roberta"])
 def test_rewired_model_is_smaller_by_exactly_the_removed_weights_and_equals_the_masked_one(family, superglue_root):
     model, tokenizer = tiny(family, superglue_root)
-    batch = inputs(tokenizer)
+    batch = pair_inputs(tokenizer)
     with masks_applied(model, *masks_keeping(KEPT_HEADS, KEPT_NEURONS)):
         masked = model(**batch).logits
     before = count_parameters(model)
@@ -150,7 +125,7 @@ def test_a_saved_pruned_model_loads_back_to_the_same_shapes_and_outputs(pruned_f
     folder, model, tokenizer = pruned_folder
     loaded, _ = load_finetuned(folder)
     assert {n: p.shape for n, p in loaded.named_parameters()} == {n: p.shape for n, p in model.named_parameters()}
-    batch = inputs(tokenizer)
+    batch = pair_inputs(tokenizer)
     torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
     sdpa, _ = load_finetuned(folder, attn_implementation=None)  # the PyTorch baseline's attention
     torch.testing.assert_close(sdpa(**batch).logits, model(**batch).logits, atol=1e-5, rtol=1e-5)
@@ -162,7 +137,7 @@ def test_a_pruned_model_exports_with_fused_attention_and_matches_pytorch(pruned_
     fused, fusions = optimize(exported, *attention_shape(model))
     assert fusions["Attention"] == LAYERS and fusions["EmbedLayerNormalization"] == 1
     session = ort.InferenceSession(str(fused), providers=["CPUExecutionProvider"])
-    batch = inputs(tokenizer)
+    batch = pair_inputs(tokenizer)
     logits = session.run(["logits"], {k: v.numpy() for k, v in batch.items()})[0]
     np.testing.assert_allclose(logits, model(**batch).logits.detach().numpy(), atol=1e-4)
 

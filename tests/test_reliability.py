@@ -20,7 +20,7 @@ from fastformers.checks import require_number
 from fastformers.errors import FastformersError
 from fastformers.models import load_finetuned, load_pretrained
 from fastformers.tasks import TASKS
-from tests.conftest import saved_tiny
+from tests.helpers import saved_tiny
 
 # ------------------------------------------------------------------------------------- Hydra's errors, one line
 

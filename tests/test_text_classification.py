@@ -21,7 +21,7 @@ from fastformers.errors import FastformersError
 from fastformers.models import build_random, load_finetuned
 from fastformers.stages import teacher as teacher_stage
 from fastformers.tasks import TASKS, Task, get_task, task_of
-from tests.conftest import mlflow_runs, tiny_spec
+from tests.helpers import mlflow_runs, tiny_spec
 
 WORDS = {"billing": "charged invoice refund", "shipping": "parcel courier arrived", "account": "password login email"}
 ROWS = [
