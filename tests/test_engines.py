@@ -76,6 +76,7 @@ ENGINE_PRECISIONS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, precision", ENGINE_PRECISIONS)
 def test_every_engine_and_precision_runs_the_export_like_pytorch(exported, name, precision):
     engine = get_engine(name, exported["cfg"].engines)
@@ -95,6 +96,7 @@ def test_every_engine_and_precision_runs_the_export_like_pytorch(exported, name,
     assert label in index["parity"] and index["parity"][label]["examples"] == 18
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, precision", [("onnxruntime", "int8"), ("openvino", "fp32"), ("openvino", "int8")])
 def test_bucketed_and_dynamic_shapes_give_the_same_predictions(exported, name, precision):
     engine = get_engine(name, exported["cfg"].engines)
@@ -113,6 +115,7 @@ def test_bucket_padding_is_masked_zeros_up_to_the_next_multiple():
     assert pad_to_bucket(padded, 4)["input_ids"].shape == (1, 4)  # already a multiple: unchanged
 
 
+@pytest.mark.slow
 def test_openvino_keeps_at_most_max_compiled_static_models(exported):
     engine = OpenVinoEngine(max_compiled=2)
     path = artifact_path(exported["folder"], engine, "fp32")

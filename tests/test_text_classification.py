@@ -264,6 +264,7 @@ def own_cfg(make_cfg, folder, *overrides):
     )
 
 
+@pytest.mark.slow
 def test_finetune_distill_evaluate_on_a_users_csv(make_cfg, tmp_path):
     cfg = own_cfg(make_cfg, tmp_path / "data", "stages=[finetune,distill,evaluate]", "evaluate.splits=[val,test]")
     results = pipeline.run(cfg)
@@ -289,6 +290,7 @@ def save_users_model(folder, data, id2label=None):
     return folder
 
 
+@pytest.mark.slow
 def test_a_users_fine_tuned_model_is_the_teacher_as_it_is(make_cfg, tmp_path, caplog):
     users = save_users_model(tmp_path / "users_model", tmp_path / "data")
     overrides = (f"teacher.pretrained={users}", "stages=[distill,evaluate]")
