@@ -132,6 +132,7 @@ def test_cli_runs_a_job_and_reports_bad_input_in_one_line(superglue_root, tmp_pa
     assert unknown.returncode != 0 and "task" in unknown.stderr and "glue" in unknown.stderr
 
 
+@pytest.mark.slow
 def test_cli_prints_the_composed_config(tmp_path):
     shown = _cli("--cfg", "job", "task=rte", "teacher=roberta_base", cwd=tmp_path)
     assert shown.returncode == 0
