@@ -1,6 +1,6 @@
 # The two commands a newcomer needs: `make run` (the main job) and `make test`. Both install first.
 # Pass Hydra overrides with ARGS, e.g. `make run ARGS="task=rte"`, or use .venv/bin/fastformers directly.
-# `make test-fast` skips what is marked slow (sweeps, servers) for the edit-test loop; `make lint` is what CI checks.
+# `make test-fast` skips what is marked slow (end-to-end runs, sweeps, servers) for the edit-test loop; `make lint` is what CI checks.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 

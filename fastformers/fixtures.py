@@ -1,11 +1,27 @@
 """Small data in the official SuperGLUE jsonl shapes, written by the project (labels follow keywords, so a tiny
-model can learn them): what the tests and the smoke checks run on where the real files are absent."""
+model can learn them): what the tests and the smoke checks run on where the real files are absent. Also what
+the tests and scripts/reliability_battery.py share to provoke faults: mutated records and their type check,
+and another job holding a stage's build lock."""
 
 from __future__ import annotations
 
+import copy
 import json
 import random
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any, cast
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from fastformers import pipeline, tracking
+from fastformers.cache import StageCache, cache_key
+from fastformers.cli import CONF_DIR
+from fastformers.data import fingerprint
+from fastformers.task_config import task_of
+from fastformers.tasks import IDX_LIMIT, Example, Task
 
 NOUNS = ["cat", "river", "teacher", "market", "engine", "garden", "letter", "storm", "village", "doctor"]
 ADJS = ["quiet", "old", "busy", "bright", "broken", "famous", "small", "cold", "green", "early"]
@@ -138,3 +154,166 @@ def write_diagnostics(root: Path, size: int = 12) -> Path:
         (root / name).mkdir(parents=True, exist_ok=True)
         (root / name / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
+
+
+# ------------------------------------------------------------------------------------- mutated records (fuzzing)
+
+REPLACEMENTS: tuple[Any, ...] = (
+    None,
+    [],
+    [1, "a"],
+    {},
+    {"a": [1]},
+    0,
+    7,
+    -3,
+    2.5,
+    float("inf"),
+    float("-inf"),
+    float("nan"),
+    2**70,
+    True,
+    False,
+    "",
+    "text",
+    "\ud800",
+    "a\udfffb",
+    "@placeholder",
+)
+BAD_BYTES = (0x80, 0xBF, 0xC3, 0xE2, 0xF0, 0xFE, 0xFF)
+
+
+def _slots(value: Any, path: tuple = ()) -> Iterator[tuple]:
+    """The path (keys and list indexes) of every field at any depth."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in items:
+        yield path + (key,)
+        yield from _slots(child, path + (key,))
+
+
+def mutate(rng: random.Random, record: dict) -> bytes:
+    """One jsonl line: the record with 1-3 fields replaced or deleted (or itself replaced), then sometimes
+    cut short or given an invalid UTF-8 byte."""
+    mutated: Any = copy.deepcopy(record)
+    for _ in range(rng.choice((1, 1, 1, 2, 3))):
+        slots = list(_slots(mutated))
+        if not slots or rng.random() < 0.03:
+            mutated = copy.deepcopy(rng.choice(REPLACEMENTS))
+            break
+        *parents, last = rng.choice(slots)
+        parent = mutated
+        for step in parents:
+            parent = parent[step]
+        if rng.random() < 0.25:
+            del parent[last]
+        else:
+            parent[last] = copy.deepcopy(rng.choice(REPLACEMENTS))
+    line = json.dumps(mutated).encode()  # a surrogate is written as its \ud800 escape, inf as Infinity
+    damage = rng.random()
+    if damage < 0.1:
+        line = line[: rng.randrange(len(line))]
+    elif damage < 0.2:
+        at = rng.randrange(len(line) + 1)
+        line = line[:at] + bytes([rng.choice(BAD_BYTES)]) + line[at:]
+    return line
+
+
+def ill_typed(task: Task, examples: Sequence[Example]) -> str | None:
+    """The first way loaded examples break what the tokenizer, the metrics and the submission rely on (texts of
+    valid Unicode, integer ids in range, labels and golds in range, a plain-JSON submission), or None."""
+    for example in examples:
+        problem = _ill_typed_example(task, example)
+        if problem:
+            return f"{example.uid!r}: {problem}"
+    try:
+        json.dumps(task.submit(list(examples), [0] * len(examples)), allow_nan=False)
+    except ValueError as err:
+        return f"the submission is not plain JSON ({err})"
+    return None
+
+
+def _ill_typed_example(task: Task, example: Example) -> str | None:
+    if not isinstance(example.uid, str):
+        return f"uid {example.uid!r} is no string"
+    for pair in example.pairs:
+        for text in pair:
+            if text is not None and not (isinstance(text, str) and _encodes(text)):
+                return f"text {text!r} is no valid Unicode string"
+    for key in ("idx", "passage", "question", "answer"):
+        value = example.meta.get(key, 0)
+        if type(value) is not int or not 0 <= value < IDX_LIMIT:
+            return f"meta {key}={value!r} is no id in [0, 2**63)"
+    width = task.num_labels if task.labels else len(example.pairs)
+    if example.label is not None and example.label not in range(width):
+        return f"label {example.label!r} not in range({width})"
+    if any(gold not in range(len(example.pairs)) for gold in example.golds):
+        return f"golds {example.golds!r} not all among the {len(example.pairs)} candidates"
+    for key in ("candidates", "answers"):
+        if not all(isinstance(text, str) for text in example.meta.get(key, [])):
+            return f"meta {key} holds a non-string"
+    return None
+
+
+def _encodes(text: str) -> bool:
+    """What the tokenizer needs: no lone surrogate."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------ another job holding a build lock (DDP)
+
+WAITING = "stage distill: waiting"  # what cache.claimed prints while another job holds the lock
+
+
+class HeldStage:
+    """A stage that, once its build lock is held, waits until the DDP job's rank 0 waits for that lock (its
+    line in the job's log), then builds as usual: the lock is surely held while rank 0 reaches the stage."""
+
+    def __init__(self, stage: Any, job_log: Path, held: Path, patience: float):
+        self.stage, self.job_log, self.held, self.patience = stage, job_log, held, patience
+
+    def run(self, ctx: Any, inputs: dict[str, Path], out: Path) -> Any:
+        self.held.touch()
+        deadline = time.monotonic() + self.patience
+        while WAITING not in self.job_log.read_text(errors="replace"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the DDP job never waited for the distill lock ({self.job_log})")
+            time.sleep(0.2)
+        return self.stage.run(ctx, inputs, out)
+
+
+def hold_distill_then_build(overrides: list[str], job_log: str, held: str, patience: float = 600.0) -> None:
+    """Another job of a sweep: takes the distill entry's build lock of the DDP job given by `overrides` (the
+    cache's own API, through pipeline.run_cached), holds it until that job's rank 0 waits for it, then builds
+    the entry on one process (the DDP job's finetune entry as its teacher) and releases the lock."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    stages = pipeline.validate(cfg)
+    cache = StageCache(Path(cfg.paths.cache_dir).resolve())
+    data_print = fingerprint(cfg.data.root, task_of(cfg))
+    provided: dict = {}
+    for name, stage in zip(cfg.stages, stages):
+        inputs = {need: provided[need] for need in stage.uses(cfg)}
+        payload = pipeline.stage_payload(cfg, name, stage, data_print, inputs)
+        key = cache_key(payload)
+        if name == "distill":
+            one = cast(  # one process, its own MLflow run (the key above is the DDP job's)
+                DictConfig,
+                OmegaConf.merge(
+                    cfg,
+                    {
+                        "hardware": {"devices": 1, "num_nodes": 1, "strategy": "auto"},
+                        "mlflow": {"experiment_name": "other"},
+                    },
+                ),
+            )
+            holder = HeldStage(stage, Path(job_log), Path(held), patience)
+            with tracking.start_run(one):  # a job's own run (the training logs into it), ended FINISHED
+                ctx = pipeline.context_of(one, logger=tracking.lightning_logger(one))
+                held_stage = cast(Any, holder)  # a stage module in all but name: run_cached calls only its run
+                pipeline.run_cached(cache, name, key, held_stage, ctx, inputs, payload, "another-job")
+            return
+        pipeline.record_output(provided, stage, cache.entry(name, key), key)

@@ -860,19 +860,19 @@ def concurrent_pairs(battery: Battery, row: Row, cwd: Path) -> None:
 
 def ddp_while_locked(battery: Battery, row: Row, cwd: Path) -> None:
     """A DDP quick job (2 ranks, Lightning's launcher) whose distill entry another process holds the build lock of
-    and builds (tests/test_scale_out.py's `hold_distill_then_build`): rank 0 waits and reads it, and rank 1 must
+    and builds (fastformers/fixtures.py's `hold_distill_then_build`): rank 0 waits and reads it, and rank 1 must
     follow rank 0 rather than train distill alone. Expected: exit 0 within the run timeout, its run FINISHED."""
     out = cwd / "outputs"
     args = [*battery.quick(out), "hardware=ddp", "stages=[finetune,distill,evaluate]", "student=minilm_l3",
             "student.layers=[1]", "finetune.batch_size=8", "distill.batch_size=8"]  # fmt: skip
     log, held = cwd / "ddp.out", cwd / "held"
     log.touch()
-    hold = "import sys; from tests.test_scale_out import hold_distill_then_build; hold_distill_then_build("
+    hold = "import sys; from fastformers.fixtures import hold_distill_then_build; hold_distill_then_build("
     hold += "sys.argv[1:-2], *sys.argv[-2:])"
     with (cwd / "holder.out").open("w") as stream:
         holder = subprocess.Popen(
             [sys.executable, "-c", hold, *args, str(log), str(held)],
-            cwd=REPO,  # `tests` importable
+            cwd=REPO,
             env=battery.env(),
             stdout=stream,
             stderr=subprocess.STDOUT,
@@ -927,14 +927,13 @@ def served_openvino_under_load(battery: Battery, row: Row, cwd: Path) -> None:
 
 
 def fuzz_case(maker: str) -> Callable[[Battery, Row, Path], None]:
-    """Mutated lines of one valid record (tests/test_readers_fuzz.py's `mutate`) through `load_examples`."""
+    """Mutated lines of one valid record (fastformers/fixtures.py's `mutate`) through `load_examples`."""
 
     def run(battery: Battery, row: Row, cwd: Path) -> None:
         from fastformers.data import load_examples
         from fastformers.errors import FastformersError
-        from fastformers.fixtures import MAKERS
+        from fastformers.fixtures import MAKERS, ill_typed, mutate
         from fastformers.tasks import get_task
-        from tests.test_readers_fuzz import _assert_well_typed, mutate
 
         task = get_task(maker.lower())
         valid = MAKERS[maker](random.Random(0), 5, True)
@@ -960,10 +959,10 @@ def fuzz_case(maker: str) -> Callable[[Battery, Row, Path], None]:
                 first.setdefault("other", f"{type(err).__name__}: {err} on {line!r}")
                 continue
             try:
-                _assert_well_typed(task, examples)
-            except AssertionError:
-                counts["ill-typed"] += 1
-                first.setdefault("ill-typed", repr(line))
+                problem = ill_typed(task, examples)
+                if problem:
+                    counts["ill-typed"] += 1
+                    first.setdefault("ill-typed", f"{problem} on {line!r}")
             except Exception as err:
                 counts["other"] += 1
                 first.setdefault("other", f"{type(err).__name__} in the loaded examples: {err} on {line!r}")

@@ -15,7 +15,7 @@ from fastformers.engines import variants as cpu_variants
 from fastformers.errors import FastformersError
 from fastformers.onnx.convert import export_onnx
 from fastformers.stages import export
-from tests.conftest import saved_tiny
+from tests.helpers import saved_tiny
 
 NO_VNNI = frozenset({"avx2"})
 

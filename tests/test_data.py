@@ -9,7 +9,7 @@ from fastformers.data import TrainOrder, fingerprint, load_examples, make_loader
 from fastformers.errors import FastformersError
 from fastformers.models import build_random, score_examples, train_tokenizer
 from fastformers.tasks import TASKS
-from tests.conftest import tiny_spec
+from tests.helpers import tiny_spec
 
 
 def test_split_specs():

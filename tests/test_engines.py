@@ -27,7 +27,7 @@ from fastformers.engines.openvino_engine import OpenVinoEngine
 from fastformers.errors import FastformersError
 from fastformers.models import load_finetuned, model_inputs
 from fastformers.tasks import TASKS
-from tests.conftest import compose_cfg
+from tests.helpers import compose_cfg
 
 
 def test_the_registry_composes_every_engine_from_its_config_file(make_cfg):
@@ -83,6 +83,7 @@ def exported_engine_precisions() -> list[tuple[str, str]]:
 ENGINE_PRECISIONS = exported_engine_precisions()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, precision", ENGINE_PRECISIONS)
 def test_every_engine_and_precision_runs_the_export_like_pytorch(exported, name, precision):
     engine = get_engine(name, exported["cfg"].engines)
@@ -102,6 +103,7 @@ def test_every_engine_and_precision_runs_the_export_like_pytorch(exported, name,
     assert label in index["parity"] and index["parity"][label]["examples"] == 18
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, precision", [("onnxruntime", "int8"), ("openvino", "fp32"), ("openvino", "int8")])
 def test_bucketed_and_dynamic_shapes_give_the_same_predictions(exported, name, precision):
     engine = get_engine(name, exported["cfg"].engines)
@@ -120,6 +122,7 @@ def test_bucket_padding_is_masked_zeros_up_to_the_next_multiple():
     assert pad_to_bucket(padded, 4)["input_ids"].shape == (1, 4)  # already a multiple: unchanged
 
 
+@pytest.mark.slow
 def test_openvino_keeps_at_most_max_compiled_static_models(exported):
     engine = OpenVinoEngine(max_compiled=2)
     path = artifact_path(exported["folder"], engine, "fp32")

@@ -36,9 +36,9 @@ from fastformers.onnx.quantize import (
     quantize_int8,
     smooth_matmuls,
 )
-from fastformers.pruning import encoder_layers, keep_attention_heads
+from fastformers.pruning import attention_shape, encoder_layers, keep_attention_heads
 from fastformers.tasks import TASKS
-from tests.conftest import LAYERS, attention_shape, compose_cfg, saved_tiny
+from tests.helpers import LAYERS, compose_cfg, saved_tiny
 
 
 def on_onnxruntime(path, **kwargs) -> EngineModel:
@@ -239,6 +239,7 @@ def predictions(folder):
     return [json.loads(line)["prediction"] for line in open(f"{folder}/predictions_val.jsonl")]
 
 
+@pytest.mark.slow
 def test_export_stage_then_evaluate_on_onnx_matches_pytorch(make_cfg):
     stages = ["stages=[finetune,export,evaluate]", "finetune.learning_rate=5e-3"]
     on_onnx = pipeline.run(make_cfg(*stages, "evaluate.engine=onnxruntime"))
@@ -273,6 +274,7 @@ def test_export_stage_then_evaluate_on_onnx_matches_pytorch(make_cfg):
     assert index["artifacts"]["onnxruntime/int8_stock"] == "model/model_optimized_stock_quantized.onnx"  # reference row
 
 
+@pytest.mark.slow
 def test_a_graph_that_disagrees_with_pytorch_fails_the_stage_loudly(make_cfg):
     cfg = make_cfg("stages=[finetune,export]", "finetune.epochs=1", "export.fp32_max_abs_diff=1e-12")
     with pytest.raises(
@@ -392,6 +394,7 @@ def int8_export(superglue_root, tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 def test_static_int8_calibrates_on_the_calibration_split_only_and_keeps_predictions(int8_export):
     reads, results = int8_export["reads"], int8_export["results"]
     calibration = {split for caller, split in reads if caller == "calibration_examples"}
@@ -407,6 +410,7 @@ def test_static_int8_calibrates_on_the_calibration_split_only_and_keeps_predicti
     assert len(kept) == 1 and kept[0] in [node.name for node in graph.graph.node if node.op_type == "MatMul"]
 
 
+@pytest.mark.slow
 def test_int8_export_builds_openvino_artifacts_whose_fp32_model_matches_pytorch(int8_export):
     cfg, folder, index, results = (int8_export[k] for k in ("cfg", "folder", "index", "results"))
     assert index["skipped_engines"] == {}
@@ -423,6 +427,7 @@ def test_int8_export_builds_openvino_artifacts_whose_fp32_model_matches_pytorch(
     assert "openvino/int8" in index["parity"]  # recorded for the benchmark's gate, not held by the export
 
 
+@pytest.mark.slow
 def test_int8_export_builds_every_declared_variant_and_each_runs(int8_export):
     """Every variant of both engines is built whatever this CPU needs (one cache entry fits any machine), with
     its recipe beside it, and runs through its engine in the parity check; the accuracy-controlled one only on a

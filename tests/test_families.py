@@ -39,8 +39,7 @@ from fastformers.pruning import (
 from fastformers.roofline import Shape
 from fastformers.stages.distill import student_from_teacher_layers
 from fastformers.tasks import TASKS
-from tests.conftest import compose_cfg, tiny_spec
-from tests.test_prune import FFN, HEADS, HIDDEN, LAYERS, inputs, masks_keeping
+from tests.helpers import FFN, HEADS, HIDDEN, LAYERS, compose_cfg, masks_keeping, pair_inputs, tiny_spec
 
 NEW = ["distilbert", "xlm-roberta", "electra"]
 HEAD_SIZE = HIDDEN // HEADS
@@ -74,7 +73,7 @@ def test_tiny_model_has_the_familys_classes_shapes_and_inputs(family, cb_texts):
     assert family_layout(model) is LAYOUTS[family]
     assert mask_shapes(model) == ((LAYERS, HEADS), (LAYERS, FFN))
     assert attention_shape(model) == (HEADS, HIDDEN)
-    batch = inputs(tokenizer)
+    batch = pair_inputs(tokenizer)
     if not LAYOUTS[family].token_type_ids:  # DistilBERT's forward takes no segment ids: its tokenizer makes none
         assert "token_type_ids" not in batch and "token_type_ids" not in tokenizer.model_input_names
     assert model(**model_inputs(batch)).logits.shape == (2, 3)
@@ -91,7 +90,7 @@ def test_student_from_teacher_layers_copies_the_chosen_layers(family, cb_texts):
     assert copied.keys() == source.keys()
     assert all(torch.equal(copied[k], source[k]) for k in copied)
     assert count_parameters(student) < count_parameters(teacher)
-    out = student(**inputs(tokenizer), output_hidden_states=True)  # the intermediate losses read these
+    out = student(**pair_inputs(tokenizer), output_hidden_states=True)  # the intermediate losses read these
     assert out.logits.shape == (2, 3) and len(out.hidden_states) == 2
 
 
@@ -113,7 +112,7 @@ def test_importance_scores_every_head_and_neuron(family, cb_texts, superglue_roo
 @pytest.mark.parametrize("family", NEW)
 def test_rewired_model_loses_exactly_the_removed_weights_equals_the_masked_one_and_reloads(family, cb_texts, tmp_path):
     model, tokenizer = tiny(family, cb_texts)
-    batch = inputs(tokenizer)
+    batch = pair_inputs(tokenizer)
     with masks_applied(model, *masks_keeping(KEPT_HEADS, KEPT_NEURONS)):
         masked = model(**batch).logits
     before = count_parameters(model)
@@ -144,7 +143,7 @@ def test_pruned_model_exports_with_parity_fuses_and_runs_int8(family, cb_texts, 
     exported = export_onnx(model, tokenizer, tmp_path / "model.onnx", opset=17)
     fused, fusions = optimize(exported, *attention_shape(model), model_type=family_layout(model).onnx_model_type)
     int8 = quantize_int8(fused)
-    batch = inputs(tokenizer)
+    batch = pair_inputs(tokenizer)
     expected = model(**batch).logits.detach().numpy()
     feeds = {k: v.numpy() for k, v in model_inputs(batch).items()}
     for graph in (exported, fused):

@@ -11,6 +11,7 @@ import torch
 from fastformers import pipeline
 from fastformers.data import load_examples, make_loader, texts_of
 from fastformers.errors import FastformersError
+from fastformers.fixtures import SIZES
 from fastformers.models import (
     build_random,
     count_parameters,
@@ -23,6 +24,7 @@ from fastformers.onnx.convert import export_onnx
 from fastformers.onnx.optimize import optimize
 from fastformers.pruning import (
     HEADS_KEPT,
+    attention_shape,
     encoder_layers,
     importance,
     kept_count,
@@ -32,16 +34,9 @@ from fastformers.pruning import (
     top_per_layer,
 )
 from fastformers.tasks import TASKS
-from tests.conftest import mlflow_runs, tiny_spec
+from tests.helpers import FFN, HEADS, HIDDEN, LAYERS, masks_keeping, mlflow_runs, pair_inputs, rescored, tiny_spec
 
-LAYERS, HIDDEN, HEADS, FFN = 2, 64, 4, 128
 HEAD_SIZE = HIDDEN // HEADS
-
-
-def attention_shape(model) -> tuple[int, int]:
-    """(heads, total head width) of the first layer's attention, what the export stage gives the optimizer."""
-    layer = encoder_layers(model)[0].attention.self
-    return layer.num_attention_heads, layer.all_head_size
 
 
 def tiny(family, superglue_root):
@@ -51,25 +46,6 @@ def tiny(family, superglue_root):
     return model.eval(), tokenizer
 
 
-def inputs(tokenizer):
-    return dict(
-        tokenizer(
-            ["the cat sat on the mat", "a dog ran in the park all day"],
-            ["yes", "no it did not"],
-            padding=True,
-            return_tensors="pt",
-        )
-    )
-
-
-def masks_keeping(heads, neurons):
-    """0/1 masks that switch off every head and neuron not listed (per layer)."""
-    head_mask, ffn_mask = torch.zeros(LAYERS, HEADS), torch.zeros(LAYERS, FFN)
-    for layer, (h, n) in enumerate(zip(heads, neurons)):
-        head_mask[layer, h], ffn_mask[layer, n] = 1.0, 1.0
-    return head_mask, ffn_mask
-
-
 KEPT_HEADS = [[0, 2], [1, 3]]  # the same count in every layer, different heads
 KEPT_NEURONS = [list(range(0, FFN, 4)), list(range(3, FFN, 4))]
 
@@ -77,7 +53,7 @@ KEPT_NEURONS = [list(range(0, FFN, 4)), list(range(3, FFN, 4))]
 @pytest.mark.parametrize("family", ["bert", "roberta"])
 def test_all_ones_masks_leave_outputs_unchanged(family, superglue_root):
     model, tokenizer = tiny(family, superglue_root)
-    batch = inputs(tokenizer)
+    batch = pair_inputs(tokenizer)
     plain = model(**batch).logits
     head_shape, ffn_shape = mask_shapes(model)
     assert (head_shape, ffn_shape) == ((LAYERS, HEADS), (LAYERS, FFN))
@@ -119,7 +95,7 @@ def test_importance_ranks_first_the_head_and_neuron_made_to_matter(superglue_roo
 @pytest.mark.parametrize("family", ["bert", "roberta"])
 def test_rewired_model_is_smaller_by_exactly_the_removed_weights_and_equals_the_masked_one(family, superglue_root):
     model, tokenizer = tiny(family, superglue_root)
-    batch = inputs(tokenizer)
+    batch = pair_inputs(tokenizer)
     with masks_applied(model, *masks_keeping(KEPT_HEADS, KEPT_NEURONS)):
         masked = model(**batch).logits
     before = count_parameters(model)
@@ -150,7 +126,7 @@ def test_a_saved_pruned_model_loads_back_to_the_same_shapes_and_outputs(pruned_f
     folder, model, tokenizer = pruned_folder
     loaded, _ = load_finetuned(folder)
     assert {n: p.shape for n, p in loaded.named_parameters()} == {n: p.shape for n, p in model.named_parameters()}
-    batch = inputs(tokenizer)
+    batch = pair_inputs(tokenizer)
     torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
     sdpa, _ = load_finetuned(folder, attn_implementation=None)  # the PyTorch baseline's attention
     torch.testing.assert_close(sdpa(**batch).logits, model(**batch).logits, atol=1e-5, rtol=1e-5)
@@ -162,7 +138,7 @@ def test_a_pruned_model_exports_with_fused_attention_and_matches_pytorch(pruned_
     fused, fusions = optimize(exported, *attention_shape(model))
     assert fusions["Attention"] == LAYERS and fusions["EmbedLayerNormalization"] == 1
     session = ort.InferenceSession(str(fused), providers=["CPUExecutionProvider"])
-    batch = inputs(tokenizer)
+    batch = pair_inputs(tokenizer)
     logits = session.run(["logits"], {k: v.numpy() for k, v in batch.items()})[0]
     np.testing.assert_allclose(logits, model(**batch).logits.detach().numpy(), atol=1e-4)
 
@@ -171,6 +147,7 @@ def test_kept_count_keeps_at_least_one():
     assert kept_count(12, 0.5) == 6 and kept_count(1536, 0.25) == 384 and kept_count(4, 0.01) == 1
 
 
+@pytest.mark.slow
 def test_prune_stage_rewires_redistills_and_reuses_the_cached_teacher(make_cfg):
     stages = "stages=[finetune,prune,evaluate]"
     first = make_cfg(stages, "pruning.heads=0.5", "pruning.ffn=0.25", "distill.epochs=1", "finetune.epochs=1")
@@ -179,7 +156,8 @@ def test_prune_stage_rewires_redistills_and_reuses_the_cached_teacher(make_cfg):
     assert results["prune/ffn_neurons_kept"] == 32 and results["prune/ffn_neurons_before"] == 128
     assert results["prune/parameters"] < results["prune/parameters_before"]
     assert results["prune/redistill_seconds"] > 0
-    assert 0.0 <= results["evaluate/val/score"] <= 1.0
+    metrics, count = rescored(first)  # the pruned model's written predictions, scored again
+    assert count == SIZES["val"] and results["evaluate/val/score"] == pytest.approx(metrics["score"])
 
     second = make_cfg(stages, "pruning.heads=0.75", "distill.epochs=1", "finetune.epochs=1")
     assert pipeline.run(second)["prune/heads_kept"] == 3
@@ -215,6 +193,7 @@ def test_bad_pruning_configs_fail_before_any_work(make_cfg, overrides, message):
     assert not os.path.exists(cfg.paths.cache_dir)
 
 
+@pytest.mark.slow
 def test_importance_on_an_unlabelled_split_fails_with_the_field_named(make_cfg):
     cfg = make_cfg("stages=[finetune,prune]", "pruning.heads=0.5", "pruning.importance_split=test", "finetune.epochs=1")
     with pytest.raises(FastformersError, match=r"pruning.importance_split='test' has no labels"):

@@ -20,7 +20,7 @@ from fastformers.checks import require_number
 from fastformers.errors import FastformersError
 from fastformers.models import load_finetuned, load_pretrained
 from fastformers.tasks import TASKS
-from tests.conftest import saved_tiny
+from tests.helpers import saved_tiny
 
 # ------------------------------------------------------------------------------------- Hydra's errors, one line
 
@@ -37,6 +37,7 @@ def run_cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, line",
     [
@@ -74,6 +75,7 @@ def test_hydra_config_errors_are_one_line_and_exit_2(tmp_path, args, line):
     assert not list(tmp_path.rglob("cache"))  # no stage ran
 
 
+@pytest.mark.slow
 def test_hydra_full_error_still_gets_hydras_trace(tmp_path):
     done = run_cli("finetune.epohcs=2", cwd=tmp_path, HYDRA_FULL_ERROR="1")
     assert done.returncode == 1 and "Traceback" in done.stderr and "fastformers: error:" not in done.stderr

@@ -19,7 +19,7 @@ from fastformers.models import build_random, count_parameters, load_finetuned
 from fastformers.pruning import attention_shape, encoder_layers, rewire
 from fastformers.stages import export, prune
 from fastformers.tasks import TASKS
-from tests.conftest import compose_cfg, tiny_spec
+from tests.helpers import compose_cfg, tiny_spec
 
 HEADS = [[0, 2], [3]]  # per layer, and not the same count in both
 NEURONS = [list(range(0, 128, 4)), list(range(10))]

@@ -7,7 +7,6 @@ import json
 import multiprocessing
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,16 +21,15 @@ from flufl.lock import Lock
 from omegaconf import OmegaConf
 
 from fastformers import cache as cache_module
-from fastformers import distributed, pipeline, tracking
-from fastformers.cache import StageCache, cache_key
-from fastformers.cli import CONF_DIR
-from fastformers.data import fingerprint, load_examples, make_loader
+from fastformers import distributed
+from fastformers.cache import StageCache
+from fastformers.data import load_examples, make_loader
 from fastformers.errors import FastformersError
+from fastformers.fixtures import hold_distill_then_build
 from fastformers.models import load_finetuned, score_examples
-from fastformers.task_config import task_of
 from fastformers.tasks import TASKS
 from fastformers.tracking import ROLE_TAG
-from tests.test_sweeps import TINY, TINY_SWEEP, cli, runs_of, store
+from tests.helpers import TINY, TINY_SWEEP, cli, free_port, runs_of, store
 
 
 def _build_once(root: str, log: str) -> None:
@@ -250,62 +248,6 @@ HELD_RUN = [
     "distill.batch_size=8",
     "mlflow.experiment_name=held",
 ]
-WAITING = "stage distill: waiting"  # what cache.claimed prints while another job holds the lock
-
-
-class HeldStage:
-    """A stage that, once its build lock is held, waits until the DDP job's rank 0 waits for that lock (its
-    line in the job's log), then builds as usual: the lock is surely held while rank 0 reaches the stage."""
-
-    def __init__(self, stage, job_log: Path, held: Path, patience: float):
-        self.stage, self.job_log, self.held, self.patience = stage, job_log, held, patience
-
-    def run(self, ctx, inputs, out):
-        self.held.touch()
-        deadline = time.monotonic() + self.patience
-        while WAITING not in self.job_log.read_text(errors="replace"):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the DDP job never waited for the distill lock ({self.job_log})")
-            time.sleep(0.2)
-        return self.stage.run(ctx, inputs, out)
-
-
-def hold_distill_then_build(overrides: list[str], job_log: str, held: str, patience: float = 600.0) -> None:
-    """Another job of a sweep: takes the distill entry's build lock of the DDP job given by `overrides` (the
-    cache's own API, through pipeline.run_cached), holds it until that job's rank 0 waits for it, then builds
-    the entry on one process (the DDP job's finetune entry as its teacher) and releases the lock."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    stages = pipeline.validate(cfg)
-    cache = StageCache(Path(cfg.paths.cache_dir).resolve())
-    data_print = fingerprint(cfg.data.root, task_of(cfg))
-    provided: dict = {}
-    for name, stage in zip(cfg.stages, stages):
-        inputs = {need: provided[need] for need in stage.uses(cfg)}
-        payload = pipeline.stage_payload(cfg, name, stage, data_print, inputs)
-        key = cache_key(payload)
-        if name == "distill":
-            one = OmegaConf.merge(  # one process, its own MLflow run (the key above is the DDP job's)
-                cfg,
-                {
-                    "hardware": {"devices": 1, "num_nodes": 1, "strategy": "auto"},
-                    "mlflow": {"experiment_name": "other"},
-                },
-            )
-            held = HeldStage(stage, Path(job_log), Path(held), patience)
-            with tracking.start_run(one):  # a job's own run (the training logs into it), ended FINISHED
-                ctx = pipeline.context_of(one, logger=tracking.lightning_logger(one))
-                pipeline.run_cached(cache, name, key, held, ctx, inputs, payload, "another-job")
-            return
-        pipeline.record_output(provided, stage, cache.entry(name, key), key)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def ddp_command(launcher: str, *args: str) -> list[str]:

@@ -20,9 +20,10 @@ from fastformers.engines import ExportContext, get_engine, pad_to_bucket
 from fastformers.engines.openvino_engine import CompiledBuckets, OpenVinoEngine
 from fastformers.errors import FastformersError
 from fastformers.onnx.convert import export_onnx
+from fastformers.pruning import attention_shape
 from fastformers.serving import EngineTaskModel, served_choice, served_requirements
 from fastformers.tasks import get_task
-from tests.conftest import attention_shape, mlflow_runs, saved_tiny
+from tests.helpers import mlflow_runs, saved_tiny
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import load_test

@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -17,42 +16,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
 
 from fastformers.tracking import ROLE_TAG
+from tests.helpers import QUICK_BENCHMARK, TINY, TINY_SWEEP, cli, free_port, runs_of, store
 
 pytestmark = pytest.mark.slow  # subprocess runs, sweeps and servers: `make test-fast` skips them
-
-TINY = ["teacher=tiny_bert", "finetune.epochs=1", "finetune.batch_size=8", "distill.epochs=1"]
-QUICK_BENCHMARK = [
-    "benchmark.repeats=1",
-    "benchmark.latency_examples=4",
-    "benchmark.warmup_batches=1",
-    "precision.min_agreement=0.5",
-]  # random tiny models: int8 parity is not what is tested here
-TINY_SWEEP = TINY + ["experiment=pruning_sweep", "student.layers=[1]", "pruning.ffn=0.5"] + QUICK_BENCHMARK
-
-
-def cli(*args, cwd: Path, timeout=600, wait=True):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_RUN_ID", None)
-    command = [sys.executable, "-m", "fastformers.cli", *args]
-    if not wait:  # output to a file: an unread pipe fills up and blocks the job
-        log = (cwd / "job.log").open("w")
-        return subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
-
-
-def store(cwd: Path) -> str:
-    return f"sqlite:///{cwd / 'outputs' / 'mlflow.db'}"
-
-
-def runs_of(uri: str, experiment: str):
-    client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
-    return client, client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"])
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -177,12 +145,6 @@ def test_optuna_searches_heads_and_ffn_on_score_and_latency(superglue_root, tmp_
         (r.data.metrics["evaluate/val/score"], r.data.metrics["benchmark/onnx_int8/latency_p50_ms"]) for r in jobs
     }
     assert front and all(tuple(s["values"]) in measured for s in front)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(url: str, process: subprocess.Popen, seconds: float = 120) -> None:

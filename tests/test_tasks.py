@@ -8,8 +8,9 @@ import pytest
 
 from fastformers.data import load_examples
 from fastformers.errors import FastformersError
+from fastformers.fixtures import MAKERS
 from fastformers.tasks import TASKS, get_task
-from tests.conftest import MAKERS
+from tests.helpers import SHARED_DATA
 
 
 def test_every_task_reads_its_fixture_splits(superglue_root):
@@ -224,8 +225,6 @@ def test_missing_file_says_where_it_looked(tmp_path):
 
 
 def test_real_shared_data_has_the_official_sizes():
-    from tests.conftest import SHARED_DATA
-
     if not SHARED_DATA.is_dir():
         pytest.skip("the shared SuperGLUE files are not on this machine")
     sizes = {"cb": 56, "rte": 277, "copa": 100, "wic": 638, "boolq": 3270, "multirc": 4848}

@@ -22,7 +22,7 @@ from fastformers.models import build_random, load_finetuned
 from fastformers.stages import teacher as teacher_stage
 from fastformers.task_config import task_of
 from fastformers.tasks import TASKS, Task, get_task
-from tests.conftest import mlflow_runs, tiny_spec
+from tests.helpers import mlflow_runs, tiny_spec
 
 WORDS = {"billing": "charged invoice refund", "shipping": "parcel courier arrived", "account": "password login email"}
 ROWS = [
@@ -265,6 +265,7 @@ def own_cfg(make_cfg, folder, *overrides):
     )
 
 
+@pytest.mark.slow
 def test_finetune_distill_evaluate_on_a_users_csv(make_cfg, tmp_path):
     cfg = own_cfg(make_cfg, tmp_path / "data", "stages=[finetune,distill,evaluate]", "evaluate.splits=[val,test]")
     results = pipeline.run(cfg)
@@ -290,6 +291,7 @@ def save_users_model(folder, data, id2label=None):
     return folder
 
 
+@pytest.mark.slow
 def test_a_users_fine_tuned_model_is_the_teacher_as_it_is(make_cfg, tmp_path, caplog):
     users = save_users_model(tmp_path / "users_model", tmp_path / "data")
     overrides = (f"teacher.pretrained={users}", "stages=[distill,evaluate]")

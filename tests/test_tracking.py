@@ -96,6 +96,7 @@ def test_a_host_that_does_not_resolve_or_a_silent_resolver_fails_within_the_time
     assert time.perf_counter() - started < 10  # 1.5 s, with room for a loaded machine
 
 
+@pytest.mark.slow
 def test_the_cli_checks_the_server_before_importing_mlflow_or_torch(tmp_path):
     probe = (
         "import runpy, sys\n"

@@ -12,7 +12,7 @@ from fastformers import errors
 from fastformers.data import TrainOrder
 from fastformers.stages import finetune
 from fastformers.training import CHECKPOINTS, LAST, EpochLine, FineTuneModule
-from tests.conftest import saved_tiny
+from tests.helpers import saved_tiny
 
 EPOCHS = ["finetune.epochs=3", "finetune.batch_size=8"]  # tiny_bert (dropout 0.1) on the 48 CB fixture examples
 
