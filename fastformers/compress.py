@@ -32,7 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 from fastformers import pipeline, tracking
 from fastformers.checks import require_number
 from fastformers.data import EncodedDataset, holdout_split, load_examples, split_label
-from fastformers.errors import FastformersError
+from fastformers.errors import FastformersError, stop_signal
 from fastformers.roofline import Shape, macs
 from fastformers.tasks import task_of
 
@@ -371,8 +371,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         summary = compress(cfg, held_out, deadline, parent)
         status = "FINISHED"
         return summary
-    except KeyboardInterrupt:
-        status = "KILLED"
+    except BaseException as err:
+        status = "KILLED" if stop_signal(err) is not None else "FAILED"
         raise
     finally:
         os.environ.pop(tracking.PARENT_ENV, None)

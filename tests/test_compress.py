@@ -147,18 +147,19 @@ def search_cfg(make_cfg, trials: int, *more: str):
     return make_cfg("experiment=compress", f"compress.trials={trials}", *SMALL_SPACE, *more)
 
 
-def test_a_stopped_search_resumes_without_repeating_finished_trials(make_cfg):
+@pytest.mark.parametrize(("storage", "file"), [("sqlite", "optuna.db"), ("journal", "optuna.journal")])
+def test_a_stopped_search_resumes_without_repeating_finished_trials(make_cfg, storage, file):
     budget = compress.Budget(teacher_score=0.8, max_drop=10.0)
     first: list = []
-    cfg = search_cfg(make_cfg, 2)
+    cfg = search_cfg(make_cfg, 2, f"compress.storage={storage}")
     done = compress.search(cfg, compress.open_study(cfg), fake_stages(first), budget, time.monotonic() + 600, 2)
     assert len(first) == 2 and len(done) == 2
     again: list = []  # a new process: the study is read back from outputs/optuna.db
-    cfg = search_cfg(make_cfg, 3)
+    cfg = search_cfg(make_cfg, 3, f"compress.storage={storage}")
     done = compress.search(cfg, compress.open_study(cfg), fake_stages(again), budget, time.monotonic() + 600, 2)
     assert len(again) == 1 and len(done) == 3
     assert all(t.constraints for t in done)  # the budget reached the sampler
-    assert Path(cfg.paths.output_dir, "optuna.db").is_file()
+    assert Path(cfg.paths.output_dir, file).is_file()
 
 
 def test_a_search_past_its_deadline_starts_no_trial(make_cfg):
