@@ -30,6 +30,8 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from fastformers import pipeline, tracking
+from fastformers.bench import gate
+from fastformers.bench.analysis import labelled_sample
 from fastformers.checks import require_number
 from fastformers.data import EncodedDataset, holdout_split, load_examples, split_label
 from fastformers.errors import FastformersError, stop_signal
@@ -58,6 +60,8 @@ class Point:
     latency_ms: float | None = None
     mb: float | None = None
     results: dict = field(default_factory=dict)
+    predictions: list[int] = field(default_factory=list)  # on the eval split, in its file order
+    gate: dict = field(default_factory=dict)  # the gate's score test against the teacher (gate_test)
 
 
 # ---- the config ---------------------------------------------------------------------------------------------
@@ -186,6 +190,7 @@ def run_point(cfg: DictConfig, token_lengths: Sequence[int] | None = None) -> Po
     shape = shape_of(folder)
     lengths = token_lengths if token_lengths is not None else eval_token_lengths(cfg, folder)
     latency = results.get(f"benchmark/{cfg.compress.latency_row}/latency_p50_ms")
+    predictions = Path(run.data.tags["cache.evaluate.path"]) / f"predictions_{split_label(cfg.task.eval_split)}.jsonl"
     return Point(
         score=score,
         gmacs=gmacs_per_example(shape, lengths),
@@ -195,6 +200,7 @@ def run_point(cfg: DictConfig, token_lengths: Sequence[int] | None = None) -> Po
         latency_ms=latency,
         mb=weights_mb(folder),
         results=results,
+        predictions=[json.loads(line)["prediction"] for line in predictions.read_text().splitlines() if line],
     )
 
 
@@ -216,6 +222,22 @@ def eval_token_lengths(cfg: DictConfig, folder: Path) -> list[int]:
     return EncodedDataset(examples, tokenizer, cfg.task.max_seq_length).lengths()
 
 
+def gate_test(cfg: DictConfig, sample, student: Sequence[int], teacher: Sequence[int]) -> dict[str, float]:
+    """The benchmark gate's score test of a student against its teacher on the eval split (bench/gate.py, with
+    benchmark.gate's permutations and seed): the one-sided p of a loss, and the score delta with its paired
+    bootstrap interval, in points."""
+    opts = cfg.benchmark.gate
+    p, differing = gate.randomization_p(sample.score, student, teacher, sample.units, opts.permutations, opts.seed)
+    delta, lo, hi = gate.bootstrap_delta(sample.score, student, teacher, sample.units, opts.bootstrap, opts.seed)
+    return {
+        "gate_p": p,
+        "differing_units": float(differing),
+        "delta_points": 100 * delta,
+        "delta_lo_points": 100 * lo,
+        "delta_hi_points": 100 * hi,
+    }
+
+
 def gmacs_per_example(shape: Shape, lengths: Sequence[int]) -> float:
     """Multiply-adds per example (roofline.macs: projections and attention scores), in billions."""
     return sum(sum(macs(shape, tokens)) for tokens in lengths) / max(len(lengths), 1) / 1e9
@@ -232,14 +254,16 @@ def weights_mb(folder: Path) -> float:
 
 @dataclass(frozen=True)
 class Budget:
-    """What a student must keep: at most `max_drop` points of the teacher's score lost (the point estimate on the
-    same split: the gate's paired test has little power on a 56-example dev set, so it would pass students a
-    budget should refuse), and optionally a latency and a size."""
+    """What a student must keep: at most `max_drop` points of the teacher's score lost on the eval split (the point
+    estimate: the gate's paired test alone has little power on a 56-example dev set and would pass students a
+    budget should refuse), the gate's score test not finding a loss (`alpha`, with compress.gate), and
+    optionally a latency and a size."""
 
     teacher_score: float
     max_drop: float
     latency_ms: float | None = None
     max_mb: float | None = None
+    alpha: float | None = None  # also: the gate's score test must not find a loss with p < alpha
 
     def constraints(self, attrs: dict) -> dict[str, float]:
         """Optuna's constraint values (feasible when all are <= 0), from a trial's recorded measurements."""
@@ -249,6 +273,8 @@ class Budget:
             values["latency_ms"] = float("inf") if latency is None else latency - self.latency_ms
         if self.max_mb is not None:
             values["mb"] = attrs["mb"] - self.max_mb
+        if self.alpha is not None:
+            values["gate"] = self.alpha - attrs.get("gate_p", -float("inf"))
         return values
 
     def keeps(self, attrs: dict) -> bool:
@@ -297,15 +323,18 @@ def storage_of(cfg: DictConfig):
 
 def open_study(cfg: DictConfig, storage=None) -> optuna.Study:
     """The search's study, created or (same name) resumed; NSGA-II ranks feasible trials (the constraints each
-    trial records, `Trial.set_constraint`) before infeasible ones."""
-    sampler = optuna.samplers.NSGAIISampler(population_size=cfg.compress.population_size, seed=cfg.compress.seed)
-    return optuna.create_study(
+    trial records, `Trial.set_constraint`) before infeasible ones. The sampler's seed is offset by the trials
+    the study already holds: a resumed search seeded as the first run would draw the first run's points again."""
+    study = optuna.create_study(
         study_name=str(cfg.compress.study_name),
         storage=storage if storage is not None else storage_of(cfg),
-        sampler=sampler,
         directions=[DIRECTIONS[name] for name in cfg.compress.objectives],
         load_if_exists=True,
     )
+    study.sampler = optuna.samplers.NSGAIISampler(
+        population_size=cfg.compress.population_size, seed=cfg.compress.seed + len(study.trials)
+    )
+    return study
 
 
 def completed(study: optuna.Study) -> list[FrozenTrial]:
@@ -332,6 +361,8 @@ def search(
             for key in ("score", "gmacs", "latency_ms", "mb", "run_id", "shape"):
                 trial.set_user_attr(key, getattr(point, key))
             trial.set_user_attr("folder", str(point.folder))
+            for key, value in point.gate.items():
+                trial.set_user_attr(key, value)
             for name, value in budget.constraints(trial.user_attrs).items():
                 trial.set_constraint(name, value)
             return tuple(_objective_value(point, name) for name in cfg.compress.objectives)
@@ -384,11 +415,15 @@ def compress(cfg: DictConfig, held_out: str, deadline: float, parent: str) -> di
     teacher = run_point(teacher_cfg(cfg))
     lengths = eval_token_lengths(cfg, teacher.folder)
     depth = teacher.shape["layers"]
-    budget = Budget(teacher.score, cfg.compress.max_drop, cfg.compress.latency_ms, cfg.compress.max_mb)
+    alpha = cfg.benchmark.gate.alpha if cfg.compress.gate else None
+    budget = Budget(teacher.score, cfg.compress.max_drop, cfg.compress.latency_ms, cfg.compress.max_mb, alpha)
+    task = task_of(cfg)
+    sample = labelled_sample(task, load_examples(task, cfg.data.root, cfg.task.eval_split, cfg.data.split_seed))
     study = open_study(cfg)
 
     def evaluate(params: dict) -> Point:
         point = run_point(trial_cfg(cfg, params, depth), lengths)
+        point.gate = gate_test(cfg, sample, point.predictions, teacher.predictions)
         log_trial(client, point, params, budget)
         return point
 
@@ -438,8 +473,9 @@ def start_parent(cfg: DictConfig, uri: str) -> str:
 
 def log_trial(client: MlflowClient, point: Point, params: dict, budget: Budget) -> None:
     """The trial's own numbers on its child run: shape, GMAC/ex, latency, size and the budget's verdict."""
-    attrs = {"score": point.score, "latency_ms": point.latency_ms, "mb": point.mb}
-    metrics = {"compress/gmacs_per_example": point.gmacs, "compress/weights_mb": point.mb or 0.0}
+    attrs = {"score": point.score, "latency_ms": point.latency_ms, "mb": point.mb} | point.gate
+    metrics = {f"compress/{k}": v for k, v in point.gate.items()}
+    metrics |= {"compress/gmacs_per_example": point.gmacs, "compress/weights_mb": point.mb or 0.0}
     metrics |= {f"compress/shape_{k}": float(v) for k, v in point.shape.items()}
     if point.latency_ms is not None:
         metrics["compress/latency_p50_ms"] = point.latency_ms
@@ -462,6 +498,12 @@ def report(cfg, client, parent, teacher, teacher_holdout, trials, budget, chosen
         lines.append(
             f"  trial {t.number:3d} {t.params}: score {a['score']:.4f}, {a['gmacs']:.4g} GMAC/ex"
             + (f", p50 {a['latency_ms']:.2f} ms" if a.get("latency_ms") is not None else "")
+            + (
+                f", vs teacher {a['delta_points']:+.1f} points [{a['delta_lo_points']:+.1f}, "
+                f"{a['delta_hi_points']:+.1f}] p={a['gate_p']:.3g}"
+                if "gate_p" in a
+                else ""
+            )
             + (" within budget" if budget.keeps(a) else "")
         )
     summary = {"teacher_score": teacher.score, "teacher_gmacs": teacher.gmacs, "trials": float(len(trials))}

@@ -15,6 +15,7 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
 from fastformers import compress, pipeline
+from fastformers.bench.analysis import labelled_sample
 from fastformers.data import holdout_split, load_examples
 from fastformers.errors import FastformersError
 from fastformers.stages import get_stage
@@ -104,6 +105,22 @@ def test_the_budget_is_a_drop_in_points_and_optional_latency_and_size():
     assert compress.Budget(0.80, 1.0).constraints({"score": 0.90}) == {"score_drop": pytest.approx(-11.0)}
 
 
+def test_the_gate_s_score_test_is_part_of_the_budget(make_cfg, superglue_root):
+    budget = compress.Budget(teacher_score=0.80, max_drop=5.0, alpha=0.05)
+    assert budget.keeps({"score": 0.79, "gate_p": 0.4})
+    assert not budget.keeps({"score": 0.79, "gate_p": 0.01})
+    assert not budget.keeps({"score": 0.79})  # not tested: not within the budget
+    cfg = make_cfg("experiment=compress")
+    examples = load_examples(TASKS["cb"], superglue_root, "val")
+    sample = labelled_sample(TASKS["cb"], examples)
+    golds = [e.label for e in examples]
+    same = compress.gate_test(cfg, sample, golds, golds)
+    assert same["gate_p"] == 1.0 and same["delta_points"] == 0.0
+    wrong = [(g + 1) % 3 for g in golds]  # every prediction moved off the teacher's (here: the gold) label
+    worse = compress.gate_test(cfg, sample, wrong, golds)
+    assert worse["gate_p"] < 0.05 and worse["delta_hi_points"] < 0 <= worse["differing_units"] - len(golds)
+
+
 def made_trial(number: int, score: float, gmacs: float):
     trial = create_trial(
         state=TrialState.COMPLETE,
@@ -158,6 +175,7 @@ def test_a_stopped_search_resumes_without_repeating_finished_trials(make_cfg, st
     cfg = search_cfg(make_cfg, 3, f"compress.storage={storage}")
     done = compress.search(cfg, compress.open_study(cfg), fake_stages(again), budget, time.monotonic() + 600, 2)
     assert len(again) == 1 and len(done) == 3
+    assert again[0] != first[0]  # the resumed sampler does not replay the first run's seeded draws
     assert all(t.constraints for t in done)  # the budget reached the sampler
     assert Path(cfg.paths.output_dir, file).is_file()
 
