@@ -411,6 +411,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 
 def compress(cfg: DictConfig, held_out: str, deadline: float, parent: str) -> dict[str, float]:
+    """The teacher's run first (its score sets the budget, its depth the space, its predictions the gate's
+    reference), then the trials, then the held-out checks of the smallest candidates."""
     client = MlflowClient(tracking.tracking_uri(cfg))
     teacher = run_point(teacher_cfg(cfg))
     lengths = eval_token_lengths(cfg, teacher.folder)
