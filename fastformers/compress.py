@@ -122,6 +122,7 @@ def teacher_cfg(cfg: DictConfig) -> DictConfig:
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
         cfg.stages = [s for s in cfg.stages if s not in (*STUDENT_STAGES, TIMING_STAGE)]
+        cfg.student = {"name": "none", "family": None}  # conf/student/none.yaml: the run's name says "teacher alone"
     return cfg
 
 

@@ -39,7 +39,9 @@ def test_the_space_composes_into_trial_runs_that_keep_the_teacher_key(make_cfg):
     b = compress.trial_cfg(cfg, {"layers": 2, "seeding": "bottom", "heads": 1.0, "ffn": 0.75}, 6)
     assert list(a.student.layers) == [1, 3, 5] and list(b.student.layers) == [0, 1]
     assert (a.pruning.heads, a.pruning.ffn) == (0.5, 0.25) and "benchmark" not in a.stages
-    assert stage_key(a, "finetune") == stage_key(b, "finetune") == stage_key(compress.teacher_cfg(cfg), "finetune")
+    teacher_run = compress.teacher_cfg(cfg)
+    assert stage_key(a, "finetune") == stage_key(b, "finetune") == stage_key(teacher_run, "finetune")
+    assert list(teacher_run.stages) == ["finetune", "export", "evaluate"] and teacher_run.student.name == "none"
     teacher = {"model": (Path("."), stage_key(a, "finetune"))}
     assert stage_key(a, "distill", teacher) != stage_key(b, "distill", teacher)
     timed = compress.trial_cfg(
