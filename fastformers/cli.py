@@ -39,6 +39,11 @@ def main(cfg: DictConfig) -> float | tuple[float, ...] | None:
 
     _catch_stop_signals()
     try:
+        if "compress" in cfg:  # experiment=compress (or pruning_search): a search of runs, not one run
+            from fastformers import compress
+
+            compress.run(cfg)
+            return None
         return pipeline.objectives(cfg, pipeline.run(cfg))
     except FastformersError as err:
         fail(err)

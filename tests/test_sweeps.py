@@ -15,10 +15,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
 from fastformers.tracking import ROLE_TAG
-from tests.helpers import QUICK_BENCHMARK, TINY, TINY_SWEEP, cli, free_port, runs_of, store
+from tests.helpers import TINY, TINY_SWEEP, cli, free_port, runs_of, store
 
 pytestmark = pytest.mark.slow  # subprocess runs, sweeps and servers: `make test-fast` skips them
 
@@ -123,28 +122,6 @@ def test_submitit_local_launcher_runs_a_job(superglue_root, tmp_path):
     assert job.info.status == "FINISHED" and "evaluate/val/score" in job.data.metrics
 
 
-def test_optuna_searches_heads_and_ffn_on_score_and_latency(superglue_root, tmp_path):
-    cli(
-        "-m",
-        "experiment=pruning_search",
-        "hydra.sweeper.n_trials=2",
-        "hydra.sweeper.sampler.seed=0",
-        *TINY,
-        "student.layers=[1]",
-        *QUICK_BENCHMARK,
-        f"data.root={superglue_root}",
-        cwd=tmp_path,
-    )
-    _, runs = runs_of(store(tmp_path), "pruning_search")
-    jobs = [r for r in runs if ROLE_TAG not in r.data.tags]
-    assert len(jobs) == 2 and all(r.info.status == "FINISHED" for r in jobs)
-    assert all(r.data.params["pruning.heads"] in ("1.0", "0.75", "0.5", "0.25") for r in jobs)
-    (results,) = (tmp_path / "outputs" / "multiruns").glob("*/*/optimization_results.yaml")
-    front = yaml.safe_load(results.read_text())["solutions"]  # the Pareto front of (score, latency)
-    measured = {
-        (r.data.metrics["evaluate/val/score"], r.data.metrics["benchmark/onnx_int8/latency_p50_ms"]) for r in jobs
-    }
-    assert front and all(tuple(s["values"]) in measured for s in front)
 
 
 def wait_for(url: str, process: subprocess.Popen, seconds: float = 120) -> None:

@@ -1,0 +1,264 @@
+"""experiment=compress (fastformers/compress.py): the search space as config, the budget, resuming a study and
+retrying a killed trial, and the rule that picks the model (the fewest multiply-adds within the budget, confirmed
+on the held-out slice). The search logic runs here on a stand-in for the stages; one slow test runs the command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState, create_trial
+
+from fastformers import compress, pipeline
+from fastformers.bench.analysis import labelled_sample
+from fastformers.data import holdout_split, load_examples
+from fastformers.errors import FastformersError
+from fastformers.stages import get_stage
+from fastformers.tasks import TASKS
+from fastformers.tracking import ROLE_TAG
+
+SMALL_SPACE = ["compress.space.layers=[1,2]", "compress.space.heads=[1.0,0.5]", "compress.space.ffn=[1.0,0.5]"]
+
+
+def stage_key(cfg, name: str, inputs: dict | None = None) -> str:
+    from fastformers.cache import cache_key
+
+    return cache_key(pipeline.stage_payload(cfg, name, get_stage(name), "data", inputs or {}))
+
+
+def test_the_space_composes_into_trial_runs_that_keep_the_teacher_key(make_cfg):
+    cfg, held_out = compress.with_holdout(make_cfg("experiment=compress"))
+    compress.validate(cfg)
+    assert (cfg.task.train_split, held_out) == ("train[:90%]", "train[90%:]")
+    a = compress.trial_cfg(cfg, {"layers": 3, "seeding": "every_other", "heads": 0.5, "ffn": 0.25}, 6)
+    b = compress.trial_cfg(cfg, {"layers": 2, "seeding": "bottom", "heads": 1.0, "ffn": 0.75}, 6)
+    assert list(a.student.layers) == [1, 3, 5] and list(b.student.layers) == [0, 1]
+    assert (a.pruning.heads, a.pruning.ffn) == (0.5, 0.25) and "benchmark" not in a.stages
+    teacher_run = compress.teacher_cfg(cfg)
+    assert stage_key(a, "finetune") == stage_key(b, "finetune") == stage_key(teacher_run, "finetune")
+    assert list(teacher_run.stages) == ["finetune", "export", "evaluate"] and teacher_run.student.name == "none"
+    teacher = {"model": (Path("."), stage_key(a, "finetune"))}
+    assert stage_key(a, "distill", teacher) != stage_key(b, "distill", teacher)
+    timed = compress.trial_cfg(
+        make_cfg("experiment=compress", "compress.latency_ms=5"),
+        {"layers": 1, "seeding": "bottom", "heads": 1, "ffn": 1},
+        2,
+    )
+    assert timed.stages[-1] == "benchmark"
+
+
+def test_pruning_search_is_compress_at_the_recipe_depth(make_cfg):
+    cfg = make_cfg("experiment=pruning_search")
+    compress.validate(cfg)
+    assert list(cfg.compress.objectives) == ["score", "latency_ms"] and list(cfg.compress.space.layers) == [3]
+    assert "sweeper" not in str(cfg.get("hydra", ""))
+
+
+def test_seeded_layers():
+    assert compress.seeded_layers(3, 6, "bottom") == [0, 1, 2]
+    assert compress.seeded_layers(3, 6, "every_other") == [1, 3, 5]
+    assert compress.seeded_layers(2, 6, "every_other") == [2, 5]
+    assert compress.seeded_layers(6, 6, "every_other") == list(range(6))
+    with pytest.raises(FastformersError, match="teacher has 2"):
+        compress.seeded_layers(3, 2, "bottom")
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("compress.space.seeding=[top]", "compress.space.seeding"),
+        ("compress.space.heads=[1.5]", "compress.space.heads"),
+        ("compress.holdout=1.5", "compress.holdout"),
+        ("compress.objectives=[gmacs]", "compress.objectives"),
+        ("compress.storage=redis", "compress.storage"),
+        ("stages=[finetune,evaluate]", "stages"),
+    ],
+)
+def test_bad_compress_settings_name_their_field(make_cfg, override, named):
+    with pytest.raises(FastformersError, match=named.replace(".", r"\.")):
+        compress.validate(make_cfg("experiment=compress", override))
+
+
+def test_the_held_out_slice_is_disjoint_from_what_trains(superglue_root):
+    kept, held = holdout_split("train", 0.25)
+    train = {e.uid for e in load_examples(TASKS["cb"], superglue_root, kept)}
+    slice_ = {e.uid for e in load_examples(TASKS["cb"], superglue_root, held)}
+    whole = {e.uid for e in load_examples(TASKS["cb"], superglue_root, "train")}
+    assert slice_ and not train & slice_ and train | slice_ == whole
+    with pytest.raises(FastformersError, match="whole percent"):
+        holdout_split("train", 0.123)
+    with pytest.raises(FastformersError, match="whole split"):
+        holdout_split("train[:50%]", 0.1)
+
+
+def test_the_budget_is_a_drop_in_points_and_optional_latency_and_size():
+    budget = compress.Budget(teacher_score=0.80, max_drop=1.0, latency_ms=10.0, max_mb=50.0)
+    fits = {"score": 0.795, "latency_ms": 9.0, "mb": 40.0}
+    assert budget.keeps(fits)
+    assert not budget.keeps(fits | {"score": 0.785})  # 1.5 points lost
+    assert not budget.keeps(fits | {"latency_ms": 12.0})
+    assert not budget.keeps(fits | {"latency_ms": None})  # a latency budget needs a measured latency
+    assert not budget.keeps(fits | {"mb": 60.0})
+    assert compress.Budget(0.80, 1.0).constraints({"score": 0.90}) == {"score_drop": pytest.approx(-11.0)}
+
+
+def test_the_gate_s_score_test_is_part_of_the_budget(make_cfg, superglue_root):
+    budget = compress.Budget(teacher_score=0.80, max_drop=5.0, alpha=0.05)
+    assert budget.keeps({"score": 0.79, "gate_p": 0.4})
+    assert not budget.keeps({"score": 0.79, "gate_p": 0.01})
+    assert not budget.keeps({"score": 0.79})  # not tested: not within the budget
+    cfg = make_cfg("experiment=compress")
+    examples = load_examples(TASKS["cb"], superglue_root, "val")
+    sample = labelled_sample(TASKS["cb"], examples)
+    golds = [e.label for e in examples]
+    same = compress.gate_test(cfg, sample, golds, golds)
+    assert same["gate_p"] == 1.0 and same["delta_points"] == 0.0
+    wrong = [(g + 1) % 3 for g in golds]  # every prediction moved off the teacher's (here: the gold) label
+    worse = compress.gate_test(cfg, sample, wrong, golds)
+    assert worse["gate_p"] < 0.05 and worse["delta_hi_points"] < 0 <= worse["differing_units"] - len(golds)
+
+
+def made_trial(number: int, score: float, gmacs: float):
+    trial = create_trial(
+        state=TrialState.COMPLETE,
+        values=[score, gmacs],
+        params={"layers": number},
+        distributions={"layers": CategoricalDistribution(list(range(10)))},
+        user_attrs={"score": score, "gmacs": gmacs, "latency_ms": None, "mb": 1.0},
+    )
+    trial.number = number
+    return trial
+
+
+def test_the_choice_is_the_smallest_within_budget_confirmed_on_the_held_out_slice():
+    budget = compress.Budget(teacher_score=0.80, max_drop=1.0)
+    trials = [
+        made_trial(0, 0.70, 0.1),  # smallest, but over the budget: never a candidate
+        made_trial(1, 0.80, 0.5),
+        made_trial(2, 0.795, 0.3),  # smallest within the budget
+        made_trial(3, 0.82, 2.0),
+    ]
+    chosen, tried = compress.choose(trials, budget, confirm=lambda t: True, limit=3)
+    assert chosen.number == 2 and [t.number for t in tried] == [2]
+    chosen, tried = compress.choose(trials, budget, confirm=lambda t: t.number != 2, limit=3)
+    assert chosen.number == 1 and [t.number for t in tried] == [2, 1]  # fails held-out: the next smallest
+    chosen, tried = compress.choose(trials, budget, confirm=lambda t: False, limit=2)
+    assert chosen is None and [t.number for t in tried] == [2, 1]
+
+
+def fake_stages(calls: list):
+    """Stands in for a trial's stages: the score falls and the cost shrinks with what is removed."""
+
+    def evaluate(params: dict) -> compress.Point:
+        calls.append(dict(params))
+        kept = params["layers"] * (params["heads"] + params["ffn"])
+        return compress.Point(score=0.5 + 0.1 * kept, gmacs=kept, shape={}, folder=Path("."), run_id="r")
+
+    return evaluate
+
+
+def search_cfg(make_cfg, trials: int, *more: str):
+    return make_cfg("experiment=compress", f"compress.trials={trials}", *SMALL_SPACE, *more)
+
+
+@pytest.mark.parametrize(("storage", "file"), [("sqlite", "optuna.db"), ("journal", "optuna.journal")])
+def test_a_stopped_search_resumes_without_repeating_finished_trials(make_cfg, storage, file):
+    budget = compress.Budget(teacher_score=0.8, max_drop=10.0)
+    first: list = []
+    cfg = search_cfg(make_cfg, 2, f"compress.storage={storage}")
+    done = compress.search(cfg, compress.open_study(cfg), fake_stages(first), budget, time.monotonic() + 600, 2)
+    assert len(first) == 2 and len(done) == 2
+    again: list = []  # a new process: the study is read back from outputs/optuna.db
+    cfg = search_cfg(make_cfg, 3, f"compress.storage={storage}")
+    done = compress.search(cfg, compress.open_study(cfg), fake_stages(again), budget, time.monotonic() + 600, 2)
+    assert len(again) == 1 and len(done) == 3
+    assert again[0] != first[0]  # the resumed sampler does not replay the first run's seeded draws
+    assert all(t.constraints for t in done)  # the budget reached the sampler
+    assert Path(cfg.paths.output_dir, file).is_file()
+
+
+def test_a_search_past_its_deadline_starts_no_trial(make_cfg):
+    calls: list = []
+    cfg = search_cfg(make_cfg, 3)
+    budget = compress.Budget(0.8, 10.0)
+    assert compress.search(cfg, compress.open_study(cfg), fake_stages(calls), budget, time.monotonic() - 1, 2) == []
+    assert calls == []
+
+
+def test_a_killed_trial_goes_stale_and_is_retried(make_cfg):
+    cfg = search_cfg(make_cfg, 1, "compress.heartbeat_seconds=1")
+    storage = compress.storage_of(cfg)
+    study = compress.open_study(cfg, storage)
+    killed = study.ask()  # what a process killed mid-trial leaves: a RUNNING trial with a heartbeat
+    params = compress.suggest(killed, cfg.compress.space, 2)
+    storage.record_heartbeat(killed._trial_id)
+    silent_since = time.monotonic()
+    while time.monotonic() - silent_since < 2 * cfg.compress.heartbeat_seconds + 2:  # past the grace period
+        time.sleep(0.5)
+    calls: list = []
+    resumed = compress.open_study(cfg, compress.storage_of(cfg))
+    compress.search(cfg, resumed, fake_stages(calls), compress.Budget(0.8, 10.0), time.monotonic() + 600, 2)
+    states = [t.state for t in resumed.get_trials(deepcopy=False)]
+    assert calls == [params]  # the retry ran the killed trial's point again
+    assert states == [TrialState.FAIL, TrialState.COMPLETE]
+
+
+@pytest.mark.slow
+def test_pruning_search_runs_resumes_and_leaves_a_model_transformers_loads(superglue_root, tmp_path):
+    tiny = [
+        "experiment=pruning_search",
+        "teacher=tiny_bert",
+        "finetune.epochs=1",
+        "finetune.batch_size=8",
+        "distill.epochs=1",
+        f"data.root={superglue_root}",
+        "compress.space.layers=[1]",
+        "benchmark.repeats=1",
+        "benchmark.latency_examples=4",
+        "benchmark.warmup_batches=1",
+        "precision.min_agreement=0.5",
+    ]
+    first = fastformers_cli(*tiny, "compress.trials=2", cwd=tmp_path)
+    assert "2 finished trials" in first.stdout
+    second = fastformers_cli(*tiny, "compress.trials=3", cwd=tmp_path)
+    assert "stage finetune: from the cache" in second.stdout
+    assert second.stdout.count("stage prune: ran") <= 1  # one new trial at most trains a new student
+    assert "3 finished trials" in second.stdout and "GMAC x engine gain" in second.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("pruning_search")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get(ROLE_TAG) == "compress"]
+    assert len(parents) == 2 and all(r.info.status == "FINISHED" for r in parents)
+    ids = {r.info.run_id for r in parents}
+    trials = [
+        r for r in runs if r.data.tags.get("mlflow.parentRunId") in ids and "compress/shape_layers" in r.data.metrics
+    ]
+    assert len(trials) == 3 and all("benchmark/onnx_int8/latency_p50_ms" in r.data.metrics for r in trials)
+    folder = Path(
+        next(p for p in parents if "compress.chosen_folder" in p.data.tags).data.tags["compress.chosen_folder"]
+    )
+    load = (
+        "import sys; from transformers import AutoModelForSequenceClassification as A; "
+        "m = A.from_pretrained(sys.argv[1], trust_remote_code=True); print(type(m).__name__)"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-I", "-c", load, str(folder)], capture_output=True, text=True, cwd=folder, timeout=300
+    )
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+
+
+def fastformers_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    import os
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_RUN_ID", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "fastformers.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
