@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fastformers import distributed, serving, tracking
 from fastformers.cache import StageCache, cache_key, code_fingerprint, library_versions
-from fastformers.checks import check_resolvable, require_distinct, require_number
+from fastformers.checks import check_config
 from fastformers.data import fingerprint, parse_split, split_label, task_file
 from fastformers.errors import FastformersError, check_stopped
 from fastformers.stages import get_stage
@@ -33,29 +33,8 @@ TEACHER = "teacher"  # the first model of a run (the fine-tuned teacher), for st
 
 def validate(cfg: DictConfig) -> list:
     """Every check that needs no data or model, so a bad config fails before minutes of work."""
-    check_resolvable(cfg)
+    check_config(cfg)  # the checks that need no heavy import (the CLI runs them first, too)
     task_of(cfg)  # a SuperGLUE task, or a valid one on your own files (checked without reading them)
-    require_number(cfg, "seed", integer=True)
-    require_number(cfg, "data.split_seed", integer=True)
-    require_number(cfg, "task.max_seq_length", 1, integer=True, meaning="the most tokens of a row")
-    for axis, what in (("heads", "attention heads"), ("ffn", "FFN neurons")):
-        require_number(
-            cfg, f"pruning.{axis}", 0, 1, lo_open=True, meaning=f"the fraction of {what} KEPT in every layer"
-        )
-    student_family = cfg.student.get("family")
-    if student_family and student_family != cfg.teacher.family:
-        raise FastformersError(
-            f"student.family={student_family!r} differs from teacher.family="
-            f"{cfg.teacher.family!r}: distillation stays within one family"
-        )
-    if (cfg.pruning.heads != 1.0 or cfg.pruning.ffn != 1.0) and "prune" not in cfg.stages:
-        raise FastformersError(
-            f"pruning.heads={cfg.pruning.heads} pruning.ffn={cfg.pruning.ffn} needs the prune "
-            "stage: add it after the model it prunes, e.g. stages=[finetune,distill,prune,evaluate]"
-        )
-    if not cfg.stages:
-        raise FastformersError("stages is empty: name at least one, e.g. stages=[finetune,evaluate]")
-    require_distinct(list(cfg.stages), "stages")
     serving.validate(cfg)
     start_from_given_teacher(cfg)
     stages: list = []
