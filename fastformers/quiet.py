@@ -5,10 +5,12 @@ what a library found or did. Real warnings stay: only the exact messages and log
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
 import warnings
+from pathlib import Path
 
 VERBOSE_ENV = "FASTFORMERS_VERBOSE"  # set by `-v` / hydra.verbose; inherited by spawned instances and DDP ranks
 
@@ -32,8 +34,7 @@ QUIET_LOGGERS = (  # INFO lines about what a library found or did; their warning
     "mlflow.store.db.utils",  # "Creating initial MLflow database tables...", "Updating database tables"
     "lightning.pytorch.utilities.rank_zero",  # GPU/TPU available, train_dataloader, litlogger tips, fit stopped
     "lightning.fabric.utilities.seed",  # "Seed set to 42"
-    "nncf",  # an INFO line per operator it leaves unquantized, and its statistics-collection summaries
-)
+)  # (NNCF's own: engines/openvino_engine.nncf_quiet; creating its logger here would bypass its logger class)
 # onnxruntime's quantizer logs to the root logger: it asks for shape-inference pre-processing on every call (the
 # fused graphs need none), and logs bookkeeping per tensor it leaves in float (LayerNorm outputs, shape tensors)
 ROOT_NOISE = (
@@ -83,6 +84,8 @@ def quiet_dependencies() -> None:
         _Drop("`weights_only` was not set")
     )
     logging.getLogger().addFilter(_Drop(*ROOT_NOISE))
+    for name in onnxruntime_optimizer_loggers():
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         from transformers.utils import logging as hf_logging
 
@@ -108,3 +111,14 @@ def _drop_forced_warnings() -> None:
 
 def is_forced_noise(message: Warning | str, category: type[Warning]) -> bool:
     return any(issubclass(category, kind) and pattern.match(str(message)) for kind, pattern in FORCED_NOISE)
+
+
+def onnxruntime_optimizer_loggers() -> list[str]:
+    """The loggers of onnxruntime's transformer optimizer (export), found without importing it: one per module of
+    onnxruntime/transformers/, named by the bare module name (that folder is put on sys.path) or the dotted one.
+    Each logs INFO lines per fusion ("Fused Attention: 2", "Removed 66 nodes", "Model saved to ...")."""
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    folder = Path(next(iter(spec.submodule_search_locations))) / "transformers"
+    return [name for path in folder.glob("*.py") for name in (path.stem, f"onnxruntime.transformers.{path.stem}")]

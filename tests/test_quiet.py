@@ -111,3 +111,18 @@ def test_bad_input_is_one_line_on_stderr_before_any_heavy_import(tmp_path):
     assert "fastformers.checks" in imported and not {"torch", "lightning", "mlflow"} & imported
     (log_file,) = (tmp_path / "outputs" / "runs").glob("*/*/*.log")
     assert "pruning.heads='abc'" in log_file.read_text()  # the job's log keeps it too
+
+
+def test_nncf_hides_its_info_lines_and_progress_bars_but_not_its_warnings(capfd):
+    from nncf.common.logging.logger import nncf_logger
+    from nncf.common.logging.track_progress import track
+
+    from fastformers.engines.openvino_engine import nncf_quiet
+
+    with nncf_quiet():
+        assert list(track(range(3), total=3, description="Statistics collection")) == [0, 1, 2]
+        nncf_logger.info("Not adding activation input quantizer for operation: 19")
+        nncf_logger.warning("Dataset contains only 3 samples")
+    terminal = "".join(capfd.readouterr())
+    assert "Statistics collection" not in terminal and "Not adding" not in terminal
+    assert "Dataset contains only 3 samples" in terminal
