@@ -126,3 +126,17 @@ def test_nncf_hides_its_info_lines_and_progress_bars_but_not_its_warnings(capfd)
     terminal = "".join(capfd.readouterr())
     assert "Statistics collection" not in terminal and "Not adding" not in terminal
     assert "Dataset contains only 3 samples" in terminal
+
+
+def test_the_verbose_flag_is_taken_out_of_hydras_arguments(monkeypatch):
+    from fastformers.cli import take_verbose_flag
+    from fastformers.quiet import VERBOSE_ENV, verbose
+
+    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    argv = ["fastformers", "task=rte"]
+    take_verbose_flag(argv)
+    assert argv == ["fastformers", "task=rte"] and not verbose()
+
+    argv = ["fastformers", "-v", "task=rte", "--verbose"]
+    take_verbose_flag(argv)
+    assert argv == ["fastformers", "task=rte"] and verbose()
