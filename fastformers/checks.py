@@ -12,6 +12,33 @@ from omegaconf.errors import OmegaConfBaseException
 from fastformers.errors import FastformersError
 
 
+def check_config(cfg: DictConfig) -> None:
+    """The run's own keys, checked with nothing heavy imported (the CLI calls this before importing the pipeline,
+    so a typo fails in a second or two, not after torch, lightning and mlflow have loaded)."""
+    check_resolvable(cfg)
+    require_number(cfg, "seed", integer=True)
+    require_number(cfg, "data.split_seed", integer=True)
+    require_number(cfg, "task.max_seq_length", 1, integer=True, meaning="the most tokens of a row")
+    for axis, what in (("heads", "attention heads"), ("ffn", "FFN neurons")):
+        require_number(
+            cfg, f"pruning.{axis}", 0, 1, lo_open=True, meaning=f"the fraction of {what} KEPT in every layer"
+        )
+    student_family = cfg.student.get("family")
+    if student_family and student_family != cfg.teacher.family:
+        raise FastformersError(
+            f"student.family={student_family!r} differs from teacher.family="
+            f"{cfg.teacher.family!r}: distillation stays within one family"
+        )
+    if (cfg.pruning.heads != 1.0 or cfg.pruning.ffn != 1.0) and "prune" not in cfg.stages:
+        raise FastformersError(
+            f"pruning.heads={cfg.pruning.heads} pruning.ffn={cfg.pruning.ffn} needs the prune "
+            "stage: add it after the model it prunes, e.g. stages=[finetune,distill,prune,evaluate]"
+        )
+    if not cfg.stages:
+        raise FastformersError("stages is empty: name at least one, e.g. stages=[finetune,evaluate]")
+    require_distinct(list(cfg.stages), "stages")
+
+
 def first_line(err: BaseException) -> str:
     """An exception's message without the `full_key:` / `object_type=` lines OmegaConf appends."""
     return (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -11,16 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from fastformers.checks import first_line
-from fastformers.errors import STOP_SIGNALS, FastformersError, fail, stop_message, stop_signal
+from fastformers.checks import check_config, first_line
+from fastformers.errors import STOP_SIGNALS, FastformersError, fail, print_once, stop_message, stop_signal
+from fastformers.quiet import VERBOSE_ENV, quiet_dependencies, verbose
 from fastformers.tracking_server import check_server
 
 log = logging.getLogger("fastformers")
 
+VERBOSE_FLAGS = ("-v", "--verbose")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # the repo's top-level conf/
 
 
@@ -28,14 +31,12 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # the repo's to
 def main(cfg: DictConfig) -> float | tuple[float, ...] | None:
     """Returns the run's `sweep_objectives` (by default its main metric), so Hydra sweepers can optimise them."""
     try:
-        check_tracking_server(cfg)  # before the heavy imports: a server that is down fails within seconds
+        check_config(cfg)  # before the heavy imports: bad input fails within a second or two
+        check_tracking_server(cfg)  # and a server that is down fails within seconds
     except FastformersError as err:
         fail(err)
-    # imported here, not at the top: spawned benchmark instances re-import this module
-    from fastformers.quiet import quiet_dependencies
-
-    quiet_dependencies()  # before importing the pipeline: some noise is raised while modules are imported
-    from fastformers import pipeline
+    set_verbosity(bool(HydraConfig.get().verbose))
+    from fastformers import pipeline  # after set_verbosity: some noise is raised while modules are imported
 
     _catch_stop_signals()
     try:
@@ -57,6 +58,16 @@ def check_tracking_server(cfg: DictConfig) -> None:
     except OmegaConfBaseException:
         return
     check_server(uri)
+
+
+def set_verbosity(hydra_verbose: bool) -> None:
+    """Quiet by default: the dependencies' noise is silenced at its source (fastformers/quiet.py). `-v` or
+    `hydra.verbose=true` shows it all, with this package's own debug lines; spawned processes inherit the choice."""
+    if hydra_verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    if verbose():
+        logging.getLogger("fastformers").setLevel(logging.DEBUG)
+    quiet_dependencies()
 
 
 _stopped_by = STOP_SIGNALS  # the signal that stopped this process, if one did
@@ -84,6 +95,7 @@ def entry() -> None:
 
         raise SystemExit(report(sys.argv[2:]))
     _catch_stop_signals()  # from the start: a multirun stopped between jobs unwinds too
+    take_verbose_flag(sys.argv)
     from hydra._internal import utils as hydra_internal
 
     hydra_report = hydra_internal.run_and_report
@@ -96,12 +108,18 @@ def entry() -> None:
         if signum is None:
             raise
         line = stop_message(signum)
-        if log.hasHandlers():
-            log.warning("%s", line.removeprefix("fastformers: "))
-        print(line, file=sys.stderr, flush=True)
+        print_once(line, logging.WARNING, line.removeprefix("fastformers: "))
         raise SystemExit(128 + signum) from None
     finally:
         hydra_internal.run_and_report = hydra_report
+
+
+def take_verbose_flag(argv: list[str]) -> None:
+    """`-v` / `--verbose` is this CLI's flag, not Hydra's: taken out of argv before Hydra parses it."""
+    for flag in VERBOSE_FLAGS:
+        while flag in argv[1:]:
+            argv.remove(flag)
+            os.environ[VERBOSE_ENV] = "1"
 
 
 def config_errors_in_one_line(func: Callable[[], Any]) -> Any:

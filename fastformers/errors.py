@@ -13,13 +13,21 @@ class FastformersError(Exception):
 
 
 def fail(err: FastformersError) -> NoReturn:
-    """A FastformersError as the user sees it: one line on stderr (and in the job's log), exit status 2. Here,
+    """A FastformersError as the user sees it: one line on stderr, once (and in the job's log file), exit 2. Here,
     not in the CLI, so that Hydra callbacks (the sweep's) end the same way without importing the CLI."""
-    log = logging.getLogger("fastformers")
-    if log.hasHandlers():  # not before Hydra configured logging: Python's last-resort handler would print it twice
-        log.error("%s", err)
-    print(f"fastformers: error: {err}", file=sys.stderr)
+    print_once(f"fastformers: error: {err}", logging.ERROR, str(err))
     raise SystemExit(2) from None
+
+
+def print_once(line: str, level: int, logged: str) -> None:
+    """`line` on stderr, and `logged` into the job's log file, not through Hydra's console handler, which would
+    show it on the terminal a second time."""
+    log = logging.getLogger("fastformers")
+    record = log.makeRecord(log.name, level, __file__, 0, logged, (), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+    print(line, file=sys.stderr, flush=True)
 
 
 STOP_SIGNALS: list[int] = []  # signals received (SIGTERM from a scheduler, a launcher cancelling a job; Ctrl-C)

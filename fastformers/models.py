@@ -127,11 +127,42 @@ def load_pretrained(spec: DictConfig, task: Task):
     path = resolve_pretrained(spec.pretrained)
     check_family(spec, model_family(path))
     tokenizer = AutoTokenizer.from_pretrained(path)
-    with readable_weights(path):
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=task.num_labels, attn_implementation=spec.attn_implementation
+    with readable_weights(path), fresh_head_report_muted():
+        model, loading = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=task.num_labels, attn_implementation=spec.attn_implementation, output_loading_info=True
         )
+    warn_missing_encoder_weights(model, loading["missing_keys"], f"{spec.name}: {path}")
     return model, tokenizer
+
+
+@contextmanager
+def fresh_head_report_muted() -> Iterator[None]:
+    """transformers' LOAD REPORT lists the fresh classification head as MISSING, which is the point of loading
+    it here: shown only when debugging (`fastformers -v`); `warn_missing_encoder_weights` says what matters."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    if not log.isEnabledFor(logging.DEBUG):  # a filter, not a higher level: at WARNING or above, transformers 5
+        logger.addFilter(_not_a_load_report)  # warns about tensor-parallel plans a CPU run does not use
+    try:
+        yield
+    finally:
+        logger.removeFilter(_not_a_load_report)
+
+
+def _not_a_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in str(record.msg)
+
+
+def warn_missing_encoder_weights(model, missing: Iterable[str], source: str) -> None:
+    """The classification head is new by design; encoder weights missing from the checkpoint start random,
+    which is worth a warning: the folder may not hold the model its config names."""
+    encoder = [key for key in sorted(missing) if key.startswith(f"{model.base_model_prefix}.")]
+    if encoder:
+        log.warning(
+            "%s: %d encoder weights are not in the checkpoint and start random (e.g. %s)",
+            source,
+            len(encoder),
+            ", ".join(encoder[:3]),
+        )
 
 
 def load_finetuned(folder: str | Path, attn_implementation: str | None = "eager"):

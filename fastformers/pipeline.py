@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fastformers import distributed, serving, stages, tracking
 from fastformers.cache import StageCache, cache_key, code_fingerprint, library_versions
-from fastformers.checks import check_resolvable, require_distinct, require_number
+from fastformers.checks import check_config
 from fastformers.context import StageContext
 from fastformers.data import DataSource, fingerprint, parse_split, split_label, task_file
 from fastformers.engines import get_engine
@@ -41,25 +41,9 @@ def validate(cfg: DictConfig) -> list[Stage]:
 
 def validated(cfg: DictConfig) -> tuple[list[Stage], Task]:
     """`validate`'s checks; returns the run's stages and its task (built here, once per run)."""
-    check_resolvable(cfg)
+    check_config(cfg)  # the checks that need no heavy import (the CLI runs them first, too)
     task = task_of(cfg)  # a SuperGLUE task, or a valid one on your own files (checked without reading them)
-    require_number(cfg, "seed", integer=True)
-    require_number(cfg, "data.split_seed", integer=True)
-    require_number(cfg, "task.max_seq_length", 1, integer=True, meaning="the most tokens of a row")
-    for axis, what in (("heads", "attention heads"), ("ffn", "FFN neurons")):
-        require_number(
-            cfg, f"pruning.{axis}", 0, 1, lo_open=True, meaning=f"the fraction of {what} KEPT in every layer"
-        )
-    student_family = cfg.student.get("family")
-    if student_family and student_family != cfg.teacher.family:
-        raise FastformersError(
-            f"student.family={student_family!r} differs from teacher.family="
-            f"{cfg.teacher.family!r}: distillation stays within one family"
-        )
-    if not cfg.stages:
-        raise FastformersError("stages is empty: name at least one, e.g. stages=[finetune,evaluate]")
     stages.check_chain(cfg)
-    require_distinct(list(cfg.stages), "stages")
     serving.validate(cfg)
     stages.start_from_given_teacher(cfg, (MODEL, TEACHER))
     chain: list[Stage] = []

@@ -360,14 +360,14 @@ def int8_export(superglue_root, tmp_path_factory):
     from mlflow.tracking import MlflowClient
 
     from fastformers import tracking
-    from fastformers.stages import export
+    from fastformers.data import DataSource
 
     reads = []
-    original = export.load_examples
+    original = DataSource.examples
 
-    def recording(task, root, split, *args):
+    def recording(self, split, *args):
         reads.append((inspect.stack()[1].function, split))
-        return original(task, root, split, *args)
+        return original(self, split, *args)
 
     cfg = compose_cfg(
         superglue_root,
@@ -380,7 +380,7 @@ def int8_export(superglue_root, tmp_path_factory):
         "engines.onnxruntime.int8.int8.outliers=float",
     )
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(export, "load_examples", recording)
+        patch.setattr(DataSource, "examples", recording)
         results = pipeline.run(cfg)
     client = MlflowClient(tracking.tracking_uri(cfg))
     (run,) = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment_name).experiment_id])

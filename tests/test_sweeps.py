@@ -122,8 +122,6 @@ def test_submitit_local_launcher_runs_a_job(superglue_root, tmp_path):
     assert job.info.status == "FINISHED" and "evaluate/val/score" in job.data.metrics
 
 
-
-
 def wait_for(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:

@@ -20,7 +20,8 @@ import logging
 import queue
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -178,11 +179,13 @@ class OpenVinoEngine(Engine):
         calibration = nncf.Dataset([feeds_for(names, feed, "calibration") for feed in feeds])
         control = settings.get("accuracy_control")
         if not control:
-            return nncf.quantize(model, calibration, advanced_parameters=advanced, **common)
+            with nncf_quiet():
+                return nncf.quantize(model, calibration, advanced_parameters=advanced, **common)
         if held_out is None or variant is None:
             raise FastformersError("engines.openvino.int8: accuracy control needs held-out calibration examples")
         validation = [feeds_for(names, feed, "validation") for feed in held_out(int(control["examples"]))]
-        return accuracy_controlled(model, calibration, validation, control, advanced, common)
+        with nncf_quiet():
+            return accuracy_controlled(model, calibration, validation, control, advanced, common)
 
     def load(
         self, path: Path, precision: str, threads: int | None, options: Mapping[str, Any], bucket: int | None = None
@@ -377,3 +380,22 @@ def compiled_limit(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise FastformersError(f"engines.openvino.max_compiled: {value!r} is not a positive whole number or null")
     return value
+
+
+@contextmanager
+def nncf_quiet() -> Iterator[None]:
+    """NNCF's INFO lines (one per operator it leaves in float) and its progress bars (calibration, SmoothQuant,
+    bias correction, drawn on rich's console) are hidden unless debugging (`fastformers -v`); its warnings show."""
+    if logging.getLogger("fastformers").isEnabledFor(logging.DEBUG):
+        yield
+        return
+    import nncf
+    from rich import get_console
+
+    nncf.set_log_level(logging.WARNING)  # NNCF's own switch: its logger is set to INFO when nncf is imported
+    console = get_console()
+    quiet, console.quiet = console.quiet, True
+    try:
+        yield
+    finally:
+        console.quiet = quiet

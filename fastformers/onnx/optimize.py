@@ -61,5 +61,5 @@ def optimize(
             "fused_operators": fusions,
         },
     )
-    log.info("fused operators: %s", {op: n for op, n in fusions.items() if n})
+    log.debug("fused operators: %s", {op: n for op, n in fusions.items() if n})
     return target, fusions

@@ -196,7 +196,7 @@ def outlier_matmuls(stats: dict[str, InputStats], count: int) -> list[str]:
     stretched over such an outlier leaves the other values a few steps (in BERT-like models, the FFN output
     projections of some layers)."""
     ranked = sorted(stats, key=lambda node: stats[node].outlier_ratio, reverse=True)[:count]
-    log.info("int8: outlier MatMuls %s (max|x|/std %s)", ranked, [round(stats[n].outlier_ratio, 1) for n in ranked])
+    log.debug("int8: outlier MatMuls %s (max|x|/std %s)", ranked, [round(stats[n].outlier_ratio, 1) for n in ranked])
     return ranked
 
 

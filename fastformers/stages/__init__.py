@@ -73,7 +73,6 @@ STAGES: dict[str, Stage] = {  # in the order a run chains them, which is also th
 }
 GIVEN_TEACHER = "teacher"  # the stage that takes teacher.pretrained, a fine-tuned model, as the teacher as it is
 TRAINS_TEACHER = "finetune"
-PRUNES = "prune"
 
 
 def get_stage(name: str) -> Stage:
@@ -88,12 +87,8 @@ def in_chain_order(names) -> list[str]:
 
 
 def check_chain(cfg: DictConfig) -> None:
-    """Settings that need a stage the run does not list, and stages that exclude each other."""
-    if (cfg.pruning.heads != 1.0 or cfg.pruning.ffn != 1.0) and PRUNES not in cfg.stages:
-        raise FastformersError(
-            f"pruning.heads={cfg.pruning.heads} pruning.ffn={cfg.pruning.ffn} needs the prune "
-            "stage: add it after the model it prunes, e.g. stages=[finetune,distill,prune,evaluate]"
-        )
+    """Stages that exclude each other (a pruning setting without the prune stage is refused earlier, by
+    checks.check_config, before anything heavy is imported)."""
     if TRAINS_TEACHER in cfg.stages and GIVEN_TEACHER in cfg.stages:
         raise FastformersError("stages: 'finetune' and 'teacher' both make the teacher; keep one of them")
 
