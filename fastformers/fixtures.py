@@ -8,19 +8,10 @@ from __future__ import annotations
 import copy
 import json
 import random
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
-
-from fastformers import pipeline, tracking
-from fastformers.cache import StageCache, cache_key
-from fastformers.cli import CONF_DIR
-from fastformers.data import fingerprint
-from fastformers.task_config import task_of
 from fastformers.tasks import IDX_LIMIT, Example, Task
 
 NOUNS = ["cat", "river", "teacher", "market", "engine", "garden", "letter", "storm", "village", "doctor"]
@@ -261,59 +252,3 @@ def _encodes(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-# ------------------------------------------------------------------------ another job holding a build lock (DDP)
-
-WAITING = "stage distill: waiting"  # what cache.claimed prints while another job holds the lock
-
-
-class HeldStage:
-    """A stage that, once its build lock is held, waits until the DDP job's rank 0 waits for that lock (its
-    line in the job's log), then builds as usual: the lock is surely held while rank 0 reaches the stage."""
-
-    def __init__(self, stage: Any, job_log: Path, held: Path, patience: float):
-        self.stage, self.job_log, self.held, self.patience = stage, job_log, held, patience
-
-    def run(self, ctx: Any, inputs: dict[str, Path], out: Path) -> Any:
-        self.held.touch()
-        deadline = time.monotonic() + self.patience
-        while WAITING not in self.job_log.read_text(errors="replace"):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the DDP job never waited for the distill lock ({self.job_log})")
-            time.sleep(0.2)
-        return self.stage.run(ctx, inputs, out)
-
-
-def hold_distill_then_build(overrides: list[str], job_log: str, held: str, patience: float = 600.0) -> None:
-    """Another job of a sweep: takes the distill entry's build lock of the DDP job given by `overrides` (the
-    cache's own API, through pipeline.run_cached), holds it until that job's rank 0 waits for it, then builds
-    the entry on one process (the DDP job's finetune entry as its teacher) and releases the lock."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    stages = pipeline.validate(cfg)
-    cache = StageCache(Path(cfg.paths.cache_dir).resolve())
-    data_print = fingerprint(cfg.data.root, task_of(cfg))
-    provided: dict = {}
-    for name, stage in zip(cfg.stages, stages):
-        inputs = {need: provided[need] for need in stage.uses(cfg)}
-        payload = pipeline.stage_payload(cfg, name, stage, data_print, inputs)
-        key = cache_key(payload)
-        if name == "distill":
-            one = cast(  # one process, its own MLflow run (the key above is the DDP job's)
-                DictConfig,
-                OmegaConf.merge(
-                    cfg,
-                    {
-                        "hardware": {"devices": 1, "num_nodes": 1, "strategy": "auto"},
-                        "mlflow": {"experiment_name": "other"},
-                    },
-                ),
-            )
-            holder = HeldStage(stage, Path(job_log), Path(held), patience)
-            with tracking.start_run(one):  # a job's own run (the training logs into it), ended FINISHED
-                ctx = pipeline.context_of(one, logger=tracking.lightning_logger(one))
-                held_stage = cast(Any, holder)  # a stage module in all but name: run_cached calls only its run
-                pipeline.run_cached(cache, name, key, held_stage, ctx, inputs, payload, "another-job")
-            return
-        pipeline.record_output(provided, stage, cache.entry(name, key), key)

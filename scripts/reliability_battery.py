@@ -860,14 +860,14 @@ def concurrent_pairs(battery: Battery, row: Row, cwd: Path) -> None:
 
 def ddp_while_locked(battery: Battery, row: Row, cwd: Path) -> None:
     """A DDP quick job (2 ranks, Lightning's launcher) whose distill entry another process holds the build lock of
-    and builds (fastformers/fixtures.py's `hold_distill_then_build`): rank 0 waits and reads it, and rank 1 must
+    and builds (tests/helpers.py's `hold_distill_then_build`): rank 0 waits and reads it, and rank 1 must
     follow rank 0 rather than train distill alone. Expected: exit 0 within the run timeout, its run FINISHED."""
     out = cwd / "outputs"
     args = [*battery.quick(out), "hardware=ddp", "stages=[finetune,distill,evaluate]", "student=minilm_l3",
             "student.layers=[1]", "finetune.batch_size=8", "distill.batch_size=8"]  # fmt: skip
     log, held = cwd / "ddp.out", cwd / "held"
     log.touch()
-    hold = "import sys; from fastformers.fixtures import hold_distill_then_build; hold_distill_then_build("
+    hold = "import sys; from tests.helpers import hold_distill_then_build; hold_distill_then_build("
     hold += "sys.argv[1:-2], *sys.argv[-2:])"
     with (cwd / "holder.out").open("w") as stream:
         holder = subprocess.Popen(

@@ -25,11 +25,10 @@ from fastformers import distributed
 from fastformers.cache import StageCache
 from fastformers.data import load_examples, make_loader
 from fastformers.errors import FastformersError
-from fastformers.fixtures import hold_distill_then_build
 from fastformers.models import load_finetuned, score_examples
 from fastformers.tasks import TASKS
 from fastformers.tracking import ROLE_TAG
-from tests.helpers import TINY, TINY_SWEEP, cli, free_port, runs_of, store
+from tests.helpers import TINY, TINY_SWEEP, cli, free_port, hold_distill_then_build, runs_of, store
 
 
 def _build_once(root: str, log: str) -> None:
