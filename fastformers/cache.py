@@ -123,25 +123,6 @@ def owner_of_scratch(name: str) -> dict | None:
             "started": int(match["start"]) / 100}  # fmt: skip
 
 
-CORE_LIBRARIES = ("torch", "transformers", "lightning")  # what trains and exports every model
-ENGINES_CONF = Path(__file__).resolve().parent.parent / "conf" / "engines"  # the packaged engine configs
-
-
-def engine_libraries(folder: Path = ENGINES_CONF) -> tuple[str, ...]:
-    """The libraries the configured engines declare (each `conf/engines/<name>.yaml`'s class says its own)."""
-    from omegaconf import OmegaConf
-
-    from fastformers.engines import configured_libraries
-
-    engines: dict = {}
-    for path in sorted(folder.glob("*.yaml")):
-        engines |= dict(OmegaConf.load(path))
-    return configured_libraries(engines)
-
-
-# the libraries whose kernels and exporters shape a stage's output: they travel in every cache key
-LIBRARIES = tuple(dict.fromkeys(CORE_LIBRARIES + engine_libraries()))
-
 
 def code_fingerprint(*modules: str) -> str:
     """A hash of the code a stage runs: its module and every fastformers module it imports, transitively, each
@@ -152,19 +133,6 @@ def code_fingerprint(*modules: str) -> str:
     for name in sorted(set().union(*(_imported_modules(module) for module in modules))):
         digest.update(name.encode() + _code_of(name).encode())
     return digest.hexdigest()[:16]
-
-
-def library_versions() -> dict[str, str | None]:
-    """The versions of the libraries whose kernels and exporters shape a stage's output."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    found: dict[str, str | None] = {}
-    for name in LIBRARIES:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
 
 
 PACKAGE_ROOT = Path(__file__).resolve().parent  # fastformers/

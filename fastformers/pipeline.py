@@ -14,11 +14,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from fastformers import distributed, serving, stages, tracking
-from fastformers.cache import StageCache, cache_key, code_fingerprint, library_versions
+from fastformers.cache import StageCache, cache_key, code_fingerprint
 from fastformers.checks import check_config
 from fastformers.context import StageContext
 from fastformers.data import DataSource, fingerprint, parse_split, split_label, task_file
 from fastformers.engines import get_engine
+from fastformers.engines.libraries import library_versions
 from fastformers.errors import FastformersError, check_stopped
 from fastformers.stages import Stage, get_stage
 from fastformers.task_config import task_of

@@ -10,7 +10,7 @@ from fastformers.bench import paper
 from fastformers.bench.analysis import row_named
 from fastformers.bench.gate import margin_label
 from fastformers.bench.options import BenchOptions
-from fastformers.cache import library_versions
+from fastformers.engines.libraries import library_versions
 from fastformers.instances import usable_cores
 from fastformers.roofline import family_of, this_cpu
 
