@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
-from fastformers.data import DataSource
-from fastformers.tasks import Task
+from fastformers.data.loading import DataSource
+from fastformers.data.tasks import Task
 
 if TYPE_CHECKING:  # a type only: the cache key skips it (cache._imported_modules)
     from fastformers.engines import Engine

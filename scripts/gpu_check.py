@@ -27,10 +27,10 @@ for name in (
 import torch
 from hydra import compose, initialize_config_dir
 
-from fastformers import tracking
-from fastformers.cli import CONF_DIR
-from fastformers.fixtures import write_superglue
+from fastformers.data.fixtures import write_superglue
+from fastformers.run.cli import CONF_DIR
 from fastformers.stages import distill, finetune
+from fastformers.tracking import runs as tracking
 
 tracking.lightning_logger = lambda cfg: False
 print(

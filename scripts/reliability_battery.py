@@ -3,14 +3,14 @@ killed and concurrent processes, and a fuzz of the data readers, replayed agains
 
     .venv/bin/python scripts/reliability_battery.py [--out DIR] [--only NAME,...] [--fuzz-lines N] [--pairs N]
 
-Each case runs `fastformers` (`python -m fastformers.cli`, as tests/test_sweeps.py does) with `experiment=quick
-teacher=tiny_bert` on fixture data (fastformers.fixtures.write_superglue) in its own folder under DIR/cases, breaks one
-thing, and prints one row: its exit code, its error line (the last stderr line starting `fastformers: error:`, else
-the last stderr line), how many stderr lines belong to a Python traceback, how many MLflow runs are left RUNNING in
-the case's store, the stage cache entries lost (cases marked `primed` first get the cache of a good run, then
-the bad step runs in the same output folder), and whether that is what is expected. The table is also written to
-DIR/battery.md. `--only` takes case names and group names (data, config, weights, tracking, processes, fuzz);
-`--list` prints them. Exit status: 0 when every case is as expected, 1 otherwise.
+Each case runs `fastformers` (`python -m fastformers.run.cli`, as tests/test_sweeps.py does) with `experiment=quick
+teacher=tiny_bert` on fixture data (fastformers.data.fixtures.write_superglue) in its own folder under DIR/cases,
+breaks one thing, and prints one row: its exit code, its error line (the last stderr line starting `fastformers:
+error:`, else the last stderr line), how many stderr lines belong to a Python traceback, how many MLflow runs are
+left RUNNING in the case's store, the stage cache entries lost (cases marked `primed` first get the cache of a good
+run, then the bad step runs in the same output folder), and whether that is what is expected. The table is also
+written to DIR/battery.md. `--only` takes case names and group names (data, config, weights, tracking, processes,
+fuzz); `--list` prints them. Exit status: 0 when every case is as expected, 1 otherwise.
 
 Expected: every bad input is refused with exit 2 and one `fastformers: error:` line, no traceback and no run left
 RUNNING; the fuzz raises nothing but FastformersError; after kill -9 or SIGTERM (and the next start) no run is left
@@ -240,7 +240,7 @@ class Battery:
     @property
     def fixtures(self) -> Path:
         if self._fixtures is None:
-            from fastformers.fixtures import write_superglue
+            from fastformers.data.fixtures import write_superglue
 
             self._fixtures = write_superglue(self.root / "superglue")
         return self._fixtures
@@ -280,7 +280,7 @@ class Battery:
         return env
 
     def command(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "fastformers.cli", *args]
+        return [sys.executable, "-m", "fastformers.run.cli", *args]
 
     def cli(self, *args: str, cwd: Path, timeout: float | None = None, script: Path | None = None) -> Result:
         """`fastformers ARGS`, or `python SCRIPT ARGS` for a case that wraps the CLI to break something inside it."""
@@ -497,9 +497,9 @@ def tiny_model_folder(battery: Battery, folder: Path) -> Path:
     """A random tiny BERT and its tokenizer saved with save_pretrained: what `teacher.pretrained=<folder>` loads."""
     from omegaconf import OmegaConf
 
-    from fastformers.data import load_examples, texts_of
-    from fastformers.models import build_random
-    from fastformers.tasks import TASKS
+    from fastformers.data.loading import load_examples, texts_of
+    from fastformers.data.tasks import TASKS
+    from fastformers.models.loading import build_random
 
     spec = OmegaConf.create(
         {
@@ -616,7 +616,7 @@ def kill9_then_restart(battery: Battery, row: Row, cwd: Path) -> None:
 DISK_FULL = """# the CLI with every model save failing as on a full disk: a failure right after training
 import sys
 import transformers
-from fastformers.cli import entry
+from fastformers.run.cli import entry
 
 def full_disk(*args, **kwargs):
     raise OSError(28, "No space left on device (the battery's simulated full disk)")
@@ -665,7 +665,7 @@ def failure_after_training(battery: Battery, row: Row, cwd: Path) -> None:
 
 
 def sigterm_sweep(battery: Battery, row: Row, cwd: Path) -> None:
-    from fastformers.tracking import ROLE_TAG
+    from fastformers.tracking.runs import ROLE_TAG
 
     out = cwd / "outputs"
     args = ("-m", *battery.quick(out), "task=cb,rte", "finetune.epochs=20")
@@ -778,7 +778,7 @@ def cache_read_error(battery: Battery, row: Row, cwd: Path) -> None:
 HOLDER = """
 import sys, time
 from pathlib import Path
-from fastformers.cache import StageCache, owner_identity
+from fastformers.run.cache import StageCache, owner_identity
 root, key, release = sys.argv[1:4]
 with StageCache(root).claimed("finetune", key) as mine:
     me = owner_identity()
@@ -927,13 +927,13 @@ def served_openvino_under_load(battery: Battery, row: Row, cwd: Path) -> None:
 
 
 def fuzz_case(maker: str) -> Callable[[Battery, Row, Path], None]:
-    """Mutated lines of one valid record (fastformers/fixtures.py's `mutate`) through `load_examples`."""
+    """Mutated lines of one valid record (fastformers/data/fixtures.py's `mutate`) through `load_examples`."""
 
     def run(battery: Battery, row: Row, cwd: Path) -> None:
-        from fastformers.data import load_examples
+        from fastformers.data.fixtures import MAKERS, ill_typed, mutate
+        from fastformers.data.loading import load_examples
+        from fastformers.data.tasks import get_task
         from fastformers.errors import FastformersError
-        from fastformers.fixtures import MAKERS, ill_typed, mutate
-        from fastformers.tasks import get_task
 
         task = get_task(maker.lower())
         valid = MAKERS[maker](random.Random(0), 5, True)

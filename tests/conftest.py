@@ -1,4 +1,4 @@
-"""The tests' pytest fixtures: fixture data in the official SuperGLUE shapes (fastformers/fixtures.py) and the
+"""The tests' pytest fixtures: fixture data in the official SuperGLUE shapes (fastformers/data/fixtures.py) and the
 real config tree shrunk for one test. The functions several test files share are in tests/helpers.py."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fastformers.fixtures import write_superglue
+from fastformers.data.fixtures import write_superglue
 from tests.helpers import compose_cfg
 
 

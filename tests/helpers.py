@@ -18,13 +18,14 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from fastformers import pipeline, tracking
-from fastformers.cache import StageCache, cache_key
-from fastformers.cli import CONF_DIR
-from fastformers.data import fingerprint, load_examples, texts_of
-from fastformers.models import build_random, load_finetuned
-from fastformers.task_config import task_of
-from fastformers.tasks import TASKS
+from fastformers.data.loading import fingerprint, load_examples, texts_of
+from fastformers.data.task_config import task_of
+from fastformers.data.tasks import TASKS
+from fastformers.models.loading import build_random, load_finetuned
+from fastformers.run import pipeline
+from fastformers.run.cache import StageCache, cache_key
+from fastformers.run.cli import CONF_DIR
+from fastformers.tracking import runs as tracking
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "superglue"
 
@@ -147,7 +148,7 @@ def cli(*args, cwd: Path, timeout=600, wait=True):
     wait=False the running one (its own process group, output in cwd/job.log)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_RUN_ID", None)
-    command = [sys.executable, "-m", "fastformers.cli", *args]
+    command = [sys.executable, "-m", "fastformers.run.cli", *args]
     if not wait:  # output to a file: an unread pipe fills up and blocks the job
         log = (cwd / "job.log").open("w")
         return subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

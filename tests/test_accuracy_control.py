@@ -8,12 +8,12 @@ import inspect
 import numpy as np
 import pytest
 
-from fastformers import pipeline
-from fastformers.data import DataSource
+from fastformers.data.loading import DataSource
 from fastformers.engines import ExportContext, get_engine
 from fastformers.engines import variants as cpu_variants
+from fastformers.engines.onnx.convert import export_onnx
 from fastformers.errors import FastformersError
-from fastformers.onnx.convert import export_onnx
+from fastformers.run import pipeline
 from fastformers.stages import export
 from tests.helpers import saved_tiny
 

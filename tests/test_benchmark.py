@@ -12,17 +12,10 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from fastformers import pipeline
 from fastformers.bench.analysis import apply_gate, apply_memory_budget, eligible, pick
+from fastformers.bench.energy import EnergyMeter, choose_meter
 from fastformers.bench.gate import Labelled
-from fastformers.bench.timing import measure_interleaved, round_order
-from fastformers.bench.workload import deal, make_batches, texts_of
-from fastformers.data import EncodedDataset, load_examples
-from fastformers.energy import EnergyMeter, choose_meter
-from fastformers.engines.onnxruntime_engine import operator_times
-from fastformers.engines.target import Target
-from fastformers.errors import FastformersError
-from fastformers.instances import (
+from fastformers.bench.instances import (
     Backend,
     Instances,
     Work,
@@ -33,10 +26,17 @@ from fastformers.instances import (
     serve,
     usable_cores,
 )
-from fastformers.onnx.convert import export_onnx
-from fastformers.onnx.optimize import optimize
-from fastformers.pruning import encoder_layers
-from fastformers.tasks import TASKS
+from fastformers.bench.timing import measure_interleaved, round_order
+from fastformers.bench.workload import deal, make_batches, texts_of
+from fastformers.data.loading import EncodedDataset, load_examples
+from fastformers.data.tasks import TASKS
+from fastformers.engines.onnx.convert import export_onnx
+from fastformers.engines.onnx.optimize import optimize
+from fastformers.engines.onnxruntime_engine import operator_times
+from fastformers.engines.target import Target
+from fastformers.errors import FastformersError
+from fastformers.models.pruning import encoder_layers
+from fastformers.run import pipeline
 from tests.helpers import mlflow_runs, saved_tiny
 
 needs_two_cores = pytest.mark.skipif(len(usable_cores()) < 2, reason="needs two physical cores")

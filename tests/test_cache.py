@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from fastformers import cache as cache_module
-from fastformers.cache import FAILED, StageCache, cache_key
 from fastformers.errors import FastformersError
+from fastformers.run import cache as cache_module
+from fastformers.run.cache import FAILED, StageCache, cache_key
 
 
 def test_key_changes_with_any_config_value():
@@ -39,7 +39,7 @@ def fail_build(cache: StageCache, error: type[BaseException] = RuntimeError) -> 
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])  # KeyboardInterrupt: Ctrl-C and SIGTERM
 def test_a_failed_build_is_kept_adopted_by_the_rerun_and_removed_after_success(tmp_path, error, caplog):
     cache = StageCache(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="fastformers.cache"):
+    with caplog.at_level(logging.WARNING, logger="fastformers.run.cache"):
         fail_build(cache, error)
         fail_build(cache, error)  # a second failure: still one failed folder, the newest
     assert cache.lookup("finetune", "k1") is None
@@ -79,7 +79,7 @@ def test_proven_damage_deletes_the_entry_so_it_is_rebuilt(tmp_path, damage, capl
         manifest.write_text(manifest.read_text().replace('"key": "k1"', '"key": "k2"'))
     else:
         manifest.write_text("[]")
-    with caplog.at_level(logging.WARNING, logger="fastformers.cache"):
+    with caplog.at_level(logging.WARNING, logger="fastformers.run.cache"):
         assert cache.lookup("finetune", "k1") is None
     assert not entry.exists()
     assert f"cache entry {entry} is damaged" in caplog.text
@@ -180,9 +180,9 @@ def test_a_trained_models_key_follows_training_code_not_mlflow_or_engine_code(st
     (a type hint only, for training) must not retrain a model; changing the training code must."""
     module = f"fastformers.stages.{stage}"
     before = cache_module.code_fingerprint(module)
-    for unrelated in ("fastformers.tracking", "fastformers.tracking_server", "fastformers.engines"):
+    for unrelated in ("fastformers.tracking.runs", "fastformers.tracking.server", "fastformers.engines"):
         with monkeypatch.context() as patch:
             edited(patch, unrelated)
             assert cache_module.code_fingerprint(module) == before, unrelated
-    edited(monkeypatch, "fastformers.training")
+    edited(monkeypatch, "fastformers.training.fit")
     assert cache_module.code_fingerprint(module) != before

@@ -1,4 +1,4 @@
-"""experiment=compress (fastformers/compress.py): the search space as config, the budget, resuming a study and
+"""experiment=compress (fastformers/run/compress.py): the search space as config, the budget, resuming a study and
 retrying a killed trial, and the rule that picks the model (the fewest multiply-adds within the budget, confirmed
 on the held-out slice). The search logic runs here on a stand-in for the stages; one slow test runs the command."""
 
@@ -14,19 +14,19 @@ from mlflow.tracking import MlflowClient
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
-from fastformers import compress, pipeline
 from fastformers.bench.analysis import labelled_sample
-from fastformers.data import holdout_split, load_examples
+from fastformers.data.loading import holdout_split, load_examples
+from fastformers.data.tasks import TASKS
 from fastformers.errors import FastformersError
+from fastformers.run import compress, pipeline
 from fastformers.stages import get_stage
-from fastformers.tasks import TASKS
-from fastformers.tracking import ROLE_TAG
+from fastformers.tracking.runs import ROLE_TAG
 
 SMALL_SPACE = ["compress.space.layers=[1,2]", "compress.space.heads=[1.0,0.5]", "compress.space.ffn=[1.0,0.5]"]
 
 
 def stage_key(cfg, name: str, inputs: dict | None = None) -> str:
-    from fastformers.cache import cache_key
+    from fastformers.run.cache import cache_key
 
     return cache_key(pipeline.stage_payload(cfg, name, get_stage(name), "data", inputs or {}))
 
@@ -258,7 +258,12 @@ def fastformers_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_RUN_ID", None)
     done = subprocess.run(
-        [sys.executable, "-m", "fastformers.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "fastformers.run.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done

@@ -5,10 +5,10 @@ import shutil
 import numpy
 import pytest
 
-from fastformers.data import TrainOrder, fingerprint, load_examples, make_loader, parse_split, texts_of
+from fastformers.data.loading import TrainOrder, fingerprint, load_examples, make_loader, parse_split, texts_of
+from fastformers.data.tasks import TASKS
 from fastformers.errors import FastformersError
-from fastformers.models import build_random, score_examples, train_tokenizer
-from fastformers.tasks import TASKS
+from fastformers.models.loading import build_random, score_examples, train_tokenizer
 from tests.helpers import tiny_spec
 
 

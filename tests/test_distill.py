@@ -6,12 +6,13 @@ import torch
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from fastformers import pipeline, tracking
+from fastformers.data.tasks import TASKS, Example
 from fastformers.errors import FastformersError
-from fastformers.models import build_random, task_loss
+from fastformers.models.loading import build_random, task_loss
+from fastformers.run import pipeline
 from fastformers.stages.distill import build_student, student_from_teacher_layers
-from fastformers.tasks import TASKS, Example
-from fastformers.training import (
+from fastformers.tracking import runs as tracking
+from fastformers.training.fit import (
     DistillModule,
     augmented,
     soft_cross_entropy,

@@ -12,9 +12,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
-from fastformers import pipeline, tracking
-from fastformers.cli import CONF_DIR
-from fastformers.data import load_examples, make_loader
+from fastformers.data.loading import load_examples, make_loader
+from fastformers.data.tasks import TASKS
 from fastformers.engines import (
     Engine,
     EngineModel,
@@ -25,8 +24,10 @@ from fastformers.engines import (
 )
 from fastformers.engines.openvino_engine import OpenVinoEngine
 from fastformers.errors import FastformersError
-from fastformers.models import load_finetuned, model_inputs
-from fastformers.tasks import TASKS
+from fastformers.models.loading import load_finetuned, model_inputs
+from fastformers.run import pipeline
+from fastformers.run.cli import CONF_DIR
+from fastformers.tracking import runs as tracking
 from tests.helpers import compose_cfg
 
 

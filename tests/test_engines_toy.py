@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fastformers import pipeline, tracking
 from fastformers.bench.settings import plan_settings
 from fastformers.engines import artifact_key, get_engine
+from fastformers.run import pipeline
+from fastformers.tracking import runs as tracking
 
 TOY_MODULE = '''
 import shutil

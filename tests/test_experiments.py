@@ -7,11 +7,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fastformers import pipeline
 from fastformers.bench.settings import plan_settings
-from fastformers.cli import CONF_DIR
+from fastformers.data.fixtures import SIZES
 from fastformers.errors import FastformersError
-from fastformers.fixtures import SIZES
+from fastformers.run import pipeline
+from fastformers.run.cli import CONF_DIR
 from tests.helpers import rescored
 
 EXPERIMENTS = sorted(path.stem for path in (Path(CONF_DIR) / "experiment").glob("*.yaml"))

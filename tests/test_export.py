@@ -13,9 +13,20 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from fastformers import pipeline
-from fastformers.data import load_examples, make_loader
+from fastformers.data.loading import load_examples, make_loader
+from fastformers.data.tasks import TASKS
 from fastformers.engines import EngineModel
+from fastformers.engines.onnx import sibling
+from fastformers.engines.onnx.convert import export_onnx
+from fastformers.engines.onnx.optimize import optimize
+from fastformers.engines.onnx.quantize import (
+    Int8Options,
+    convert_fp16,
+    matmul_input_stats,
+    outlier_matmuls,
+    quantize_int8,
+    smooth_matmuls,
+)
 from fastformers.engines.onnxruntime_engine import (
     CPU,
     CUDA,
@@ -24,20 +35,9 @@ from fastformers.engines.onnxruntime_engine import (
 )
 from fastformers.engines.parity import batch_logits, compare
 from fastformers.errors import FastformersError
-from fastformers.models import model_inputs
-from fastformers.onnx import sibling
-from fastformers.onnx.convert import export_onnx
-from fastformers.onnx.optimize import optimize
-from fastformers.onnx.quantize import (
-    Int8Options,
-    convert_fp16,
-    matmul_input_stats,
-    outlier_matmuls,
-    quantize_int8,
-    smooth_matmuls,
-)
-from fastformers.pruning import attention_shape, encoder_layers, keep_attention_heads
-from fastformers.tasks import TASKS
+from fastformers.models.loading import model_inputs
+from fastformers.models.pruning import attention_shape, encoder_layers, keep_attention_heads
+from fastformers.run import pipeline
 from tests.helpers import LAYERS, compose_cfg, saved_tiny
 
 
@@ -255,7 +255,7 @@ def test_export_stage_then_evaluate_on_onnx_matches_pytorch(make_cfg):
 
     from mlflow.tracking import MlflowClient
 
-    from fastformers import tracking
+    from fastformers.tracking import runs as tracking
 
     cfg = make_cfg()
     client = MlflowClient(tracking.tracking_uri(cfg))
@@ -359,8 +359,8 @@ def int8_export(superglue_root, tmp_path_factory):
     shared by the tests that read it, with the split each of the export stage's readers asked for."""
     from mlflow.tracking import MlflowClient
 
-    from fastformers import tracking
-    from fastformers.data import DataSource
+    from fastformers.data.loading import DataSource
+    from fastformers.tracking import runs as tracking
 
     reads = []
     original = DataSource.examples

@@ -8,11 +8,15 @@ import pytest
 import torch
 from transformers import AlbertConfig, AutoModelForSequenceClassification
 
-from fastformers.data import load_examples, make_loader, texts_of
+from fastformers.bench.roofline import Shape
+from fastformers.data.loading import load_examples, make_loader, texts_of
+from fastformers.data.tasks import TASKS
+from fastformers.engines.onnx.convert import export_onnx
+from fastformers.engines.onnx.optimize import optimize
+from fastformers.engines.onnx.quantize import quantize_int8
 from fastformers.engines.onnxruntime_engine import OnnxClassifier
 from fastformers.errors import FastformersError
-from fastformers.modeling_fastformers import LAYOUTS, part
-from fastformers.models import (
+from fastformers.models.loading import (
     FAMILIES,
     build_random,
     check_family,
@@ -23,10 +27,8 @@ from fastformers.models import (
     task_loss,
     train_tokenizer,
 )
-from fastformers.onnx.convert import export_onnx
-from fastformers.onnx.optimize import optimize
-from fastformers.onnx.quantize import quantize_int8
-from fastformers.pruning import (
+from fastformers.models.modeling_fastformers import LAYOUTS, part
+from fastformers.models.pruning import (
     attention_shape,
     encoder_layers,
     family_layout,
@@ -36,9 +38,7 @@ from fastformers.pruning import (
     rewire,
     top_per_layer,
 )
-from fastformers.roofline import Shape
 from fastformers.stages.distill import student_from_teacher_layers
-from fastformers.tasks import TASKS
 from tests.helpers import FFN, HEADS, HIDDEN, LAYERS, compose_cfg, masks_keeping, pair_inputs, tiny_spec
 
 NEW = ["distilbert", "xlm-roberta", "electra"]

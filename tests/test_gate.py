@@ -10,8 +10,8 @@ import random
 
 import pytest
 
-from fastformers import metrics
 from fastformers.bench import gate
+from fastformers.data import metrics
 
 
 def accuracy(golds):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fastformers import metrics
+from fastformers.data import metrics
 
 
 def test_accuracy_counts_matches():

@@ -6,8 +6,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from fastformers.data.tasks import TASKS
 from fastformers.errors import FastformersError
-from fastformers.models import (
+from fastformers.models.loading import (
     build_random,
     example_scores,
     load_finetuned,
@@ -16,7 +17,6 @@ from fastformers.models import (
     task_loss,
     train_tokenizer,
 )
-from fastformers.tasks import TASKS
 
 TEXTS = ["the cat sat on the mat", "a dog ran in the park", "it rained all day long"] * 20
 

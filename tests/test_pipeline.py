@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from fastformers import pipeline
 from fastformers.errors import FastformersError
+from fastformers.run import pipeline
 from tests.helpers import mlflow_runs, rescored
 
 
@@ -109,7 +109,12 @@ def test_bad_configs_fail_before_any_work(make_cfg, overrides, message):
 def _cli(*args, cwd):
     env = {**os.environ, "MLFLOW_RUN_ID": "stray-run-id"}
     return subprocess.run(
-        [sys.executable, "-m", "fastformers.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "fastformers.run.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -142,7 +147,7 @@ def test_cli_prints_the_composed_config(tmp_path):
 def test_learning_rate_is_the_models_unless_the_task_pins_one():
     from hydra import compose, initialize_config_dir
 
-    from fastformers.cli import CONF_DIR
+    from fastformers.run.cli import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
 
@@ -159,7 +164,7 @@ def test_learning_rate_is_the_models_unless_the_task_pins_one():
 def test_the_cpu_scale_sizes_the_big_tasks_down_and_the_paper_scale_uses_the_official_splits():
     from hydra import compose, initialize_config_dir
 
-    from fastformers.cli import CONF_DIR
+    from fastformers.run.cli import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
 
@@ -180,7 +185,7 @@ def test_the_paper_scale_composes_with_its_hub_models_and_a_gpu_and_says_so_with
     import torch
     from hydra import compose, initialize_config_dir
 
-    from fastformers.cli import CONF_DIR
+    from fastformers.run.cli import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(

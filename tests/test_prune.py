@@ -8,11 +8,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from fastformers import pipeline
-from fastformers.data import load_examples, make_loader, texts_of
+from fastformers.data.fixtures import SIZES
+from fastformers.data.loading import load_examples, make_loader, texts_of
+from fastformers.data.tasks import TASKS
+from fastformers.engines.onnx.convert import export_onnx
+from fastformers.engines.onnx.optimize import optimize
 from fastformers.errors import FastformersError
-from fastformers.fixtures import SIZES
-from fastformers.models import (
+from fastformers.models.loading import (
     build_random,
     count_parameters,
     example_scores,
@@ -20,9 +22,7 @@ from fastformers.models import (
     model_inputs,
     task_loss,
 )
-from fastformers.onnx.convert import export_onnx
-from fastformers.onnx.optimize import optimize
-from fastformers.pruning import (
+from fastformers.models.pruning import (
     HEADS_KEPT,
     attention_shape,
     encoder_layers,
@@ -33,7 +33,7 @@ from fastformers.pruning import (
     rewire,
     top_per_layer,
 )
-from fastformers.tasks import TASKS
+from fastformers.run import pipeline
 from tests.helpers import FFN, HEADS, HIDDEN, LAYERS, masks_keeping, mlflow_runs, pair_inputs, rescored, tiny_spec
 
 HEAD_SIZE = HIDDEN // HEADS

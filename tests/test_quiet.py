@@ -11,8 +11,8 @@ import pytest
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from fastformers.models import build_random, load_pretrained
-from fastformers.tasks import TASKS
+from fastformers.data.tasks import TASKS
+from fastformers.models.loading import build_random, load_pretrained
 from tests.helpers import tiny_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -21,16 +21,16 @@ REPO = Path(__file__).resolve().parent.parent
 PROBE = """
 import logging, warnings
 logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
-from fastformers.quiet import quiet_dependencies
+from fastformers.run.quiet import quiet_dependencies
 quiet_dependencies()
-import fastformers.serving  # MLflow warns about the served model's type hints while it is defined
+import fastformers.tracking.serving  # MLflow warns about the served model's type hints while it is defined
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 rank_zero_info("GPU available: False, used: False")
 logging.warning("Please consider to run pre-processing before quantization. Refer to example: ...")
 logging.getLogger("mlflow.store.db.utils").info("Creating initial MLflow database tables...")
 warnings.warn("data.root: 3 records of CB/train.jsonl have no label", UserWarning)
 rank_zero_warn("The dataloader does not have many workers which may be a bottleneck")
-logging.getLogger("fastformers.pipeline").warning("skipping rte: no data files")
+logging.getLogger("fastformers.run.pipeline").warning("skipping rte: no data files")
 logging.getLogger("transformers.tokenization_utils_base").warning("Token indices sequence length is longer")
 """
 NOISE = ("Any type hint", "GPU available", "pre-processing", "MLflow database tables")
@@ -93,7 +93,7 @@ def test_a_fresh_head_loads_silently_but_missing_encoder_weights_are_named(tmp_p
 def test_bad_input_is_one_line_on_stderr_before_any_heavy_import(tmp_path):
     """`-X importtime` lists every module the command imported: a config error stops before torch."""
     done = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "fastformers.cli", "pruning.heads=abc"],
+        [sys.executable, "-X", "importtime", "-m", "fastformers.run.cli", "pruning.heads=abc"],
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,
@@ -129,8 +129,8 @@ def test_nncf_hides_its_info_lines_and_progress_bars_but_not_its_warnings(capfd)
 
 
 def test_the_verbose_flag_is_taken_out_of_hydras_arguments(monkeypatch):
-    from fastformers.cli import take_verbose_flag
-    from fastformers.quiet import VERBOSE_ENV, verbose
+    from fastformers.run.cli import take_verbose_flag
+    from fastformers.run.quiet import VERBOSE_ENV, verbose
 
     monkeypatch.delenv(VERBOSE_ENV, raising=False)
     argv = ["fastformers", "task=rte"]

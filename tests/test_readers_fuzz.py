@@ -10,10 +10,10 @@ from dataclasses import replace
 
 import pytest
 
-from fastformers.data import load_examples
+from fastformers.data.fixtures import MAKERS, ill_typed, mutate
+from fastformers.data.loading import load_examples
+from fastformers.data.tasks import Example, get_task
 from fastformers.errors import FastformersError
-from fastformers.fixtures import MAKERS, ill_typed, mutate
-from fastformers.tasks import Example, get_task
 
 N = 500  # mutated lines per task
 

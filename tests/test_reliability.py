@@ -14,12 +14,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fastformers import pipeline
-from fastformers.cache import StageCache, owner_identity, owner_tag, this_host
 from fastformers.checks import require_number
+from fastformers.data.tasks import TASKS
 from fastformers.errors import FastformersError
-from fastformers.models import load_finetuned, load_pretrained
-from fastformers.tasks import TASKS
+from fastformers.models.loading import load_finetuned, load_pretrained
+from fastformers.run import pipeline
+from fastformers.run.cache import StageCache, owner_identity, owner_tag, this_host
 from tests.helpers import saved_tiny
 
 # ------------------------------------------------------------------------------------- Hydra's errors, one line
@@ -28,7 +28,7 @@ from tests.helpers import saved_tiny
 def run_cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"} | env
     return subprocess.run(
-        [sys.executable, "-m", "fastformers.cli", *args],
+        [sys.executable, "-m", "fastformers.run.cli", *args],
         cwd=cwd,
         env=environ,
         capture_output=True,
@@ -216,7 +216,7 @@ def test_scratch_folders_of_gone_processes_are_kept_as_failed_folders_live_ones_
     older = stage / f".k4.0123abcd.{dead_pid()}@{this_host()}.tmp"  # made before names held a start and namespace
     for folder in (gone, mine, elsewhere, container, older):
         (folder / "checkpoints").mkdir(parents=True)
-    with caplog.at_level(logging.INFO, logger="fastformers.cache"):
+    with caplog.at_level(logging.INFO, logger="fastformers.run.cache"):
         assert cache.lookup("finetune", "k0") is None
     (failed,) = stage.glob(".k1.failed-*")  # kept for the next build of k1 to resume from
     assert (failed / "checkpoints").is_dir() and not gone.exists()

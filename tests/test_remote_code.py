@@ -10,15 +10,15 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from fastformers import pipeline
-from fastformers.data import load_examples, texts_of
+from fastformers.data.loading import load_examples, texts_of
+from fastformers.data.tasks import TASKS
 from fastformers.engines import export_index
-from fastformers.hub import MODELING_FILE, save_pruned
-from fastformers.modeling_fastformers import HEADS_KEPT, LAYER_FFN, LAYER_HEADS, LAYOUTS
-from fastformers.models import build_random, count_parameters, load_finetuned
-from fastformers.pruning import attention_shape, encoder_layers, rewire
+from fastformers.models.hub import MODELING_FILE, save_pruned
+from fastformers.models.loading import build_random, count_parameters, load_finetuned
+from fastformers.models.modeling_fastformers import HEADS_KEPT, LAYER_FFN, LAYER_HEADS, LAYOUTS
+from fastformers.models.pruning import attention_shape, encoder_layers, rewire
+from fastformers.run import pipeline
 from fastformers.stages import export, prune
-from fastformers.tasks import TASKS
 from tests.helpers import compose_cfg, tiny_spec
 
 HEADS = [[0, 2], [3]]  # per layer, and not the same count in both

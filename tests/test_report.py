@@ -11,11 +11,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import matthews_corrcoef
 
-from fastformers import pipeline
-from fastformers.fixtures import write_diagnostics
-from fastformers.report import ablation_table, collect, experiment_runs, report, row_points
-from fastformers.tasks import DIAGNOSTICS
-from fastformers.tracking import SKIPPED_TAG
+from fastformers.data.fixtures import write_diagnostics
+from fastformers.data.tasks import DIAGNOSTICS
+from fastformers.run import pipeline
+from fastformers.tracking.report import ablation_table, collect, experiment_runs, report, row_points
+from fastformers.tracking.runs import SKIPPED_TAG
 
 
 def log_run(name, params, metrics, tags=None, files=None, tmp_path=None):

@@ -7,7 +7,7 @@ import math
 import pytest
 from transformers import BertConfig
 
-from fastformers.roofline import (
+from fastformers.bench.roofline import (
     FAMILIES,
     Peaks,
     Shape,

@@ -20,14 +20,14 @@ import pytest
 from flufl.lock import Lock
 from omegaconf import OmegaConf
 
-from fastformers import cache as cache_module
-from fastformers import distributed
-from fastformers.cache import StageCache
-from fastformers.data import load_examples, make_loader
+from fastformers.data.loading import load_examples, make_loader
+from fastformers.data.tasks import TASKS
 from fastformers.errors import FastformersError
-from fastformers.models import load_finetuned, score_examples
-from fastformers.tasks import TASKS
-from fastformers.tracking import ROLE_TAG
+from fastformers.models.loading import load_finetuned, score_examples
+from fastformers.run import cache as cache_module
+from fastformers.run.cache import StageCache
+from fastformers.tracking.runs import ROLE_TAG
+from fastformers.training import distributed
 from tests.helpers import TINY, TINY_SWEEP, cli, free_port, hold_distill_then_build, runs_of, store
 
 
@@ -253,9 +253,9 @@ def ddp_command(launcher: str, *args: str) -> list[str]:
     """The two ways of starting DDP ranks: Lightning starts ranks 1.. at rank 0's first fit; torchrun starts both
     (no --rdzv-id: the run id is 'none', as in a plain `torchrun --nproc_per_node=2`)."""
     if launcher == "lightning":
-        return [sys.executable, "-m", "fastformers.cli", *args]
+        return [sys.executable, "-m", "fastformers.run.cli", *args]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-            "-m", "fastformers.cli", *args]  # fmt: skip
+            "-m", "fastformers.run.cli", *args]  # fmt: skip
 
 
 def finish_or_kill(job: subprocess.Popen, log: Path, seconds: float) -> int:

@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 from mlflow.exceptions import MlflowException
 
-from fastformers import pipeline
+from fastformers.data.tasks import get_task
 from fastformers.engines import ExportContext, get_engine, pad_to_bucket
+from fastformers.engines.onnx.convert import export_onnx
 from fastformers.engines.openvino_engine import CompiledBuckets, OpenVinoEngine
 from fastformers.errors import FastformersError
-from fastformers.onnx.convert import export_onnx
-from fastformers.pruning import attention_shape
-from fastformers.serving import EngineTaskModel, served_choice, served_requirements
-from fastformers.tasks import get_task
+from fastformers.models.pruning import attention_shape
+from fastformers.run import pipeline
+from fastformers.tracking.serving import EngineTaskModel, served_choice, served_requirements
 from tests.helpers import mlflow_runs, saved_tiny
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fastformers.tracking import ROLE_TAG
+from fastformers.tracking.runs import ROLE_TAG
 from tests.helpers import TINY, TINY_SWEEP, cli, free_port, runs_of, store
 
 pytestmark = pytest.mark.slow  # subprocess runs, sweeps and servers: `make test-fast` skips them

@@ -6,10 +6,10 @@ import random
 
 import pytest
 
-from fastformers.data import load_examples
+from fastformers.data.fixtures import MAKERS
+from fastformers.data.loading import load_examples
+from fastformers.data.tasks import TASKS, get_task
 from fastformers.errors import FastformersError
-from fastformers.fixtures import MAKERS
-from fastformers.tasks import TASKS, get_task
 from tests.helpers import SHARED_DATA
 
 

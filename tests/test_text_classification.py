@@ -14,14 +14,15 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoConfig
 
-from fastformers import metrics, pipeline, text_classification
-from fastformers.cli import CONF_DIR
-from fastformers.data import fingerprint, load_examples, texts_of
+from fastformers.data import metrics, text_classification
+from fastformers.data.loading import fingerprint, load_examples, texts_of
+from fastformers.data.task_config import task_of
+from fastformers.data.tasks import TASKS, Task, get_task
 from fastformers.errors import FastformersError
-from fastformers.models import build_random, load_finetuned
+from fastformers.models.loading import build_random, load_finetuned
+from fastformers.run import pipeline
+from fastformers.run.cli import CONF_DIR
 from fastformers.stages import teacher as teacher_stage
-from fastformers.task_config import task_of
-from fastformers.tasks import TASKS, Task, get_task
 from tests.helpers import mlflow_runs, tiny_spec
 
 WORDS = {"billing": "charged invoice refund", "shipping": "parcel courier arrived", "account": "password login email"}

@@ -15,9 +15,13 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fastformers import cli, errors, pipeline, report, sweep, tracking, tracking_server
+from fastformers import errors
 from fastformers.errors import FastformersError
-from fastformers.tracking import HOST_TAG, PARENT_ENV, PID_START_TAG, PID_TAG, ROLE_TAG
+from fastformers.run import cli, pipeline, sweep
+from fastformers.tracking import report
+from fastformers.tracking import runs as tracking
+from fastformers.tracking import server as tracking_server
+from fastformers.tracking.runs import HOST_TAG, PARENT_ENV, PID_START_TAG, PID_TAG, ROLE_TAG
 
 
 def unused_port() -> int:
@@ -103,7 +107,7 @@ def test_the_cli_checks_the_server_before_importing_mlflow_or_torch(tmp_path):
         "sys.argv = ['fastformers', 'experiment=quick', f'paths.output_dir={sys.argv[1]}',"
         " f'mlflow.tracking_uri=http://127.0.0.1:{sys.argv[2]}']\n"
         "try:\n"
-        "    runpy.run_module('fastformers.cli', run_name='__main__')\n"
+        "    runpy.run_module('fastformers.run.cli', run_name='__main__')\n"
         "except SystemExit as stop:\n"
         "    print(stop.code, sorted({'mlflow', 'torch', 'lightning'} & set(sys.modules)))\n"
     )
@@ -203,7 +207,7 @@ def test_runs_whose_process_is_gone_are_marked_killed_at_the_next_start(make_cfg
             "untagged": {},  # a run from before the tags: its owner is unknown
         }
         ids = {name: client.create_run(experiment, run_name=name, tags=tags).info.run_id for name, tags in runs.items()}
-        with caplog.at_level("WARNING", logger="fastformers.tracking"), tracking.start_run(cfg) as active:
+        with caplog.at_level("WARNING", logger="fastformers.tracking.runs"), tracking.start_run(cfg) as active:
             new = client.get_run(active.info.run_id)
             assert new.data.tags[HOST_TAG] == host and new.data.tags[PID_TAG] == str(os.getpid())
         status = {name: client.get_run(run_id).info.status for name, run_id in ids.items()}
@@ -258,7 +262,7 @@ def launch(*args: str, cwd: Path, log: str) -> subprocess.Popen:
     env.pop(PARENT_ENV, None)
     with (cwd / log).open("w") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "fastformers.cli", *args],
+            [sys.executable, "-m", "fastformers.run.cli", *args],
             cwd=cwd,
             env=env,
             stdout=out,
@@ -332,7 +336,7 @@ def test_a_job_stopped_while_another_process_writes_to_the_store_ends_killed_in_
     args = [*TINY, f"data.root={superglue_root}", f"paths.output_dir={out}", "finetune.epochs=200"]
     with (tmp_path / "job.out").open("w") as stdout, (tmp_path / "job.err").open("w") as stderr:
         job = subprocess.Popen(
-            [sys.executable, "-m", "fastformers.cli", *args],
+            [sys.executable, "-m", "fastformers.run.cli", *args],
             cwd=tmp_path,
             env=env | {"PYTHONUNBUFFERED": "1"},
             stdout=stdout,

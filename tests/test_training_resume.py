@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from fastformers import errors
-from fastformers.data import TrainOrder
+from fastformers.data.loading import TrainOrder
 from fastformers.stages import finetune
-from fastformers.training import CHECKPOINTS, LAST, EpochLine, FineTuneModule
+from fastformers.training.fit import CHECKPOINTS, LAST, EpochLine, FineTuneModule
 from tests.helpers import saved_tiny
 
 EPOCHS = ["finetune.epochs=3", "finetune.batch_size=8"]  # tiny_bert (dropout 0.1) on the 48 CB fixture examples

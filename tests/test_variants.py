@@ -4,9 +4,9 @@ import pytest
 
 from fastformers.bench.settings import plan_settings
 from fastformers.engines import get_engine, variants
+from fastformers.engines.onnx.quantize import Int8Options
 from fastformers.engines.variants import int8_features, selected
 from fastformers.errors import FastformersError
-from fastformers.onnx.quantize import Int8Options
 
 AVX2_ONLY = frozenset({"avx", "avx2", "fma", "avx512f", "avx512bw"})  # e.g. Skylake-SP: AVX-512 without VNNI
 VNNI = AVX2_ONLY | {"avx512_vnni"}
@@ -73,7 +73,7 @@ def test_an_export_entry_built_on_a_vnni_cpu_is_not_read_on_an_avx2_one(make_cfg
     """The accuracy-controlled OpenVINO variant is built only where VNNI is missing, so the export's cache key
     names what this CPU builds: a VNNI machine's entry (without int8_ac) is never read on an AVX2 machine."""
     pytest.importorskip("nncf")
-    from fastformers.pipeline import stage_payload
+    from fastformers.run.pipeline import stage_payload
     from fastformers.stages import export
 
     cfg = make_cfg("precision=int8", "export.engines=[onnxruntime,openvino]")

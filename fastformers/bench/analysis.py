@@ -14,14 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastformers.bench import gate
+from fastformers.bench.energy import EnergyMeter
+from fastformers.bench.instances import Layout, Served, Work
 from fastformers.bench.options import BenchOptions, GateOptions
+from fastformers.bench.roofline import Family, Peaks, Shape, bound_seconds, flops, macs, peak_seconds
 from fastformers.bench.settings import Setting
-from fastformers.data import EncodedDataset
-from fastformers.energy import EnergyMeter
+from fastformers.data.loading import EncodedDataset
+from fastformers.data.tasks import Task
 from fastformers.errors import FastformersError
-from fastformers.instances import Layout, Served, Work
-from fastformers.roofline import Family, Peaks, Shape, bound_seconds, flops, macs, peak_seconds
-from fastformers.tasks import Task
 
 log = logging.getLogger(__name__)
 

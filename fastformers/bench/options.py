@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-from fastformers.roofline import Shape
+from fastformers.bench.roofline import Shape
 
 
 @dataclass(frozen=True)

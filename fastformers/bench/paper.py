@@ -9,13 +9,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from fastformers.bench.instances import Work, plan_layout
 from fastformers.bench.options import BenchOptions, PaperOptions
 from fastformers.bench.settings import Setting
 from fastformers.checks import require_number
-from fastformers.data import EncodedDataset
+from fastformers.data.loading import EncodedDataset
 from fastformers.engines.target import Target
 from fastformers.errors import FastformersError
-from fastformers.instances import Work, plan_layout
 
 NAME = "paper_baseline"
 LABEL = "the paper's baseline shape, randomly initialised"

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
+from fastformers.bench.instances import Layout, layouts_filling, plan_layout, usable_cores
 from fastformers.engines import Engine, check_target, engine_names, get_engine
 from fastformers.engines.target import Target
 from fastformers.engines.variants import int8_features, selected
 from fastformers.errors import FastformersError
-from fastformers.instances import Layout, layouts_filling, plan_layout, usable_cores
 
 PADDINGS = ("fixed", "dynamic")
 MODELS = ("latest", "teacher")  # which model a setting runs: the one the stages before made, or the teacher

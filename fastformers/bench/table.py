@@ -9,10 +9,10 @@ import platform
 from fastformers.bench import paper
 from fastformers.bench.analysis import row_named
 from fastformers.bench.gate import margin_label
+from fastformers.bench.instances import usable_cores
 from fastformers.bench.options import BenchOptions
+from fastformers.bench.roofline import family_of, this_cpu
 from fastformers.engines.libraries import library_versions
-from fastformers.instances import usable_cores
-from fastformers.roofline import family_of, this_cpu
 
 
 def machine() -> dict:

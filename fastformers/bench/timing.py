@@ -10,7 +10,7 @@ import logging
 import random
 from collections.abc import Callable
 
-from fastformers.instances import Instances, Served
+from fastformers.bench.instances import Instances, Served
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from fastformers.bench.instances import Batch, Texts, Work
 from fastformers.bench.options import BenchOptions
 from fastformers.bench.settings import Setting
-from fastformers.data import EncodedDataset
+from fastformers.data.loading import EncodedDataset
 from fastformers.engines import MODEL_INPUTS, pad_to_bucket
-from fastformers.instances import Batch, Texts, Work
 
 
 def instance_work(

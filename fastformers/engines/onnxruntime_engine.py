@@ -47,8 +47,8 @@ class OnnxRuntimeEngine(Engine):
         return precision == "fp16"  # the CUDA provider
 
     def prepare(self, ctx: ExportContext) -> dict[str, Path]:
-        from fastformers.onnx import quantize
-        from fastformers.onnx.optimize import optimize
+        from fastformers.engines.onnx import quantize
+        from fastformers.engines.onnx.optimize import optimize
 
         fp32, _ = optimize(
             ctx.onnx, ctx.num_heads, ctx.hidden_size, dict(ctx.export.fusion_options or {}), model_type=ctx.model_type
@@ -71,8 +71,8 @@ class OnnxRuntimeEngine(Engine):
 
     def quantize_variant(self, ctx: ExportContext, variant: Variant, fp32: Path) -> dict[str, Path]:
         """One variant's graph (plus the smoothed float graph it was quantized from, when it smooths)."""
-        from fastformers.onnx import quantize
-        from fastformers.onnx.optimize import optimize
+        from fastformers.engines.onnx import quantize
+        from fastformers.engines.onnx.optimize import optimize
 
         recipe, built = variant.settings, {}
         tag = variant.name.removeprefix("int8").lstrip("_")  # int8 -> model_optimized_quantized.onnx (as before)
@@ -100,7 +100,7 @@ class OnnxRuntimeEngine(Engine):
     def outlier_treatment(self, ctx: ExportContext, variant: Variant, source: Path) -> tuple[Path, list[str]]:
         """The graph to quantize and the MatMuls to keep float: the `outlier_matmuls` with the most extreme
         inputs on the calibration sample are kept float or smoothed."""
-        from fastformers.onnx import quantize
+        from fastformers.engines.onnx import quantize
 
         count = int(variant.settings.get("outlier_matmuls", 0))
         if not count:
@@ -142,7 +142,7 @@ class OnnxRuntimeEngine(Engine):
 def check_recipe(variant: Variant) -> None:
     """A variant's recipe fields, refused with the field named before any export work."""
     where, recipe = f"engines.onnxruntime.int8.{variant.name}", variant.settings
-    from fastformers.onnx.quantize import WEIGHT_TYPES
+    from fastformers.engines.onnx.quantize import WEIGHT_TYPES
 
     if recipe.get("weight_type", "QInt8") not in WEIGHT_TYPES:
         raise FastformersError(
@@ -196,7 +196,7 @@ def session_options(threads: int | None, extra: dict | None = None):
 def disabled_optimizers(path: Path, providers: list[str]) -> list[str]:
     """The session fusions a graph says it must not get (the optimizer records them in its metadata), read
     from an unoptimized session: e.g. a graph exported without SkipLayerNormalization keeps Add + LayerNorm."""
-    from fastformers.onnx.optimize import DISABLED_OPTIMIZERS
+    from fastformers.engines.onnx.optimize import DISABLED_OPTIMIZERS
 
     ort = _ort()
     options = ort.SessionOptions()

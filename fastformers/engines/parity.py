@@ -14,7 +14,7 @@ import torch
 from fastformers.engines import Engine, EngineModel
 from fastformers.engines.target import Target
 from fastformers.errors import FastformersError
-from fastformers.models import example_scores, model_inputs
+from fastformers.models.loading import example_scores, model_inputs
 
 log = logging.getLogger(__name__)
 

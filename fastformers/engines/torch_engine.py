@@ -45,7 +45,7 @@ class TorchEngine(Engine):
     ) -> Infer:
         import torch
 
-        from fastformers.models import load_finetuned
+        from fastformers.models.loading import load_finetuned
 
         if threads:
             torch.set_num_threads(threads)

@@ -19,18 +19,18 @@ from transformers import AutoConfig, AutoTokenizer
 
 from fastformers.bench import analysis, paper, table
 from fastformers.bench import settings as plan
+from fastformers.bench.energy import choose_meter
+from fastformers.bench.instances import Backend, Instances, Work, usable_cores
 from fastformers.bench.options import BenchOptions, GateOptions
+from fastformers.bench.roofline import Shape, family_of, measure_peaks, this_cpu
 from fastformers.bench.timing import measure_interleaved
 from fastformers.bench.workload import deal, instance_work, make_batches
 from fastformers.checks import require_number
 from fastformers.context import StageContext
-from fastformers.data import EncodedDataset, parse_split
-from fastformers.energy import choose_meter
+from fastformers.data.loading import EncodedDataset, parse_split
 from fastformers.engines import PICK, artifact_path, get_engine
 from fastformers.engines.target import Target
 from fastformers.errors import FastformersError
-from fastformers.instances import Backend, Instances, Work, usable_cores
-from fastformers.roofline import Shape, family_of, measure_peaks, this_cpu
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from omegaconf import DictConfig
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from fastformers.context import SCORES, StageContext
+from fastformers.data.tasks import Task
 from fastformers.errors import FastformersError
-from fastformers.modeling_fastformers import LAYER_FFN, LAYER_HEADS, shrink_to_config
-from fastformers.models import (
+from fastformers.models.loading import (
     FAMILIES,
     check_family,
     count_parameters,
@@ -29,9 +29,9 @@ from fastformers.models import (
     readable_weights,
     resolve_pretrained,
 )
-from fastformers.pruning import family_layout
-from fastformers.tasks import Task
-from fastformers.training import (
+from fastformers.models.modeling_fastformers import LAYER_FFN, LAYER_HEADS, shrink_to_config
+from fastformers.models.pruning import family_layout
+from fastformers.training.fit import (
     TRAINING_KEYS,
     agreement,
     check_distillation,

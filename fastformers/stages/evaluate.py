@@ -14,7 +14,8 @@ from transformers import AutoTokenizer
 
 from fastformers.checks import require_number
 from fastformers.context import SCORES, StageContext
-from fastformers.data import load_examples, make_loader, parse_split, split_label
+from fastformers.data.loading import load_examples, make_loader, parse_split, split_label
+from fastformers.data.tasks import DIAGNOSTICS
 from fastformers.engines import (
     EngineModel,
     artifact_path,
@@ -25,8 +26,7 @@ from fastformers.engines import (
 )
 from fastformers.engines.target import Target
 from fastformers.errors import FastformersError
-from fastformers.models import load_finetuned, predict
-from fastformers.tasks import DIAGNOSTICS
+from fastformers.models.loading import load_finetuned, predict
 
 VERSION = 2  # a manual override: the code itself is part of the cache key (pipeline.stage_modules)
 PROVIDES = None

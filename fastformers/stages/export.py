@@ -18,15 +18,15 @@ from omegaconf import DictConfig
 
 from fastformers.checks import require_number
 from fastformers.context import SCORES, StageContext
-from fastformers.data import parse_split
+from fastformers.data.loading import parse_split
 from fastformers.engines import GRAPHS, INDEX, REFERENCE, Engine, ExportContext, artifact_key, get_engine
+from fastformers.engines.onnx import settings_path
+from fastformers.engines.onnx.convert import export_onnx
 from fastformers.engines.parity import Compared, check
 from fastformers.engines.target import Target
 from fastformers.errors import FastformersError
-from fastformers.models import load_finetuned, model_inputs
-from fastformers.onnx import settings_path
-from fastformers.onnx.convert import export_onnx
-from fastformers.pruning import attention_shape, family_layout
+from fastformers.models.loading import load_finetuned, model_inputs
+from fastformers.models.pruning import attention_shape, family_layout
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from transformers import AutoTokenizer
 
 from fastformers.checks import require_number
 from fastformers.context import SCORES, StageContext
-from fastformers.data import TaskDataModule, texts_of
-from fastformers.models import count_parameters, load_model
-from fastformers.training import (
+from fastformers.data.loading import TaskDataModule, texts_of
+from fastformers.models.loading import count_parameters, load_model
+from fastformers.training.fit import (
     TRAINING_KEYS,
     FineTuneModule,
     check_accelerator,

@@ -7,7 +7,7 @@
    which ones are kept differs per layer.
 3. Rewiring slices Q/K/V, the attention output and both FFN projections: fewer parameters and FLOPs.
 4. Re-distillation: the pruned model learns from the unpruned one with the distill stage's module.
-The mechanics (1-3) live in fastformers/pruning.py, the training (4) in fastformers/training.py.
+The mechanics (1-3) live in fastformers/models/pruning.py, the training (4) in fastformers/training/fit.py.
 """
 
 from __future__ import annotations
@@ -23,25 +23,25 @@ from omegaconf import DictConfig, OmegaConf
 
 from fastformers.checks import require_number
 from fastformers.context import SCORES, StageContext
-from fastformers.data import parse_split
+from fastformers.data.loading import parse_split
+from fastformers.data.tasks import Task
 from fastformers.errors import FastformersError
-from fastformers.hub import save_pruned
-from fastformers.models import (
+from fastformers.models.hub import save_pruned
+from fastformers.models.loading import (
     count_parameters,
     example_scores,
     load_finetuned,
     model_inputs,
     task_loss,
 )
-from fastformers.pruning import (
+from fastformers.models.pruning import (
     importance,
     kept_count,
     normalized,
     rewire,
     top_per_layer,
 )
-from fastformers.tasks import Task
-from fastformers.training import (
+from fastformers.training.fit import (
     TRAINING_KEYS,
     check_distillation,
     check_training,

@@ -18,11 +18,11 @@ from pathlib import Path
 from omegaconf import DictConfig, open_dict
 
 from fastformers.context import SCORES, StageContext
-from fastformers.data import hash_file, split_label
+from fastformers.data.loading import hash_file, split_label
+from fastformers.data.tasks import Task
 from fastformers.errors import FastformersError
-from fastformers.models import check_family, count_parameters, load_finetuned, resolve_pretrained
-from fastformers.tasks import Task
-from fastformers.training import predictions
+from fastformers.models.loading import check_family, count_parameters, load_finetuned, resolve_pretrained
+from fastformers.training.fit import predictions
 
 log = logging.getLogger(__name__)
 

@@ -21,18 +21,18 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 from transformers import get_linear_schedule_with_warmup
 
-from fastformers import distributed
 from fastformers.checks import require_number
-from fastformers.data import TaskDataModule, TrainOrder, make_loader
+from fastformers.data.loading import TaskDataModule, TrainOrder, make_loader
+from fastformers.data.tasks import Example, Task
 from fastformers.errors import FastformersError, check_stopped
-from fastformers.models import (
+from fastformers.models.loading import (
     example_scores,
     model_inputs,
     predict,
     score_examples,
     task_loss,
 )
-from fastformers.tasks import Example, Task
+from fastformers.training import distributed
 
 log = logging.getLogger(__name__)
 

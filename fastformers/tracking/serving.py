@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from packaging.version import Version
 
 from fastformers.checks import require_number
-from fastformers.data import make_loader  # imported with the model, not by the first requests (torch: seconds)
+from fastformers.data.loading import make_loader  # imported with the model, not by the first requests (torch: seconds)
+from fastformers.data.tasks import RecordError
 from fastformers.engines import (
     PICK,
     REFERENCE,
@@ -38,11 +39,10 @@ from fastformers.engines import (
 )
 from fastformers.engines.target import Target
 from fastformers.errors import FastformersError
-from fastformers.models import predict
-from fastformers.tasks import RecordError
+from fastformers.models.loading import predict
 
 ARTIFACT_PATH = "model"
-PACKAGE = Path(__file__).resolve().parent  # the fastformers package, shipped with the model as its code
+PACKAGE = Path(__file__).resolve().parents[1]  # the fastformers package, shipped with the model as its code
 # what the served code imports (the package's own dependencies that serving reaches), by distribution name;
 # the engine's own (Engine.requirements) are added per model
 RUNTIME_REQUIREMENTS = (
@@ -57,9 +57,9 @@ class EngineTaskModel(PythonModel):
     def load_context(self, context) -> None:
         from transformers import AutoTokenizer
 
-        from fastformers import text_classification
+        from fastformers.data import text_classification
+        from fastformers.data.tasks import get_task
         from fastformers.engines import EngineModel
-        from fastformers.tasks import get_task
 
         config = context.model_config
         spec = config.get("task_spec")  # a task on your own files: its definition, labels included
@@ -157,7 +157,7 @@ def served_requirements(engine: Engine) -> list[str]:
 def log_served_model(onnx_folder: Path, cfg: DictConfig, pick_folder: Path | None = None) -> dict:
     """Logs the chosen artifact (an OpenVINO IR with its weights file) and the tokenizer under the active
     run's `model`; returns the choice."""
-    from fastformers.task_config import from_files, task_of
+    from fastformers.data.task_config import from_files, task_of
 
     target = served_target(cfg, pick_folder)
     choice = target.to_dict()
@@ -167,7 +167,7 @@ def log_served_model(onnx_folder: Path, cfg: DictConfig, pick_folder: Path | Non
     artifacts = {role: str(path) for role, path in files.items()} | {"tokenizer": str(tokenizer_folder(onnx_folder))}
     mlflow.pyfunc.log_model(
         name=ARTIFACT_PATH,
-        python_model=str(PACKAGE / "served_model.py"),  # models from code: a file path, run when loaded
+        python_model=str(PACKAGE / "tracking" / "served_model.py"),  # models from code: a file path, run when loaded
         code_paths=[str(PACKAGE)],  # copied to the model's code/fastformers, put first on sys.path when loaded
         artifacts=artifacts,
         pip_requirements=served_requirements(engine),

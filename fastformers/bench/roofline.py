@@ -35,7 +35,7 @@ class Shape:
         """From a transformers config of a supported family (its FFN width under the family's key); a pruned
         model records its kept heads and neurons per layer (the mean is used: FLOPs are linear in them), or, saved
         before per-layer sizes, one head count in `attention_heads_kept`."""
-        from fastformers.modeling_fastformers import LAYOUTS, layer_sizes
+        from fastformers.models.modeling_fastformers import LAYOUTS, layer_sizes
 
         head_size = config.hidden_size // config.num_attention_heads
         layout = LAYOUTS.get(config.model_type)

@@ -4,6 +4,6 @@ stored package (trust a store as you trust code; docs/serving.md says what else 
 
 import mlflow
 
-from fastformers.serving import EngineTaskModel
+from fastformers.tracking.serving import EngineTaskModel
 
 mlflow.models.set_model(EngineTaskModel())

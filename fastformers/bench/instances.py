@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastformers.energy import EnergyMeter
+from fastformers.bench.energy import EnergyMeter
 from fastformers.engines import MODEL_INPUTS
 from fastformers.engines.target import Target
 from fastformers.errors import FastformersError

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from fastformers.onnx import write_settings
+from fastformers.engines.onnx import write_settings
 
 EXPORT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # those the model and its tokenizer both take
 SAMPLE = (["a short premise", "a somewhat longer premise with more words in it"], ["a hypothesis", "another"])

@@ -13,17 +13,20 @@ import mlflow
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from fastformers import distributed, serving, stages, tracking
-from fastformers.cache import StageCache, cache_key, code_fingerprint
+from fastformers import stages
 from fastformers.checks import check_config
 from fastformers.context import StageContext
-from fastformers.data import DataSource, fingerprint, parse_split, split_label, task_file
+from fastformers.data.loading import DataSource, fingerprint, parse_split, split_label, task_file
+from fastformers.data.task_config import task_of
+from fastformers.data.tasks import Task
 from fastformers.engines import get_engine
 from fastformers.engines.libraries import library_versions
 from fastformers.errors import FastformersError, check_stopped
+from fastformers.run.cache import StageCache, cache_key, code_fingerprint
 from fastformers.stages import Stage, get_stage
-from fastformers.task_config import task_of
-from fastformers.tasks import Task
+from fastformers.tracking import runs as tracking
+from fastformers.tracking import serving
+from fastformers.training import distributed
 
 log = logging.getLogger(__name__)
 

@@ -35,14 +35,16 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from fastformers.data.tasks import Task
 from fastformers.errors import FastformersError
-from fastformers.modeling_fastformers import LAYOUTS, Layout, shrink_to_config
-from fastformers.pruning import pruned
-from fastformers.tasks import Task
+from fastformers.models.modeling_fastformers import LAYOUTS, Layout, shrink_to_config
+from fastformers.models.pruning import pruned
 
 log = logging.getLogger(__name__)
 
-FAMILIES = LAYOUTS  # model_type -> where its layers, attention and FFN live (fastformers/modeling_fastformers.py)
+FAMILIES = (
+    LAYOUTS  # model_type -> where its layers, attention and FFN live (fastformers/models/modeling_fastformers.py)
+)
 PACKAGE_PREFIX = "package:"
 
 

@@ -29,14 +29,15 @@ from omegaconf import DictConfig, open_dict
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from fastformers import pipeline, tracking
 from fastformers.bench import gate
 from fastformers.bench.analysis import labelled_sample
+from fastformers.bench.roofline import Shape, macs
 from fastformers.checks import require_number
-from fastformers.data import DataSource, EncodedDataset, holdout_split, split_label
+from fastformers.data.loading import DataSource, EncodedDataset, holdout_split, split_label
+from fastformers.data.task_config import task_of
 from fastformers.errors import FastformersError, stop_signal
-from fastformers.roofline import Shape, macs
-from fastformers.task_config import task_of
+from fastformers.run import pipeline
+from fastformers.tracking import runs as tracking
 
 log = logging.getLogger(__name__)
 
@@ -566,7 +567,7 @@ def engine_gain(cfg: DictConfig, chosen: FrozenTrial, teacher_depth: int) -> flo
 
 def save_chosen(cfg: DictConfig, folder: Path) -> Path:
     """The chosen model as a folder plain transformers loads (a pruned one carries its modeling file and
-    `auto_map`: fastformers/hub.py), in this run's output folder."""
+    `auto_map`: fastformers/models/hub.py), in this run's output folder."""
     base = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(cfg.paths.output_dir)
     target = base / "compress" / "chosen_model"
     if target.exists():

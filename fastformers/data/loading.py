@@ -20,8 +20,8 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from fastformers.data.tasks import DIAGNOSTICS, Example, RecordError, Task
 from fastformers.errors import FastformersError
-from fastformers.tasks import DIAGNOSTICS, Example, RecordError, Task
 
 log = logging.getLogger(__name__)
 

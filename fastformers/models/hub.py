@@ -10,9 +10,9 @@ import json
 import shutil
 from pathlib import Path
 
-from fastformers import modeling_fastformers
-from fastformers.models import count_parameters
-from fastformers.pruning import PRUNING_RECORD, encoder_layers, family_layout, mask_shapes, pruned
+from fastformers.models import modeling_fastformers
+from fastformers.models.loading import count_parameters
+from fastformers.models.pruning import PRUNING_RECORD, encoder_layers, family_layout, mask_shapes, pruned
 
 MODELING_FILE = Path(modeling_fastformers.__file__).name  # modeling_fastformers.py
 AUTO_CLASS = "AutoModelForSequenceClassification"
@@ -79,6 +79,6 @@ def model_card(model, source: str, parameters_before: int) -> str:
         + "tokenizer = AutoTokenizer.from_pretrained(folder)\n"
         "```\n"
         + why
-        + "\nWith fastformers installed, `fastformers.models.load_finetuned(folder)` loads it too (eager attention, "
-        "the ONNX export's choice).\n"
+        + "\nWith fastformers installed, `fastformers.models.loading.load_finetuned(folder)` loads it too "
+        "(eager attention, the ONNX export's choice).\n"
     )

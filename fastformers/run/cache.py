@@ -123,7 +123,6 @@ def owner_of_scratch(name: str) -> dict | None:
             "started": int(match["start"]) / 100}  # fmt: skip
 
 
-
 def code_fingerprint(*modules: str) -> str:
     """A hash of the code a stage runs: its module and every fastformers module it imports, transitively, each
     as its syntax tree without docstrings, so editing code rebuilds the entries it made, while comments,
@@ -135,7 +134,7 @@ def code_fingerprint(*modules: str) -> str:
     return digest.hexdigest()[:16]
 
 
-PACKAGE_ROOT = Path(__file__).resolve().parent  # fastformers/
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # fastformers/
 
 
 def _source(module: str) -> Path | None:

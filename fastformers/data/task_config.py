@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastformers import text_classification
-from fastformers.tasks import Task, get_task
+from fastformers.data import text_classification
+from fastformers.data.tasks import Task, get_task
 
 
 def from_files(task_cfg: Any) -> bool:

@@ -10,8 +10,8 @@ import onnxruntime as ort
 from onnxruntime.transformers.fusion_options import FusionOptions
 from onnxruntime.transformers.optimizer import optimize_model
 
+from fastformers.engines.onnx import sibling, write_settings
 from fastformers.errors import FastformersError
-from fastformers.onnx import sibling, write_settings
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from fastformers import metrics
-from fastformers.data import parse_split, read_records, task_file_error
+from fastformers.data import metrics
+from fastformers.data.loading import parse_split, read_records, task_file_error
+from fastformers.data.tasks import TASKS, Example, Fields, RecordError, Task, _golds, _shown
 from fastformers.errors import FastformersError
-from fastformers.tasks import TASKS, Example, Fields, RecordError, Task, _golds, _shown
 
 METRICS: dict[str, Callable[[Sequence[int], Sequence[int], int], float]] = {
     "accuracy": lambda golds, preds, n: metrics.accuracy(golds, preds),

@@ -4,7 +4,7 @@ Every run (and sweep parent) is tagged with the host and process that own it, so
 (killed, crashed, its machine rebooted) is marked KILLED the next time a run starts in its experiment, instead of
 staying RUNNING for ever. A local SQLite store is created under a file lock (`<db>.lock`), so that processes started
 together on a fresh folder do not race MLflow's table creation and migrations, and is switched to WAL on a local disk;
-a tracking server is asked whether it is up before anything else is done (fastformers/tracking_server.py).
+a tracking server is asked whether it is up before anything else is done (fastformers/tracking/server.py).
 
 A run always records its end: FINISHED, FAILED, or KILLED when a stop signal (SIGTERM, Ctrl-C) ended it, even while
 another process or thread writes to the store (see `end_run`)."""
@@ -32,12 +32,12 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from fastformers.errors import STOPPED_RUNS, FastformersError, stop_signal
-from fastformers.tracking_server import check_server
+from fastformers.tracking.server import check_server
 
 log = logging.getLogger(__name__)
 
 SKIPPED_TAG = "skipped"  # a job that ran no stage (e.g. its task's data is absent here), and why
-PARENT_ENV = "FASTFORMERS_SWEEP_RUN_ID"  # set by the sweep callback (fastformers/sweep.py) for its jobs
+PARENT_ENV = "FASTFORMERS_SWEEP_RUN_ID"  # set by the sweep callback (fastformers/run/sweep.py) for its jobs
 ROLE_TAG = "fastformers.role"  # `sweep` on the parent run, `report` on a standalone report run
 HOST_TAG = "fastformers.host"  # the machine whose process owns a run ...
 PID_TAG = "fastformers.pid"  # ... that process ...

@@ -7,7 +7,7 @@ Two shapes cover all seven tasks:
 - candidate scoring (`labels is None`): one text pair per candidate, the model gives each a score and
   the highest wins (COPA's two choices, ReCoRD's entities filling `@placeholder`).
 
-A task can also come from config: `task.files` names the user's own files (fastformers/text_classification.py);
+A task can also come from config: `task.files` names the user's own files (fastformers/data/text_classification.py);
 `task_config.task_of(cfg)` gives the run's task either way.
 """
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastformers import metrics
+from fastformers.data import metrics
 from fastformers.errors import FastformersError
 
 

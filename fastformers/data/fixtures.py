@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from fastformers.tasks import IDX_LIMIT, Example, Task
+from fastformers.data.tasks import IDX_LIMIT, Example, Task
 
 NOUNS = ["cat", "river", "teacher", "market", "engine", "garden", "letter", "storm", "village", "doctor"]
 ADJS = ["quiet", "old", "busy", "bright", "broken", "famous", "small", "cold", "green", "early"]

@@ -4,7 +4,7 @@ Registered as a Hydra callback in conf/config.yaml, so it works with any sweeper
 travels to the jobs in an environment variable, which launcher processes (joblib, submitit) inherit.
 
 Hydra calls `on_multirun_end` only when every job succeeded; a multirun that stops on a failed job, an error or a
-signal ends its parent through `end_parent` (called by `fastformers.cli.entry`, and at exit as a last resort), so
+signal ends its parent through `end_parent` (called by `fastformers.run.cli.entry`, and at exit as a last resort), so
 the parent does not stay RUNNING.
 """
 
@@ -19,7 +19,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from fastformers.errors import STOPPED_RUNS, FastformersError, fail
-from fastformers.tracking_server import check_server
+from fastformers.tracking.server import check_server
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,8 @@ class MlflowSweepCallback(Callback):
             check_server(str(config.mlflow.tracking_uri))
             from mlflow.tracking import MlflowClient
 
-            from fastformers import tracking
-            from fastformers.tracking import PARENT_ENV, ROLE_TAG
+            from fastformers.tracking import runs as tracking
+            from fastformers.tracking.runs import PARENT_ENV, ROLE_TAG
 
             experiment = tracking.open_experiment(config)
         except FastformersError as err:
@@ -52,7 +52,7 @@ class MlflowSweepCallback(Callback):
         _open.update(uri=uri, run_id=run.info.run_id, pid=os.getpid())
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from fastformers.tracking import PARENT_ENV
+        from fastformers.tracking.runs import PARENT_ENV
 
         os.environ.pop(PARENT_ENV, None)
         end_parent("FINISHED")
@@ -63,7 +63,7 @@ def end_parent(status: str) -> None:
     retried while the store is locked (`tracking.write_end`)."""
     if not _open or _open["pid"] != os.getpid():  # a forked worker inherits `_open`; the parent is not its own
         return
-    from fastformers import tracking
+    from fastformers.tracking import runs as tracking
 
     uri, run_id = str(_open["uri"]), str(_open["run_id"])
     _open.clear()
@@ -74,4 +74,4 @@ def end_parent(status: str) -> None:
         STOPPED_RUNS.append(f"the sweep's parent run {run_id}")
 
 
-atexit.register(end_parent, "FAILED")  # the last resort for a multirun not started by `fastformers.cli.entry`
+atexit.register(end_parent, "FAILED")  # the last resort for a multirun not started by `fastformers.run.cli.entry`

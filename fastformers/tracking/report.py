@@ -16,9 +16,9 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from fastformers.data.tasks import LEADERBOARD_FILES, TASKS
 from fastformers.errors import FastformersError
-from fastformers.tasks import LEADERBOARD_FILES, TASKS
-from fastformers.tracking import ROLE_TAG, SKIPPED_TAG, absolute_uri, sqlite_path, sqlite_problem
+from fastformers.tracking.runs import ROLE_TAG, SKIPPED_TAG, absolute_uri, sqlite_path, sqlite_problem
 
 SCORE = re.compile(r"^evaluate/(.+)/score$")
 BENCHMARK = re.compile(r"^benchmark/(.+)/latency_p50_ms$")

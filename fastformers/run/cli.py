@@ -1,5 +1,5 @@
 """`fastformers`: the Hydra entry point. It only composes the config and hands it to the pipeline;
-`fastformers report ...` reads an MLflow experiment back instead (fastformers/report.py)."""
+`fastformers report ...` reads an MLflow experiment back instead (fastformers/tracking/report.py)."""
 
 import difflib
 import logging
@@ -18,13 +18,13 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from fastformers.checks import check_config, first_line
 from fastformers.errors import STOP_SIGNALS, FastformersError, fail, print_once, stop_message, stop_signal
-from fastformers.quiet import VERBOSE_ENV, quiet_dependencies, verbose
-from fastformers.tracking_server import check_server
+from fastformers.run.quiet import VERBOSE_ENV, quiet_dependencies, verbose
+from fastformers.tracking.server import check_server
 
 log = logging.getLogger("fastformers")
 
 VERBOSE_FLAGS = ("-v", "--verbose")
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # the repo's top-level conf/
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")  # the repo's top-level conf/
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -36,12 +36,12 @@ def main(cfg: DictConfig) -> float | tuple[float, ...] | None:
     except FastformersError as err:
         fail(err)
     set_verbosity(bool(HydraConfig.get().verbose))
-    from fastformers import pipeline  # after set_verbosity: some noise is raised while modules are imported
+    from fastformers.run import pipeline  # after set_verbosity: some noise is raised while modules are imported
 
     _catch_stop_signals()
     try:
         if "compress" in cfg:  # experiment=compress (or pruning_search): a search of runs, not one run
-            from fastformers import compress
+            from fastformers.run import compress
 
             compress.run(cfg)
             return None
@@ -61,7 +61,7 @@ def check_tracking_server(cfg: DictConfig) -> None:
 
 
 def set_verbosity(hydra_verbose: bool) -> None:
-    """Quiet by default: the dependencies' noise is silenced at its source (fastformers/quiet.py). `-v` or
+    """Quiet by default: the dependencies' noise is silenced at its source (fastformers/run/quiet.py). `-v` or
     `hydra.verbose=true` shows it all, with this package's own debug lines; spawned processes inherit the choice."""
     if hydra_verbose:
         os.environ[VERBOSE_ENV] = "1"
@@ -91,7 +91,7 @@ def entry() -> None:
     """The console script: `report` as first word reads MLflow back; anything else is a Hydra run. A run stopped
     by a signal ends with one line saying what it marked KILLED, and exit status 128 + the signal's number."""
     if sys.argv[1:2] == ["report"]:
-        from fastformers.report import main as report
+        from fastformers.tracking.report import main as report
 
         raise SystemExit(report(sys.argv[2:]))
     _catch_stop_signals()  # from the start: a multirun stopped between jobs unwinds too
@@ -199,7 +199,7 @@ def _lines(message: str) -> list[str]:
 def _end_sweep(status: str) -> None:
     """Ends the MLflow parent run of a multirun that did not get to its end (a failed job, an error, SIGTERM or
     Ctrl-C): Hydra calls the sweep callback's `on_multirun_end` only after every job succeeded."""
-    sweep = sys.modules.get("fastformers.sweep")  # not imported: no multirun started here, no parent to end
+    sweep = sys.modules.get("fastformers.run.sweep")  # not imported: no multirun started here, no parent to end
     if sweep is not None:
         sweep.end_parent(status)
 

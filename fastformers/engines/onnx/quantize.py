@@ -22,8 +22,8 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.transformers.onnx_model import OnnxModel
 
+from fastformers.engines.onnx import sibling, write_settings
 from fastformers.errors import FastformersError
-from fastformers.onnx import sibling, write_settings
 
 log = logging.getLogger(__name__)
 

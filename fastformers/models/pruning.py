@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from fastformers.errors import FastformersError
-from fastformers.modeling_fastformers import (
+from fastformers.models.modeling_fastformers import (
     HEADS_KEPT,
     LAYER_FFN,
     LAYER_HEADS,

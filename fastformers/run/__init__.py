@@ -1,0 +1,1 @@
+"""The run itself: the command line, the pipeline that composes the stages, sweeps and the stage cache."""

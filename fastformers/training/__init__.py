@@ -1,0 +1,1 @@
+"""Training: the Lightning modules (fine-tuning, distillation), the best-epoch fit, and DDP."""
