@@ -127,7 +127,7 @@ def code_fingerprint(*modules: str) -> str:
     """A hash of the code a stage runs: its module and every fastformers module it imports, transitively, each
     as its syntax tree without docstrings, so editing code rebuilds the entries it made, while comments,
     docstrings and formatting do not. Cost: one parse of ~40 files per process (tens of ms); a change to a
-    shared module (models.py, training.py) rebuilds every stage that imports it."""
+    shared module (models/loading.py, training/fit.py) rebuilds every stage that imports it."""
     digest = hashlib.sha256()
     for name in sorted(set().union(*(_imported_modules(module) for module in modules))):
         digest.update(name.encode() + _code_of(name).encode())
