@@ -46,7 +46,7 @@ PACKAGE = Path(__file__).resolve().parents[1]  # the fastformers package, shippe
 # what the served code imports (the package's own dependencies that serving reaches), by distribution name;
 # the engine's own (Engine.requirements) are added per model
 RUNTIME_REQUIREMENTS = (
-    *("transformers", "tokenizers", "safetensors", "torch", "lightning"),  # models.py, data.py
+    *("transformers", "tokenizers", "safetensors", "torch", "lightning"),  # models/loading.py, data/loading.py
     *("numpy", "pandas", "scikit-learn", "omegaconf", "packaging"),  # engines, requests, metrics.py, config
 )
 
