@@ -292,9 +292,9 @@ def plot_rows(points: list[Point], out: Path, title: str) -> Path:
     views = [("throughput", "throughput (examples/s)"), ("latency_p50_ms", "latency at batch size 1, p50 (ms)")]
     if any(p.gmacs is not None for p in points):
         views.append(("gmacs", "multiply-adds per example (G)"))
-    fig, axes = plt.subplots(1, len(views), figsize=(6 * len(views), 5), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(1, len(views), figsize=(6 * len(views) + 3, 5), dpi=100, squeeze=False)
     for ax, (key, label) in zip(axes[0], views):
-        for p in points:
+        for number, p in enumerate(points, 1):
             x = getattr(p, key)
             if x is None:
                 continue
@@ -308,15 +308,24 @@ def plot_rows(points: list[Point], out: Path, title: str) -> Path:
                 color="tab:red" if p.gated_out else ("tab:green" if p.label else "tab:blue"),
                 capsize=2,
             )
-            text = p.name + (f" ({p.label})" if p.label else "") + (" gate failed" if p.gated_out else "")
+            named = p.label or p.gated_out  # the pick, the reference and rows the gate failed are named in place
+            text = f"{number} {row_caption(p)}" if named else str(number)
             ax.annotate(text, (x, p.score), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set(xlabel=label, ylabel="task score (official metric)", title=title)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    key_text = "\n".join(f"{number} {row_caption(p)}" for number, p in enumerate(points, 1))
+    plots_end = 1 - 3 / (6 * len(views) + 3)  # the last 3 inches hold the key of the numbered rows
+    fig.text(plots_end + 0.005, 0.5, key_text, fontsize=7, va="center", ha="left", family="monospace")
+    fig.tight_layout(rect=(0, 0, plots_end, 1))
     path = out / ROWS_PLOT.format(run=re.sub(r"[^A-Za-z0-9_.-]+", "_", title))
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def row_caption(point: Point) -> str:
+    """A row as its plot's key names it: its name, its role (pick, reference), a failed gate."""
+    return point.name + (f" ({point.label})" if point.label else "") + (" gate failed" if point.gated_out else "")
 
 
 def plot_tasks(rows: list[Row], teachers: dict[str, float | None], out: Path) -> Path:
