@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from fastformers import errors
 from fastformers.data.loading import TrainOrder
+from fastformers.run.pipeline import context_of
 from fastformers.stages import finetune
 from fastformers.training.fit import CHECKPOINTS, LAST, EpochLine, FineTuneModule
 from tests.helpers import saved_tiny
@@ -63,7 +64,7 @@ def last_epoch_weights(out: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def uninterrupted(make_cfg, tmp_path, steps, teacher) -> dict[str, torch.Tensor]:
     """The reference: the same config trained in one go; the best epoch's and the last epoch's weights."""
-    finetune.run(make_cfg(*EPOCHS, teacher), {}, tmp_path / "uninterrupted")
+    finetune.run(context_of(make_cfg(*EPOCHS, teacher)), {}, tmp_path / "uninterrupted")
     assert steps
     steps.clear()
     return weights(tmp_path / "uninterrupted")
@@ -92,14 +93,16 @@ def test_a_failure_after_training_keeps_the_checkpoints_and_a_rerun_only_restore
     out = tmp_path / "attempts"
     monkeypatch.setattr(finetune, "fit_best", fit_then_fail)
     with pytest.raises(RuntimeError, match="disk full"):
-        finetune.run(make_cfg(*EPOCHS), {}, out)  # a random-init teacher: its tokenizer is trained on the task
+        finetune.run(
+            context_of(make_cfg(*EPOCHS)), {}, out
+        )  # a random-init teacher: its tokenizer is trained on the task
     assert (out / CHECKPOINTS / LAST).is_file() and len(steps) == 18  # 3 epochs of 6 batches
     trained = best_epoch_weights(out / CHECKPOINTS)
     vocabulary = vocabulary_of(out)
     monkeypatch.setattr(finetune, "fit_best", real_fit)
     steps.clear()
 
-    metrics = finetune.run(make_cfg(*EPOCHS), {}, out)
+    metrics = finetune.run(context_of(make_cfg(*EPOCHS)), {}, out)
     assert steps == []  # nothing trained again
     assert metrics["epochs_run"] == 3 and metrics["train_seconds"] > 0
     assert_same_weights(weights(out), trained)
@@ -122,12 +125,12 @@ def test_a_run_stopped_mid_epoch_resumes_from_the_last_epoch_end_and_matches_an_
     monkeypatch.setattr(EpochLine, "on_train_batch_end", sigterm_in_epoch_2)
     monkeypatch.setattr(errors, "STOP_SIGNALS", [])
     with pytest.raises((KeyboardInterrupt, SystemExit)):  # Lightning turns the KeyboardInterrupt into exit 1
-        finetune.run(make_cfg(*EPOCHS, teacher), {}, out)
+        finetune.run(context_of(make_cfg(*EPOCHS, teacher)), {}, out)
     assert (out / CHECKPOINTS / LAST).is_file() and not (out / "model").exists()
     errors.STOP_SIGNALS.clear()
     steps.clear()
 
-    finetune.run(make_cfg(*EPOCHS, teacher), {}, out)
+    finetune.run(context_of(make_cfg(*EPOCHS, teacher)), {}, out)
     assert steps == [1] * 6 + [2] * 6  # the interrupted epoch again from its start, then the last one
     assert_same_weights(weights(out), uninterrupted)
     assert_same_weights(last_epoch_weights(out), last_epoch_weights(tmp_path / "uninterrupted"))
