@@ -173,7 +173,7 @@ def test_the_load_test_finds_every_served_answer_equal_to_the_offline_one(make_c
     model_dir = Path(mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/model", dst_path=str(tmp_path)))
     requirements = (model_dir / "requirements.txt").read_text().split()
     assert not [r for r in requirements if r.split("==")[0] == "fastformers"]
-    assert (model_dir / "code" / "fastformers" / "tracking" / "serving.py").is_file()  # the package travels with the model
+    assert (model_dir / "code" / "fastformers" / "tracking" / "serving.py").is_file()  # the package travels with it
 
     uri = f"sqlite:///{cfg.paths.output_dir}/mlflow.db"
     records = load_test.official_records("cb", Path(cfg.data.root), "val")
