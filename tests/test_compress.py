@@ -21,6 +21,7 @@ from fastformers.errors import FastformersError
 from fastformers.run import compress, pipeline
 from fastformers.stages import get_stage
 from fastformers.tracking.runs import ROLE_TAG
+from tests.helpers import cli
 
 SMALL_SPACE = ["compress.space.layers=[1,2]", "compress.space.heads=[1.0,0.5]", "compress.space.ffn=[1.0,0.5]"]
 
@@ -223,9 +224,9 @@ def test_pruning_search_runs_resumes_and_leaves_a_model_transformers_loads(super
         "benchmark.warmup_batches=1",
         "precision.min_agreement=0.5",
     ]
-    first = fastformers_cli(*tiny, "compress.trials=2", cwd=tmp_path)
+    first = cli(*tiny, "compress.trials=2", cwd=tmp_path, timeout=900)
     assert "2 finished trials" in first.stdout
-    second = fastformers_cli(*tiny, "compress.trials=3", cwd=tmp_path)
+    second = cli(*tiny, "compress.trials=3", cwd=tmp_path, timeout=900)
     assert "stage finetune: from the cache" in second.stdout
     assert second.stdout.count("stage prune: ran") <= 1  # one new trial at most trains a new student
     assert "3 finished trials" in second.stdout and "GMAC x engine gain" in second.stdout
@@ -250,20 +251,3 @@ def test_pruning_search_runs_resumes_and_leaves_a_model_transformers_loads(super
         [sys.executable, "-I", "-c", load, str(folder)], capture_output=True, text=True, cwd=folder, timeout=300
     )
     assert loaded.returncode == 0, loaded.stderr[-2000:]
-
-
-def fastformers_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    import os
-
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_RUN_ID", None)
-    done = subprocess.run(
-        [sys.executable, "-m", "fastformers.run.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done

@@ -4,12 +4,11 @@ and a new precision is one engine change and one config entry; nothing else in t
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from fastformers.bench.settings import plan_settings
 from fastformers.engines import artifact_key, get_engine
 from fastformers.run import pipeline
-from fastformers.tracking import runs as tracking
+from tests.helpers import mlflow_runs
 
 TOY_MODULE = '''
 import shutil
@@ -69,8 +68,7 @@ def test_a_toy_engine_from_one_module_and_one_config_file_is_exported_checked_an
         "evaluate.precision=fp32_copy",
     )
     pipeline.run(cfg)
-    client = MlflowClient(tracking.tracking_uri(cfg))
-    run = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment_name).experiment_id])[0]
+    _, (run,) = mlflow_runs(cfg)
     index = (Path(run.data.tags["cache.export.path"]) / "export.json").read_text()
     assert artifact_key("toy", "fp32") in index and '"toy/fp32_copy"' in index  # built, and held to parity
     evaluated = (Path(run.data.tags["cache.evaluate.path"]) / "evaluated.json").read_text()

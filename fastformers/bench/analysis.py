@@ -17,7 +17,7 @@ from fastformers.bench import gate
 from fastformers.bench.energy import EnergyMeter
 from fastformers.bench.instances import Layout, Served, Work
 from fastformers.bench.options import BenchOptions, GateOptions
-from fastformers.bench.roofline import Family, Peaks, Shape, bound_seconds, flops, macs, peak_seconds
+from fastformers.bench.roofline import Family, Peaks, Shape, bound_seconds, flops, gmacs_per_example, peak_seconds
 from fastformers.bench.settings import Setting
 from fastformers.data.loading import EncodedDataset
 from fastformers.data.tasks import Task
@@ -329,7 +329,7 @@ def work_metrics(
     """Multiply-adds per example the row ran, and `%peak`: their least time at the nominal peak of the row's
     cores over the measured time (absent for a CPU family the peak table does not know). A speed-up over the
     baseline is then the work removed (baseline's GMAC/ex / row's) times the efficiency gained (their MAC/s)."""
-    metrics = {"gmacs_per_example": sum(sum(macs(shape, tokens)) for tokens in executed) / examples / 1e9}
+    metrics = {"gmacs_per_example": gmacs_per_example(shape, executed, examples)}
     if family is not None:
         metrics["pct_of_peak"] = 100 * peak_seconds(shape, executed, family, precision, cores) / wall
     return metrics

@@ -12,6 +12,7 @@ attention·V always at the fp32 rate (they stay float).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,13 @@ def macs(shape: Shape, tokens: int) -> tuple[float, float]:
     projections = tokens * shape.hidden * (3 * width + width + 2 * shape.ffn)
     attention = 2 * tokens * tokens * width  # Q·Kᵀ and probabilities·V
     return float(shape.layers * projections), float(shape.layers * attention)
+
+
+def gmacs_per_example(shape: Shape, token_counts: Sequence[int], examples: int | None = None) -> float:
+    """Multiply-adds per example, in billions: every sequence run (`token_counts`, padding included where it ran)
+    over the examples they answer (`examples`; default one sequence each)."""
+    total = sum(sum(macs(shape, tokens)) for tokens in token_counts)
+    return total / max(len(token_counts) if examples is None else examples, 1) / 1e9
 
 
 def flops(shape: Shape, tokens: int) -> tuple[float, float]:

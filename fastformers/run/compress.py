@@ -31,7 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from fastformers.bench import gate
 from fastformers.bench.analysis import labelled_sample
-from fastformers.bench.roofline import Shape, macs
+from fastformers.bench.roofline import Shape, gmacs_per_example
 from fastformers.checks import require_number
 from fastformers.data.loading import DataSource, EncodedDataset, holdout_split, split_label
 from fastformers.data.task_config import task_of
@@ -237,11 +237,6 @@ def gate_test(cfg: DictConfig, sample, student: Sequence[int], teacher: Sequence
         "delta_lo_points": 100 * lo,
         "delta_hi_points": 100 * hi,
     }
-
-
-def gmacs_per_example(shape: Shape, lengths: Sequence[int]) -> float:
-    """Multiply-adds per example (roofline.macs: projections and attention scores), in billions."""
-    return sum(sum(macs(shape, tokens)) for tokens in lengths) / max(len(lengths), 1) / 1e9
 
 
 def weights_mb(folder: Path) -> float:
