@@ -155,7 +155,7 @@ def test_the_choice_is_the_smallest_within_budget_confirmed_on_the_held_out_slic
 def fake_stages(calls: list):
     """Stands in for a trial's stages: the score falls and the cost shrinks with what is removed."""
 
-    def evaluate(params: dict) -> compress.Point:
+    def evaluate(params: dict, number: int) -> compress.Point:
         calls.append(dict(params))
         kept = params["layers"] * (params["heads"] + params["ffn"])
         return compress.Point(score=0.5 + 0.1 * kept, gmacs=kept, shape={}, folder=Path("."), run_id="r")
@@ -165,6 +165,50 @@ def fake_stages(calls: list):
 
 def search_cfg(make_cfg, trials: int, *more: str):
     return make_cfg("experiment=compress", f"compress.trials={trials}", *SMALL_SPACE, *more)
+
+
+def test_a_point_drawn_again_is_pruned_and_not_counted(make_cfg):
+    calls: list = []
+    cfg = search_cfg(make_cfg, 16, "compress.space.seeding=[bottom]", "compress.max_misses=30")  # 8 points in all
+    study = compress.open_study(cfg)
+    done = compress.search(cfg, study, fake_stages(calls), compress.Budget(0.8, 10.0), time.monotonic() + 600, 2)
+    pruned = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+    assert len(calls) == len(done) == len({tuple(sorted(c.items())) for c in calls}) <= 8  # every shape once
+    assert pruned and all(t.user_attrs["repeat_of"] in {d.number for d in done} for t in pruned)
+    # the space is spent before 16 trials: the search stops after max_misses repeats instead of spinning
+
+
+def test_the_front_is_what_no_other_trial_beats_on_both_objectives():
+    trials = [made_trial(0, 0.70, 0.1), made_trial(1, 0.80, 0.5), made_trial(2, 0.75, 0.6), made_trial(3, 0.82, 2.0)]
+    assert [t.number for t in compress.pareto_front(trials)] == [0, 1, 3]  # 2 is beaten by 1 on both
+
+
+def test_a_candidate_is_confirmed_on_the_held_out_slice_by_the_drop_and_the_gate(make_cfg, monkeypatch):
+    cfg = make_cfg("experiment=compress")
+    golds = [0, 1, 2, 0, 1, 2, 0, 1] * 4
+    sample = compress.gate.Labelled(
+        golds, [3] * 32, [[i] for i in range(32)], lambda pos, preds: sum(preds[i] == golds[i] for i in pos) / len(pos)
+    )
+    holdout = compress.HoldOut("train[90%:]", sample, 1.0, golds)
+    trial = made_trial(5, 0.8, 0.3)
+
+    def judged(predictions, max_drop: float):
+        monkeypatch.setattr(compress, "holdout_point", lambda *a: (sample.score(range(32), predictions), predictions))
+        return compress.confirm_on_holdout(cfg, holdout, trial, 2, compress.Budget(1.0, max_drop, alpha=0.05))
+
+    assert judged(golds, 1.0).passed  # as good as the teacher
+    one_wrong = [(g + 1) % 3 if i == 0 else g for i, g in enumerate(golds)]
+    assert not judged(one_wrong, 1.0).passed  # 3.1 points lost: over the budget, though the test finds no loss
+    assert judged(one_wrong, 5.0).passed and judged(one_wrong, 5.0).test["gate_p"] > 0.05
+    six_wrong = [(g + 1) % 3 if i < 6 else g for i, g in enumerate(golds)]
+    result = judged(six_wrong, 50.0)  # within a generous budget, but the paired test finds the loss
+    assert not result.passed and result.test["gate_p"] < 0.05
+
+
+def test_the_paper_s_points_are_its_baseline_and_its_reduction(make_cfg):
+    points = compress.paper_points(make_cfg("experiment=compress"))
+    assert points["paper_baseline_gmacs"] == pytest.approx(48.3, abs=0.1)  # BERT-base padded to 512
+    assert points["paper_student_gmacs"] == pytest.approx(0.39, abs=0.01)
 
 
 @pytest.mark.parametrize(("storage", "file"), [("sqlite", "optuna.db"), ("journal", "optuna.journal")])
@@ -224,12 +268,14 @@ def test_pruning_search_runs_resumes_and_leaves_a_model_transformers_loads(super
         "benchmark.warmup_batches=1",
         "precision.min_agreement=0.5",
     ]
-    first = cli(*tiny, "compress.trials=2", cwd=tmp_path, timeout=900)
+    first = cli(*tiny, "compress.trials=2", "compress.seeds=[]", cwd=tmp_path, timeout=900)
     assert "2 finished trials" in first.stdout
-    second = cli(*tiny, "compress.trials=3", cwd=tmp_path, timeout=900)
+    second = cli(*tiny, "compress.trials=3", "compress.seeds=[43]", cwd=tmp_path, timeout=900)
+    (tmp_path / "second.log").write_text(second.stdout)
     assert "stage finetune: from the cache" in second.stdout
-    assert second.stdout.count("stage prune: ran") <= 1  # one new trial at most trains a new student
+    assert second.stdout.count("stage prune: ran") <= 2  # one new trial and the chosen point's other seed at most
     assert "3 finished trials" in second.stdout and "GMAC x engine gain" in second.stdout
+    assert "seeds [42, 43]" in second.stdout and "on the held-out slice" in second.stdout
     client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("pruning_search")
     runs = client.search_runs([experiment.experiment_id])

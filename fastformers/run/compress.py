@@ -31,6 +31,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from fastformers.bench import gate
 from fastformers.bench.analysis import labelled_sample
+from fastformers.bench.paper import NAME as PAPER_ROW
+from fastformers.bench.paper import PAPER_MAC_REDUCTION, PAPER_SPEEDUP
 from fastformers.bench.roofline import Shape, gmacs_per_example
 from fastformers.checks import require_number
 from fastformers.data.loading import DataSource, EncodedDataset, holdout_split, split_label
@@ -77,7 +79,13 @@ def validate(cfg: DictConfig) -> None:
     require_number(cfg, "compress.holdout", 0, 1, lo_open=True, hi_open=True, meaning="the share of train held out")
     require_number(cfg, "compress.latency_ms", 0, lo_open=True, null="no latency budget")
     require_number(cfg, "compress.max_mb", 0, lo_open=True, null="no size budget")
-    require_number(cfg, "compress.confirm_candidates", 1, integer=True)
+    require_number(cfg, "compress.confirm_candidates", 1, integer=True, null="every candidate within the budget")
+    require_number(cfg, "compress.max_misses", 1, integer=True)
+    for key in ("time_front", "paper_baseline", "gate"):
+        if not isinstance(opts[key], bool):
+            raise FastformersError(f"compress.{key}={opts[key]!r} must be true or false")
+    if not all(isinstance(seed, int) for seed in opts.seeds):
+        raise FastformersError(f"compress.seeds={list(opts.seeds)}: whole numbers (the chosen point's other seeds)")
     require_number(cfg, "compress.heartbeat_seconds", 1, integer=True)
     objectives = list(opts.objectives)
     if not objectives or objectives[0] != "score" or not set(objectives) <= set(DIRECTIONS):
@@ -192,7 +200,6 @@ def run_point(cfg: DictConfig, token_lengths: Sequence[int] | None = None) -> Po
     shape = shape_of(folder)
     lengths = token_lengths if token_lengths is not None else eval_token_lengths(cfg, folder)
     latency = results.get(f"benchmark/{cfg.compress.latency_row}/latency_p50_ms")
-    predictions = Path(run.data.tags["cache.evaluate.path"]) / f"predictions_{split_label(cfg.task.eval_split)}.jsonl"
     return Point(
         score=score,
         gmacs=gmacs_per_example(shape, lengths),
@@ -202,8 +209,14 @@ def run_point(cfg: DictConfig, token_lengths: Sequence[int] | None = None) -> Po
         latency_ms=latency,
         mb=weights_mb(folder),
         results=results,
-        predictions=[json.loads(line)["prediction"] for line in predictions.read_text().splitlines() if line],
+        predictions=predictions_of(run, cfg.task.eval_split),
     )
+
+
+def predictions_of(run, split: str) -> list[int]:
+    """A run's predictions on `split`, in the split's file order (the evaluate stage's file in its cache entry)."""
+    path = Path(run.data.tags["cache.evaluate.path"]) / f"predictions_{split_label(split)}.jsonl"
+    return [json.loads(line)["prediction"] for line in path.read_text().splitlines() if line]
 
 
 def shape_of(folder: Path) -> Shape:
@@ -340,20 +353,26 @@ def completed(study: optuna.Study) -> list[FrozenTrial]:
 def search(
     cfg: DictConfig,
     study: optuna.Study,
-    evaluate: Callable[[dict], Point],
+    evaluate: Callable[[dict, int], Point],
     budget: Budget,
     deadline: float,
     teacher_depth: int,
 ) -> list[FrozenTrial]:
     """Runs trials until `compress.trials` have finished (counting those of earlier runs of the same study) or the
-    wall-clock deadline passes (Optuna starts no trial after it; the running one ends). A trial whose stages
-    refuse its point (FastformersError) is recorded FAILED and the search goes on."""
+    wall-clock deadline passes (Optuna starts no trial after it; the running one ends). A point drawn again (NSGA-II
+    repeats points of a small categorical space) is pruned, not counted: every finished trial is a new shape. A
+    trial whose stages refuse its point (FastformersError) is recorded FAILED and the search goes on."""
     remaining = cfg.compress.trials - len(completed(study))
     seconds = deadline - time.monotonic()
     if remaining > 0 and seconds > 0:
 
         def objective(trial: optuna.Trial) -> tuple[float, ...]:
-            point = evaluate(suggest(trial, cfg.compress.space, teacher_depth))
+            params = suggest(trial, cfg.compress.space, teacher_depth)
+            earlier = repeat_of(study, params)
+            if earlier is not None:
+                trial.set_user_attr("repeat_of", earlier)
+                raise optuna.TrialPruned(f"the point of trial {earlier} again")
+            point = evaluate(params, trial.number)
             for key in ("score", "gmacs", "latency_ms", "mb", "run_id", "shape"):
                 trial.set_user_attr(key, getattr(point, key))
             trial.set_user_attr("folder", str(point.folder))
@@ -365,14 +384,36 @@ def search(
 
         study.optimize(
             objective,
-            n_trials=remaining,
             timeout=seconds,
             catch=(FastformersError,),
-            callbacks=[optuna.study.MaxTrialsCallback(cfg.compress.trials, states=(TrialState.COMPLETE,))],
+            callbacks=[
+                optuna.study.MaxTrialsCallback(cfg.compress.trials, states=(TrialState.COMPLETE,)),
+                StopAfterMisses(cfg.compress.max_misses),
+            ],
         )
     elif remaining <= 0:
         print(f"compress: the study already has {len(completed(study))} finished trials: none to run", flush=True)
     return completed(study)
+
+
+def repeat_of(study: optuna.Study, params: dict) -> int | None:
+    """The number of a finished trial at the same point, if any."""
+    return next((t.number for t in completed(study) if t.params == params), None)
+
+
+class StopAfterMisses:
+    """Stops the study after `limit` trials in a row that did not finish (repeats of finished points, refused
+    points): a space the sampler has exhausted ends the search instead of spinning until the deadline."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.misses = 0
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.misses = 0 if trial.state == TrialState.COMPLETE else self.misses + 1
+        if self.misses >= self.limit:
+            print(f"compress: {self.misses} trials in a row repeated or failed: the space is spent", flush=True)
+            study.stop()
 
 
 def _objective_value(point: Point, name: str) -> float:
@@ -408,7 +449,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 def compress(cfg: DictConfig, held_out: str, deadline: float, parent: str) -> dict[str, float]:
     """The teacher's run first (its score sets the budget, its depth the space, its predictions the gate's
-    reference), then the trials, then the held-out checks of the smallest candidates."""
+    reference), then the trials, the held-out checks of the smallest candidates, the timing of the front and the
+    chosen student's other training seeds."""
     client = MlflowClient(tracking.tracking_uri(cfg))
     teacher = run_point(teacher_cfg(cfg))
     lengths = eval_token_lengths(cfg, teacher.folder)
@@ -416,45 +458,180 @@ def compress(cfg: DictConfig, held_out: str, deadline: float, parent: str) -> di
     alpha = cfg.benchmark.gate.alpha if cfg.compress.gate else None
     budget = Budget(teacher.score, cfg.compress.max_drop, cfg.compress.latency_ms, cfg.compress.max_mb, alpha)
     task = task_of(cfg)
-    sample = labelled_sample(task, DataSource.of(cfg, task).examples(cfg.task.eval_split))
+    source = DataSource.of(cfg, task)
+    sample = labelled_sample(task, source.examples(cfg.task.eval_split))
     study = open_study(cfg)
 
-    def evaluate(params: dict) -> Point:
+    def evaluate(params: dict, number: int) -> Point:
         point = run_point(trial_cfg(cfg, params, depth), lengths)
         point.gate = gate_test(cfg, sample, point.predictions, teacher.predictions)
-        log_trial(client, point, params, budget)
+        log_trial(client, point, params, budget, number)
         return point
 
     trials = search(cfg, study, evaluate, budget, deadline, depth)
-    teacher_holdout = holdout_score(cfg, held_out, None, depth)
+    holdout = HoldOut(held_out, labelled_sample(task, source.examples(held_out)), *holdout_point(cfg, held_out, None))
+    confirmations: dict[int, Confirmation] = {}
 
     def confirm(trial: FrozenTrial) -> bool:
-        score = holdout_score(cfg, held_out, trial, depth)
-        drop = 100 * (teacher_holdout - score)
-        print(
-            f"compress: trial {trial.number} on the held-out slice {held_out}: {score:.4f} "
-            f"(teacher {teacher_holdout:.4f}, drop {drop:+.2f} points, budget {budget.max_drop})",
-            flush=True,
-        )
-        return drop <= budget.max_drop
+        confirmations[trial.number] = confirm_on_holdout(cfg, holdout, trial, depth, budget)
+        return confirmations[trial.number].passed
 
-    chosen, tried = choose(trials, budget, confirm, cfg.compress.confirm_candidates)
-    gain = engine_gain(cfg, chosen, depth) if chosen is not None else None
-    return report(cfg, client, parent, teacher, teacher_holdout, trials, budget, chosen, tried, gain)
+    limit = cfg.compress.confirm_candidates or len(trials)
+    chosen, _ = choose(trials, budget, confirm, limit)
+    front = pareto_front(trials)
+    timings = time_models(cfg, client, front, chosen, depth) if cfg.compress.time_front else {}
+    seeds = other_seeds(cfg, chosen, depth, teacher.folder, held_out) if chosen is not None else []
+    found = Found(teacher, holdout, trials, front, chosen, confirmations, timings, seeds)
+    return report(cfg, client, parent, budget, found)
 
 
-def holdout_score(cfg: DictConfig, held_out: str, trial: FrozenTrial | None, teacher_depth: int) -> float:
-    """The score on the held-out slice of the teacher (trial None) or a trial's student: the same stages, all
-    cache hits but an evaluate of the slice alone."""
+@dataclass(frozen=True)
+class HoldOut:
+    """The held-out slice: its spec, its labelled sample, and the teacher's score and predictions there."""
+
+    split: str
+    sample: gate.Labelled
+    teacher_score: float
+    teacher_predictions: list[int]
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """A candidate against the teacher on the held-out slice: both the point drop (within max_drop) and the gate's
+    paired score test (no loss at p < alpha, with compress.gate) must pass, as on the eval split."""
+
+    score: float
+    drop_points: float
+    test: dict
+    passed: bool
+
+
+def holdout_point(cfg: DictConfig, held_out: str, trial: FrozenTrial | None, teacher_depth: int = 0):
+    """(score, predictions) on the held-out slice of the teacher (trial None) or a trial's student: the same
+    stages, all cache hits but an evaluate of the slice alone."""
     run_cfg = teacher_cfg(cfg) if trial is None else trial_cfg(cfg, trial.params, teacher_depth)
     with open_dict(run_cfg):
         run_cfg.evaluate.splits = [held_out]
         run_cfg.stages = [s for s in run_cfg.stages if s != TIMING_STAGE]
     results = pipeline.run(run_cfg)
     score = results.get(f"evaluate/{split_label(held_out)}/score")
-    if score is None:
+    run = mlflow.last_active_run()
+    if score is None or run is None:
         raise FastformersError(f"compress: no score on the held-out slice {held_out} (is train labelled?)")
-    return score
+    return score, predictions_of(run, held_out)
+
+
+def confirm_on_holdout(
+    cfg: DictConfig, holdout: HoldOut, trial: FrozenTrial, teacher_depth: int, budget: Budget
+) -> Confirmation:
+    """One candidate's held-out check, printed as it is judged."""
+    score, predictions = holdout_point(cfg, holdout.split, trial, teacher_depth)
+    test = gate_test(cfg, holdout.sample, predictions, holdout.teacher_predictions)
+    drop = 100 * (holdout.teacher_score - score)
+    passed = drop <= budget.max_drop and (budget.alpha is None or test["gate_p"] >= budget.alpha)
+    print(
+        f"compress: trial {trial.number} on the held-out slice {holdout.split} ({len(predictions)} examples): "
+        f"{score:.4f} vs teacher {holdout.teacher_score:.4f} (drop {drop:+.2f} points, budget {budget.max_drop}; "
+        f"gate p={test['gate_p']:.3g}): {'confirmed' if passed else 'not confirmed'}",
+        flush=True,
+    )
+    return Confirmation(score, drop, test, passed)
+
+
+def pareto_front(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """The finished trials no other beats on both score (up) and multiply-adds (down), fewest multiply-adds first."""
+
+    def beaten(t: FrozenTrial) -> bool:
+        a = t.user_attrs
+        return any(
+            o.user_attrs["score"] >= a["score"]
+            and o.user_attrs["gmacs"] <= a["gmacs"]
+            and (o.user_attrs["score"], o.user_attrs["gmacs"]) != (a["score"], a["gmacs"])
+            for o in trials
+        )
+
+    return sorted((t for t in trials if not beaten(t)), key=lambda t: t.user_attrs["gmacs"])
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One model's batch-1 p50 with the picked engine row and in PyTorch fp32 (ms), and the paper baseline's."""
+
+    latency_ms: float | None
+    torch_ms: float | None
+    paper_ms: float | None = None
+
+    @property
+    def engine_gain(self) -> float | None:
+        return self.torch_ms / self.latency_ms if self.torch_ms and self.latency_ms else None
+
+
+def time_models(cfg, client, front: Sequence[FrozenTrial], chosen, teacher_depth: int) -> dict[int | None, Timing]:
+    """Times the teacher (key None), every front trial and the chosen one (one benchmark run each: their other
+    stages are cache hits; the chosen one's run also times the paper's baseline shape), and logs each trial's
+    latency on its run."""
+    timings: dict[int | None, Timing] = {None: time_model(cfg, None, teacher_depth)}
+    for trial in [*front, *([chosen] if chosen is not None and chosen not in front else [])]:
+        paper = chosen is not None and trial.number == chosen.number and cfg.compress.paper_baseline
+        timings[trial.number] = timing = time_model(cfg, trial, teacher_depth, paper)
+        if timing.latency_ms is not None:
+            client.log_metric(trial.user_attrs["run_id"], "compress/latency_p50_ms", timing.latency_ms)
+        client.set_tag(trial.user_attrs["run_id"], "compress.front", "1" if trial in front else "0")
+    return timings
+
+
+def time_model(cfg: DictConfig, trial: FrozenTrial | None, teacher_depth: int, paper: bool = False) -> Timing:
+    """One benchmark run of the teacher (trial None) or a trial's student at batch 1 (compress.latency_row and
+    compress.torch_row), with the paper's baseline shape beside it when asked."""
+    run_cfg = teacher_cfg(cfg) if trial is None else trial_cfg(cfg, trial.params, teacher_depth)
+    with open_dict(run_cfg):
+        if TIMING_STAGE not in run_cfg.stages:
+            run_cfg.stages = [*run_cfg.stages, TIMING_STAGE]
+        run_cfg.benchmark.paper_baseline.enabled = paper
+    results = pipeline.run(run_cfg)
+    p50 = "benchmark/{}/latency_p50_ms"
+    return Timing(
+        results.get(p50.format(cfg.compress.latency_row)),
+        results.get(p50.format(cfg.compress.torch_row)),
+        paper_ms_per_example(results) if paper else None,
+    )
+
+
+def paper_ms_per_example(results: dict) -> float | None:
+    """The paper baseline row's batch-1 time per example (every example padded to the same length: one cost)."""
+    wall, examples = (results.get(f"benchmark/{PAPER_ROW}/{key}") for key in ("wall_seconds", "examples"))
+    return 1000 * wall / examples if wall and examples else None
+
+
+def other_seeds(cfg: DictConfig, chosen: FrozenTrial, teacher_depth: int, teacher_folder: Path, held_out: str):
+    """The chosen point trained again with each of compress.seeds (the same teacher, given as its folder so that
+    its own training seed stays): [(seed, eval score, held-out score)], the spread the chosen score comes with."""
+    scores = []
+    for seed in cfg.compress.seeds:
+        run_cfg = trial_cfg(cfg, chosen.params, teacher_depth)
+        with open_dict(run_cfg):
+            run_cfg.seed = int(seed)
+            run_cfg.stages = [s for s in run_cfg.stages if s not in ("finetune", TIMING_STAGE)]
+            run_cfg.teacher.pretrained = str(teacher_folder)
+            run_cfg.evaluate.splits = [cfg.task.eval_split, held_out]
+        results = pipeline.run(run_cfg)
+        label, held = split_label(cfg.task.eval_split), split_label(held_out)
+        scores.append((int(seed), results[f"evaluate/{label}/score"], results[f"evaluate/{held}/score"]))
+    return scores
+
+
+@dataclass(frozen=True)
+class Found:
+    """Everything the search leaves for its report."""
+
+    teacher: Point
+    holdout: HoldOut
+    trials: list[FrozenTrial]
+    front: list[FrozenTrial]
+    chosen: FrozenTrial | None
+    confirmations: dict[int, Confirmation]
+    timings: dict[int | None, Timing]
+    seeds: list[tuple[int, float, float]]
 
 
 def start_parent(cfg: DictConfig, uri: str) -> str:
@@ -469,7 +646,7 @@ def start_parent(cfg: DictConfig, uri: str) -> str:
     return run.info.run_id
 
 
-def log_trial(client: MlflowClient, point: Point, params: dict, budget: Budget) -> None:
+def log_trial(client: MlflowClient, point: Point, params: dict, budget: Budget, number: int) -> None:
     """The trial's own numbers on its child run: shape, GMAC/ex, latency, size and the budget's verdict."""
     attrs = {"score": point.score, "latency_ms": point.latency_ms, "mb": point.mb} | point.gate
     metrics = {f"compress/{k}": v for k, v in point.gate.items()}
@@ -481,54 +658,117 @@ def log_trial(client: MlflowClient, point: Point, params: dict, budget: Budget) 
     for key, value in metrics.items():
         client.log_metric(point.run_id, key, value)
     client.set_tag(point.run_id, "compress.params", json.dumps(params))
+    client.set_tag(point.run_id, "compress.trial", str(number))
 
 
-def report(cfg, client, parent, teacher, teacher_holdout, trials, budget, chosen, tried, gain) -> dict[str, float]:
-    """Prints and logs what the search found: every trial, the choice and the speed-up decomposition."""
+def trial_line(t: FrozenTrial, budget: Budget, found: Found) -> str:
+    """One trial for the terminal: its point, score, cost, test against the teacher and where it stands."""
+    a = t.user_attrs
+    timing = found.timings.get(t.number)
+    held = found.confirmations.get(t.number)
+    return (
+        f"  trial {t.number:3d} {t.params}: score {a['score']:.4f}, {a['gmacs']:.4g} GMAC/ex"
+        + (f", p50 {timing.latency_ms:.2f} ms" if timing and timing.latency_ms is not None else "")
+        + (
+            f", vs teacher {a['delta_points']:+.1f} points [{a['delta_lo_points']:+.1f}, "
+            f"{a['delta_hi_points']:+.1f}] p={a['gate_p']:.3g}"
+            if "gate_p" in a
+            else ""
+        )
+        + (" within budget" if budget.keeps(a) else "")
+        + (" front" if t in found.front else "")
+        + (f"; held-out {held.score:.4f} ({'confirmed' if held.passed else 'not confirmed'})" if held else "")
+    )
+
+
+def paper_points(cfg: DictConfig) -> dict[str, float]:
+    """The paper's own two points on the multiply-add axis: its BERT-base baseline padded to its fixed length
+    (conf benchmark.paper_baseline), and that divided by the paper's reduction to its final student."""
+    opts = cfg.benchmark.paper_baseline
+    shape = Shape(
+        opts.shape.layers, opts.shape.hidden, opts.shape.heads, opts.shape.hidden // opts.shape.heads, opts.shape.ffn
+    )
+    baseline = gmacs_per_example(shape, [int(opts.max_length)])
+    return {"paper_baseline_gmacs": baseline, "paper_student_gmacs": baseline / PAPER_MAC_REDUCTION}
+
+
+def report(cfg: DictConfig, client: MlflowClient, parent: str, budget: Budget, found: Found) -> dict[str, float]:
+    """Prints and logs what the search found: every trial, the front, the choice with its held-out check and
+    seeds' spread, and the speed-up decomposition."""
+    teacher, trials, chosen = found.teacher, found.trials, found.chosen
     within = [t for t in trials if budget.keeps(t.user_attrs)]
     lines = [
         "",
-        f"== fastformers compress: {len(trials)} finished trials, {len(within)} within the budget "
-        f"(teacher {cfg.task.eval_split} score {teacher.score:.4f}, max_drop {budget.max_drop} points)",
+        f"== fastformers compress: {len(trials)} finished trials, {len(within)} within the budget, "
+        f"{len(found.front)} on the front (teacher {cfg.task.eval_split} score {teacher.score:.4f}, "
+        f"{teacher.gmacs:.4g} GMAC/ex; max_drop {budget.max_drop} points)",
+        *(trial_line(t, budget, found) for t in sorted(trials, key=lambda t: t.user_attrs["gmacs"])),
     ]
-    for t in sorted(trials, key=lambda t: t.user_attrs["gmacs"]):
-        a = t.user_attrs
-        lines.append(
-            f"  trial {t.number:3d} {t.params}: score {a['score']:.4f}, {a['gmacs']:.4g} GMAC/ex"
-            + (f", p50 {a['latency_ms']:.2f} ms" if a.get("latency_ms") is not None else "")
-            + (
-                f", vs teacher {a['delta_points']:+.1f} points [{a['delta_lo_points']:+.1f}, "
-                f"{a['delta_hi_points']:+.1f}] p={a['gate_p']:.3g}"
-                if "gate_p" in a
-                else ""
-            )
-            + (" within budget" if budget.keeps(a) else "")
-        )
     summary = {"teacher_score": teacher.score, "teacher_gmacs": teacher.gmacs, "trials": float(len(trials))}
-    summary["teacher_holdout_score"] = teacher_holdout
+    summary |= {"teacher_holdout_score": found.holdout.teacher_score, "within_budget": float(len(within))}
+    summary |= paper_points(cfg)
+    teacher_timing = found.timings.get(None)
+    if teacher_timing and teacher_timing.latency_ms is not None:
+        summary["teacher_latency_p50_ms"] = teacher_timing.latency_ms
     if chosen is None:
         lines.append(
-            f"no model chosen: {len(tried)} candidate(s) within the budget failed the held-out check"
-            if tried
+            f"no model chosen: {len(found.confirmations)} candidate(s) within the budget failed the held-out check"
+            if found.confirmations
             else "no model chosen: no finished trial is within the budget"
         )
     else:
-        folder = save_chosen(cfg, Path(chosen.user_attrs["folder"]))
-        ratio = teacher.gmacs / chosen.user_attrs["gmacs"]
-        lines += [
-            f"chosen: trial {chosen.number} {chosen.params}, score {chosen.user_attrs['score']:.4f}, saved to {folder}",
-            decomposition(teacher.gmacs, chosen.user_attrs["gmacs"], gain),
-        ]
-        summary |= {"chosen_trial": float(chosen.number), "chosen_gmacs": chosen.user_attrs["gmacs"]}
-        summary |= {"chosen_score": chosen.user_attrs["score"], "gmacs_ratio": ratio}
-        if gain is not None:
-            summary |= {"engine_gain": gain, "total_gain": ratio * gain}
-        client.set_tag(parent, "compress.chosen_folder", str(folder))
+        lines += chosen_lines(cfg, client, parent, found, summary)
     for key, value in summary.items():
         client.log_metric(parent, f"compress/{key}", value)
+    client.set_tag(parent, "compress.max_drop", str(budget.max_drop))
     client.set_tag(parent, "compress.report", "\n".join(lines)[-4900:])
     print("\n".join(lines), flush=True)
     return summary
+
+
+def chosen_lines(cfg: DictConfig, client: MlflowClient, parent: str, found: Found, summary: dict) -> list[str]:
+    """The chosen model: saved, its held-out check, its seeds' spread, the decomposition and the paper's line
+    (fills `summary`)."""
+    chosen = found.chosen
+    assert chosen is not None
+    a = chosen.user_attrs
+    held = found.confirmations[chosen.number]
+    timing = found.timings.get(chosen.number, Timing(None, None))
+    folder = save_chosen(cfg, Path(a["folder"]))
+    ratio = found.teacher.gmacs / a["gmacs"]
+    summary |= {"chosen_trial": float(chosen.number), "chosen_gmacs": a["gmacs"], "chosen_score": a["score"]}
+    summary |= {"gmacs_ratio": ratio, "chosen_holdout_score": held.score, "chosen_holdout_drop": held.drop_points}
+    summary |= {"chosen_holdout_p": held.test["gate_p"]}
+    lines = [
+        f"chosen: trial {chosen.number} {chosen.params}, {a['gmacs']:.4g} GMAC/ex, {cfg.task.eval_split} score "
+        f"{a['score']:.4f}, held-out {held.score:.4f} (teacher {found.holdout.teacher_score:.4f}, "
+        f"{-held.drop_points:+.2f} points, p={held.test['gate_p']:.3g}); saved to {folder}",
+    ]
+    if found.seeds:
+        evals = [a["score"], *(s[1] for s in found.seeds)]
+        helds = [held.score, *(s[2] for s in found.seeds)]
+        summary |= {"chosen_score_seed_min": min(evals), "chosen_score_seed_max": max(evals)}
+        summary |= {"chosen_holdout_seed_min": min(helds), "chosen_holdout_seed_max": max(helds)}
+        lines.append(
+            f"seeds {[cfg.seed, *(s[0] for s in found.seeds)]}: {cfg.task.eval_split} "
+            + ", ".join(f"{v:.4f}" for v in evals)
+            + " (spread "
+            + f"{100 * (max(evals) - min(evals)):.1f} points); held-out "
+            + ", ".join(f"{v:.4f}" for v in helds)
+        )
+    gain = timing.engine_gain
+    lines.append(decomposition(found.teacher.gmacs, a["gmacs"], gain))
+    if gain is not None:
+        summary |= {"engine_gain": gain, "total_gain": ratio * gain, "chosen_latency_p50_ms": timing.latency_ms}
+    if timing.paper_ms and timing.latency_ms:
+        summary["vs_paper_batch1"] = timing.paper_ms / timing.latency_ms
+        lines.append(
+            f"batch-1 p50 speed-up over the paper's baseline shape timed here ({timing.paper_ms:.1f} ms on "
+            f"{cfg.task.name}'s inputs, padded to {cfg.benchmark.paper_baseline.max_length}): "
+            f"{summary['vs_paper_batch1']:.1f}x; the paper's: {PAPER_SPEEDUP}x on BoolQ (different hardware)"
+        )
+    client.set_tag(parent, "compress.chosen_folder", str(folder))
+    return lines
 
 
 def decomposition(teacher_gmacs: float, chosen_gmacs: float, gain: float | None) -> str:
@@ -537,27 +777,12 @@ def decomposition(teacher_gmacs: float, chosen_gmacs: float, gain: float | None)
     if gain is None:
         return (
             f"teacher {teacher_gmacs:.4g} GMAC / chosen {chosen_gmacs:.4g} GMAC = {ratio:.2f}x fewer multiply-adds "
-            "(engine gain not measured: compress.engine_gain=true times it)"
+            "(engine gain not measured: compress.time_front=true times it)"
         )
     return (
-        f"teacher {teacher_gmacs:.4g} GMAC / chosen {chosen_gmacs:.4g} GMAC x engine gain {gain:.2f} = "
-        f"{ratio * gain:.2f}x"
+        f"teacher {teacher_gmacs:.4g} GMAC / chosen {chosen_gmacs:.4g} GMAC x engine gain {gain:.2f} "
+        f"(PyTorch fp32 p50 / engine p50, batch 1) = {ratio * gain:.2f}x"
     )
-
-
-def engine_gain(cfg: DictConfig, chosen: FrozenTrial, teacher_depth: int) -> float | None:
-    """The chosen model's batch-1 p50 in PyTorch fp32 over the same with the picked engine row (one benchmark
-    run of the chosen model: its other stages are cache hits)."""
-    if not cfg.compress.engine_gain:
-        return None
-    run_cfg = trial_cfg(cfg, chosen.params, teacher_depth)
-    with open_dict(run_cfg):
-        if TIMING_STAGE not in run_cfg.stages:
-            run_cfg.stages = [*run_cfg.stages, TIMING_STAGE]
-    results = pipeline.run(run_cfg)
-    torch_p50 = results.get(f"benchmark/{cfg.compress.torch_row}/latency_p50_ms")
-    engine_p50 = results.get(f"benchmark/{cfg.compress.latency_row}/latency_p50_ms")
-    return None if not torch_p50 or not engine_p50 else torch_p50 / engine_p50
 
 
 def save_chosen(cfg: DictConfig, folder: Path) -> Path:
