@@ -768,6 +768,8 @@ def chosen_lines(cfg: DictConfig, client: MlflowClient, parent: str, found: Foun
             f"{summary['vs_paper_batch1']:.1f}x; the paper's: {PAPER_SPEEDUP}x on BoolQ (different hardware)"
         )
     client.set_tag(parent, "compress.chosen_folder", str(folder))
+    client.set_tag(parent, "compress.chosen_run", a["run_id"])
+    lines.append(f"served: runs:/{a['run_id']}/model (the chosen trial's int8 graph, docs/serving.md)")
     return lines
 
 
