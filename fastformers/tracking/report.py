@@ -1,7 +1,8 @@
 """`fastformers report`: an MLflow experiment as the paper shows it: a table (Markdown and CSV) and the
 accuracy vs inference time (Figure 2) and accuracy vs queries/s (Figure 3) plots with the Pareto front marked.
 Everything is read back from the runs' metrics and params (per run name, its latest finished run); nothing is
-typed in. The files are logged to the experiment's latest sweep parent run (or, without one, to a run of their own)."""
+typed in. The files are logged to the experiment's latest sweep parent run (or, without one, to a run of their own).
+A compress search (`experiment=compress`) gets its Pareto figure and trial table (tracking/compress_report.py)."""
 
 from __future__ import annotations
 
