@@ -21,6 +21,7 @@ PARAMS_TAG = "compress.params"  # on the child run of each trial (its point, JSO
 TRIAL_TAG = "compress.trial"  # its Optuna trial number
 FRONT_TAG = "compress.front"  # "1" on the trials of the study's Pareto front
 CSV_FIELDS = ["trial", "params", "gmacs", "score", "delta", "p", "within_budget", "front", "latency", "chosen"]
+UNTIMED = "no latency points: no trial was timed\n(compress.latency_ms or objectives latency_ms time them)"
 PAPER_LINES = {
     "paper_baseline_gmacs": "paper's BERT-base baseline on these inputs",
     "paper_student_gmacs": "paper's 124x reduction applied",
@@ -187,7 +188,7 @@ def plot_pareto(study: Study, out: Path) -> Path:
         draw_panel(speed, study, "latency", study.get("teacher_latency_p50_ms"))
         speed.set(xlabel="latency at batch size 1, p50 (ms)")
     else:
-        speed.set_title("no latency: no trial was timed (compress.latency_ms or objectives latency_ms time them)")
+        speed.set_title(UNTIMED, fontsize=10)
         speed.axis("off")
     for ax in (work, speed):
         if ax.has_data():
