@@ -1,5 +1,6 @@
 """`fastformers`: the Hydra entry point. It only composes the config and hands it to the pipeline;
-`fastformers report ...` reads an MLflow experiment back instead (fastformers/tracking/report.py)."""
+`fastformers report ...` reads an MLflow experiment back instead (fastformers/tracking/report.py), and
+`fastformers cache gc` frees the cache entries of a compress search's losing trials (fastformers/run/cache_gc.py)."""
 
 import difflib
 import logging
@@ -88,12 +89,17 @@ def _catch_stop_signals() -> None:
 
 
 def entry() -> None:
-    """The console script: `report` as first word reads MLflow back; anything else is a Hydra run. A run stopped
-    by a signal ends with one line saying what it marked KILLED, and exit status 128 + the signal's number."""
+    """The console script: `report` as first word reads MLflow back, `cache gc` frees cache entries; anything else
+    is a Hydra run. A run stopped by a signal ends with one line saying what it marked KILLED, and exit status
+    128 + the signal's number."""
     if sys.argv[1:2] == ["report"]:
         from fastformers.tracking.report import main as report
 
         raise SystemExit(report(sys.argv[2:]))
+    if sys.argv[1:2] == ["cache"]:
+        from fastformers.run.cache_gc import main as cache
+
+        raise SystemExit(cache(sys.argv[2:]))
     _catch_stop_signals()  # from the start: a multirun stopped between jobs unwinds too
     take_verbose_flag(sys.argv)
     from hydra._internal import utils as hydra_internal

@@ -1,7 +1,8 @@
 """`fastformers report`: an MLflow experiment as the paper shows it: a table (Markdown and CSV) and the
 accuracy vs inference time (Figure 2) and accuracy vs queries/s (Figure 3) plots with the Pareto front marked.
 Everything is read back from the runs' metrics and params (per run name, its latest finished run); nothing is
-typed in. The files are logged to the experiment's latest sweep parent run (or, without one, to a run of their own)."""
+typed in. The files are logged to the experiment's latest sweep parent run (or, without one, to a run of their own).
+A compress search (`experiment=compress`) gets its Pareto figure and trial table (tracking/compress_report.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sys
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from mlflow.tracking import MlflowClient
 
@@ -97,11 +99,19 @@ def row_of(run, setting: str | None) -> Row | None:
     )
 
 
-def pareto(rows: list[Row], key: str = "latency_p50_ms", lower_is_better: bool = True) -> list[Row]:
-    """The rows no other row of the same task beats on both the score and `key` (scores of different tasks do not
-    compare)."""
+class Scored(Protocol):
+    score: float
+    task: str
 
-    def at_least(o: Row, r: Row) -> bool:
+
+S = TypeVar("S", bound=Scored)
+
+
+def pareto(rows: list[S], key: str = "latency_p50_ms", lower_is_better: bool = True) -> list[S]:
+    """The rows no other row of the same task beats on both the score and `key` (scores of different tasks do not
+    compare): a report's runs, or a compress search's trials (fastformers/tracking/compress_report.py)."""
+
+    def at_least(o: S, r: S) -> bool:
         x, y = getattr(o, key), getattr(r, key)
         return (x <= y if lower_is_better else x >= y) and o.score >= r.score
 
@@ -456,10 +466,35 @@ def missing_files(client: MlflowClient, latest: dict, bundle: zipfile.ZipFile) -
 def report(
     tracking_uri: str, experiment: str, out: Path, setting: str | None = None, all_runs: bool = False
 ) -> list[Path]:
-    """Writes the tables and plots into `out` and logs them to the experiment's sweep parent run."""
+    """Writes the tables and plots into `out` and logs them to the experiment's sweep parent run (a compress
+    experiment's: its latest search's parent run)."""
+    from fastformers.tracking import compress_report  # it imports this module
+
     client = MlflowClient(tracking_uri)
     experiment_id, runs = experiment_runs(client, experiment)
-    rows, parent = collect(runs, experiment, setting, all_runs)
+    searches = compress_report.studies(runs)
+    files = [path for study in searches for path in compress_report.write_study(study, out)]
+    try:
+        rows, parent = collect(runs, experiment, setting, all_runs)
+    except FastformersError:
+        if not files:  # a compress search's trials need no benchmark timings; anything else does
+            raise
+        rows, parent = [], None
+    if rows:
+        files += run_files(client, rows, runs, out, experiment)
+    files += task_table(client, runs, out)
+    if parent is None and searches:
+        parent = searches[-1].parents[-1].info.run_id
+    if parent is None:
+        parent = client.create_run(experiment_id, run_name="report", tags={ROLE_TAG: "report"}).info.run_id
+        client.set_terminated(parent, "FINISHED")
+    for path in files:
+        client.log_artifact(parent, str(path), "report")
+    return files
+
+
+def run_files(client: MlflowClient, rows: list[Row], runs: list, out: Path, experiment: str) -> list[Path]:
+    """The table of the runs, their plots (a panel per task, or the fronts), each benchmark's rows, Table 3."""
     by_id = {run.info.run_id: run for run in runs}
     files = write_tables(rows, out)
     if len({r.task for r in rows}) > 1:  # one front through different tasks means nothing: a panel per task
@@ -474,13 +509,19 @@ def report(
     if table := ablation_table([by_id[row.run_id] for row in rows]):
         (out / "ablation.md").write_text("\n".join(table) + "\n")
         files.append(out / "ablation.md")
-    files += task_table(client, runs, out)
-    if parent is None:
-        parent = client.create_run(experiment_id, run_name="report", tags={ROLE_TAG: "report"}).info.run_id
-        client.set_terminated(parent, "FINISHED")
-    for path in files:
-        client.log_artifact(parent, str(path), "report")
     return files
+
+
+def checked_store(uri: str, command: str) -> str:
+    """The store's URI made absolute, once it is known to be one: a missing or non-SQLite file is a one-line error
+    (MLflow would quietly create a store there)."""
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
+        raise FastformersError(f"{command}: --tracking-uri {uri}: no such MLflow store (run a job first)")
+    problem = sqlite_problem(db, empty_ok=False) if db else None  # MLflow would fill an empty file
+    if problem:
+        raise FastformersError(f"{command}: --tracking-uri {uri}: {problem}")
+    return absolute_uri(uri)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -494,15 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        uri = args.tracking_uri
-        db = sqlite_path(uri)
-        if db is not None and not db.is_file():
-            raise FastformersError(f"report: --tracking-uri {uri}: no such MLflow store (run a job first)")
-        problem = sqlite_problem(db, empty_ok=False) if db else None  # MLflow would fill an empty file
-        if problem:
-            raise FastformersError(f"report: --tracking-uri {uri}: {problem}")
+        uri = checked_store(args.tracking_uri, "report")
         out = args.out or Path("outputs/reports") / args.experiment
-        files = report(absolute_uri(uri), args.experiment, out, args.setting, args.all_runs)
+        files = report(uri, args.experiment, out, args.setting, args.all_runs)
     except FastformersError as err:
         print(f"fastformers: error: {err}", file=sys.stderr)
         return 2
