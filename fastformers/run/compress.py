@@ -11,9 +11,11 @@ resumes without repeating finished trials; a trial killed mid-run is failed by i
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import os
+import random
 import shutil
 import time
 import warnings
@@ -371,7 +373,10 @@ def search(
             earlier = repeat_of(study, params)
             if earlier is not None:
                 trial.set_user_attr("repeat_of", earlier)
-                raise optuna.TrialPruned(f"the point of trial {earlier} again")
+                fresh = unvisited_point(study, cfg.compress.space, teacher_depth, cfg.compress.seed + trial.number)
+                if fresh is not None:
+                    study.enqueue_trial(fresh)
+                raise optuna.TrialPruned(f"the point of trial {earlier} again; next: {fresh or 'none left'}")
             point = evaluate(params, trial.number)
             for key in ("score", "gmacs", "latency_ms", "mb", "run_id", "shape"):
                 trial.set_user_attr(key, getattr(point, key))
@@ -399,6 +404,21 @@ def search(
 def repeat_of(study: optuna.Study, params: dict) -> int | None:
     """The number of a finished trial at the same point, if any."""
     return next((t.number for t in completed(study) if t.params == params), None)
+
+
+def unvisited_point(study: optuna.Study, space: DictConfig, teacher_depth: int, seed: int) -> dict | None:
+    """A point of the space no trial has run, runs or waits to run, drawn with `seed`: what a repeat is replaced
+    with, so a sampler that keeps proposing its parents (NSGA-II on a small categorical space) still explores."""
+    axes = {
+        "layers": [n for n in space.layers if n <= teacher_depth],
+        "seeding": list(space.seeding),
+        "heads": [float(v) for v in space.heads],
+        "ffn": [float(v) for v in space.ffn],
+    }
+    taken = [t.params or t.system_attrs.get("fixed_params", {}) for t in study.get_trials(deepcopy=False)]
+    points = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+    fresh = [p for p in points if p not in taken]
+    return random.Random(seed).choice(fresh) if fresh else None
 
 
 class StopAfterMisses:
