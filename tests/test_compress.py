@@ -33,7 +33,7 @@ def stage_key(cfg, name: str, inputs: dict | None = None) -> str:
 
 
 def test_the_space_composes_into_trial_runs_that_keep_the_teacher_key(make_cfg):
-    cfg, held_out = compress.with_holdout(make_cfg("experiment=compress"))
+    cfg, held_out = compress.with_holdout(make_cfg("experiment=compress", "compress.holdout_from=train"))
     compress.validate(cfg)
     assert (cfg.task.train_split, held_out) == ("train[:90%]", "train[90%:]")
     a = compress.trial_cfg(cfg, {"layers": 3, "seeding": "every_other", "heads": 0.5, "ffn": 0.25}, 6)
@@ -95,6 +95,18 @@ def test_the_held_out_slice_is_disjoint_from_what_trains(superglue_root):
         holdout_split("train", 0.123)
     with pytest.raises(FastformersError, match="whole split"):
         holdout_split("train[:50%]", 0.1)
+
+
+def test_a_small_train_keeps_all_of_it_and_holds_out_half_the_eval_split(make_cfg, superglue_root):
+    small = make_cfg("experiment=compress", f"data.root={superglue_root}")  # the fixture's CB train: under 1000
+    cfg, held_out = compress.with_holdout(small)
+    assert (cfg.task.train_split, cfg.task.eval_split, held_out) == ("train", "val[:50%]", "val[50%:]")
+    assert cfg.finetune.val_split == cfg.distill.val_split == "val[:50%]"  # best epochs are picked on the first half
+    ranked = {e.uid for e in load_examples(TASKS["cb"], superglue_root, cfg.task.eval_split)}
+    assert ranked and not ranked & {e.uid for e in load_examples(TASKS["cb"], superglue_root, held_out)}
+    big = make_cfg("experiment=compress", f"data.root={superglue_root}", "compress.small_train=1")
+    assert compress.with_holdout(big)[1] == "train[90%:]"
+    assert compress.with_holdout(make_cfg("experiment=compress", "compress.holdout_from=test"))[1] == "test"
 
 
 def test_the_budget_is_a_drop_in_points_and_optional_latency_and_size():

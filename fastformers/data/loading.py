@@ -48,13 +48,14 @@ def split_label(spec: str) -> str:
     return name if (lo, hi) == (0.0, 1.0) else f"{name}_{round(lo * 100)}-{round(hi * 100)}pct"
 
 
-def holdout_split(spec: str, fraction: float) -> tuple[str, str]:
-    """(what training may read, the held-out slice) of a whole split: a seeded share (the `split_seed` shuffle)
-    kept out of every training, so a choice made on the eval split can be confirmed on examples no model saw."""
+def holdout_split(spec: str, fraction: float, field: str = "task.train_split") -> tuple[str, str]:
+    """(what the search may read, the held-out slice) of a whole split: a seeded share (the `split_seed` shuffle)
+    kept out of every training and choice, so a choice made on the eval split can be confirmed on examples no model
+    saw. `field`: the config key `spec` came from, for the error."""
     name, lo, hi = parse_split(spec)
     percent = round(fraction * 100)
     if (lo, hi) != (0.0, 1.0):
-        raise FastformersError(f"task.train_split={spec!r}: a held-out slice is taken from a whole split, not a share")
+        raise FastformersError(f"{field}={spec!r}: a held-out slice is taken from a whole split, not a share")
     if not 0 < percent < 100 or abs(percent - fraction * 100) > 1e-9:
         raise FastformersError(f"holdout fraction {fraction!r} must be a whole percent between 0.01 and 0.99")
     return f"{name}[:{100 - percent}%]", f"{name}[{100 - percent}%:]"

@@ -94,6 +94,9 @@ def validate(cfg: DictConfig) -> None:
         raise FastformersError(
             f"compress.objectives={objectives}: 'score' first, then any of {sorted(set(DIRECTIONS) - {'score'})}"
         )
+    if opts.holdout_from not in HOLDOUT_FROM:
+        raise FastformersError(f"compress.holdout_from={opts.holdout_from!r}: one of {list(HOLDOUT_FROM)}")
+    require_number(cfg, "compress.small_train", 0, integer=True)
     if opts.storage not in ("sqlite", "journal"):
         raise FastformersError(f"compress.storage={opts.storage!r}: sqlite (one machine) or journal (shared disks)")
     space = opts.space
@@ -117,14 +120,37 @@ def measures_latency(cfg: DictConfig) -> bool:
     return cfg.compress.latency_ms is not None or "latency_ms" in cfg.compress.objectives
 
 
+HOLDOUT_FROM = ("auto", "train", "eval", "test")
+
+
 def with_holdout(cfg: DictConfig) -> tuple[DictConfig, str]:
-    """A copy of the config whose training split leaves the held-out slice out (for every stage, the teacher's
-    included, so the teacher's key is the same in every trial), and the held-out slice's spec."""
-    kept, held_out = holdout_split(cfg.task.train_split, cfg.compress.holdout)
+    """A copy of the config that keeps the held-out slice away from every training and every choice made on the
+    eval split (for every stage, the teacher's included, so the teacher's key is the same in every trial), and the
+    slice's spec: a seeded `compress.holdout` share of train; or, where train is too small to spare it (auto:
+    under `compress.small_train` examples; CB has 250), the seeded second half of the eval split, the first half
+    then ranking the trials and picking every model's best epoch; or a labelled test split of the user's."""
+    source = holdout_source(cfg)
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
+        if source == "test":
+            return cfg, "test"
+        if source == "eval":
+            ranked, held_out = holdout_split(cfg.task.eval_split, 0.5, "task.eval_split")
+            cfg.task.eval_split = ranked
+            return cfg, held_out
+        kept, held_out = holdout_split(cfg.task.train_split, cfg.compress.holdout, "task.train_split")
         cfg.task.train_split = kept
     return cfg, held_out
+
+
+def holdout_source(cfg: DictConfig) -> str:
+    """compress.holdout_from, with auto decided by the size of train (a small train cannot spare a slice: the
+    teacher trained without it is worse, and so is every student)."""
+    source = cfg.compress.holdout_from
+    if source != "auto":
+        return source
+    train = DataSource.of(cfg, task_of(cfg)).examples(cfg.task.train_split)
+    return "eval" if len(train) < cfg.compress.small_train else "train"
 
 
 def teacher_cfg(cfg: DictConfig) -> DictConfig:
