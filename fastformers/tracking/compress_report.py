@@ -210,7 +210,7 @@ def draw_panel(ax, study: Study, key: str, teacher_x: float | None) -> None:
     ax.scatter(x(trials), [t.score for t in trials], color="tab:gray", label="trials", zorder=2)
     within = [t for t in trials if t.within_budget]
     ax.scatter(x(within), [t.score for t in within], color="tab:green", label="within the budget", zorder=3)
-    front = sorted((t for t in trials if t.front), key=lambda t: getattr(t, key))
+    front = sorted(pareto(trials, key), key=lambda t: getattr(t, key))  # this panel's own front (of what it shows)
     if front:
         ax.step(x(front), [t.score for t in front], where="post", color="tab:red", marker="o", label="Pareto front")
     for trial in (t for t in trials if t.chosen):
