@@ -201,6 +201,8 @@ def test_the_logged_model_serves_labels_and_rejects_a_malformed_request(superglu
         cwd=tmp_path,
     )
     _, (run,) = runs_of(store(tmp_path), "serve")
+    model_files = [p.name for p in (tmp_path / "outputs" / "mlartifacts").rglob("*") if p.is_file()]
+    assert sum(name.endswith(".onnx") for name in model_files) == 1, model_files  # the served graph alone
     port = free_port()
     server = background(
         sys.executable,

@@ -559,6 +559,7 @@ def holdout_point(cfg: DictConfig, held_out: str, trial: FrozenTrial | None, tea
     with open_dict(run_cfg):
         run_cfg.evaluate.splits = [held_out]
         run_cfg.stages = [s for s in run_cfg.stages if s != TIMING_STAGE]
+        run_cfg.mlflow.serve_model = False  # a check of a trial's model: the trial's run serves it
     results = pipeline.run(run_cfg)
     score = results.get(f"evaluate/{split_label(held_out)}/score")
     run = mlflow.last_active_run()
@@ -634,6 +635,7 @@ def time_model(cfg: DictConfig, trial: FrozenTrial | None, teacher_depth: int, p
         if TIMING_STAGE not in run_cfg.stages:
             run_cfg.stages = [*run_cfg.stages, TIMING_STAGE]
         run_cfg.benchmark.paper_baseline.enabled = paper
+        run_cfg.mlflow.serve_model = False
     results = pipeline.run(run_cfg)
     p50 = "benchmark/{}/latency_p50_ms"
     return Timing(
@@ -660,6 +662,7 @@ def other_seeds(cfg: DictConfig, chosen: FrozenTrial, teacher_depth: int, teache
             run_cfg.stages = [s for s in run_cfg.stages if s not in ("finetune", TIMING_STAGE)]
             run_cfg.teacher.pretrained = str(teacher_folder)
             run_cfg.evaluate.splits = [cfg.task.eval_split, held_out]
+            run_cfg.mlflow.serve_model = False
         results = pipeline.run(run_cfg)
         label, held = split_label(cfg.task.eval_split), split_label(held_out)
         scores.append((int(seed), results[f"evaluate/{label}/score"], results[f"evaluate/{held}/score"]))

@@ -22,6 +22,8 @@ KNOWN_NOISE = (  # (category, message regex) of warnings about dependencies' int
     # a resumed training's checkpoint folder holds the earlier attempt's files by design (training.resume_point
     # clears any folder it does not resume from)
     (Warning, r".*Checkpoint directory .* exists and is not empty.*"),
+    # distillation holds the frozen teacher in eval mode inside the trained module, by design (training/fit.py)
+    (Warning, r".*Found \d+ module\(s\) in eval mode at the start of training.*"),
 )
 # Warnings a library shows through its own `catch_warnings(); simplefilter("once")`, which puts them ahead of any
 # filter: dropped where they are shown instead.

@@ -12,6 +12,7 @@ the unrelated `fastformers` project of the package registry. Serving limits and 
 
 from __future__ import annotations
 
+import tempfile
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,14 @@ def served_requirements(engine: Engine) -> list[str]:
     return [pinned(name) for name in dict.fromkeys([*RUNTIME_REQUIREMENTS, *engine.requirements])]
 
 
+def tokenizer_files(onnx_folder: Path, out: Path) -> None:
+    """Only the tokenizer's files: the export's folder also holds every graph variant (300 MB for MiniLM-L6 at
+    int8), which the served model would otherwise carry beside the one graph it serves."""
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(tokenizer_folder(onnx_folder))).save_pretrained(str(out))
+
+
 def log_served_model(onnx_folder: Path, cfg: DictConfig, pick_folder: Path | None = None) -> dict:
     """Logs the chosen artifact (an OpenVINO IR with its weights file) and the tokenizer under the active
     run's `model`; returns the choice."""
@@ -164,21 +173,24 @@ def log_served_model(onnx_folder: Path, cfg: DictConfig, pick_folder: Path | Non
     task_spec = {"task_spec": task_of(cfg).spec} if from_files(cfg.task) else {}
     engine = get_engine(target.engine, cfg.engines)
     files = engine.artifact_files(artifact_path(onnx_folder, engine, target.precision))  # copied side by side
-    artifacts = {role: str(path) for role, path in files.items()} | {"tokenizer": str(tokenizer_folder(onnx_folder))}
-    mlflow.pyfunc.log_model(
-        name=ARTIFACT_PATH,
-        python_model=str(PACKAGE / "tracking" / "served_model.py"),  # models from code: a file path, run when loaded
-        code_paths=[str(PACKAGE)],  # copied to the model's code/fastformers, put first on sys.path when loaded
-        artifacts=artifacts,
-        pip_requirements=served_requirements(engine),
-        model_config={
-            "task": cfg.task.name,
-            "max_seq_length": cfg.task.max_seq_length,
-            "max_records": cfg.serve.max_records,
-            "engine_conf": OmegaConf.to_container(cfg.engines[engine.name], resolve=True),
-        }
-        | task_spec
-        | choice,
-    )
+    with tempfile.TemporaryDirectory(prefix="fastformers-tokenizer-") as tokenizer:
+        tokenizer_files(onnx_folder, Path(tokenizer))
+        mlflow.pyfunc.log_model(
+            name=ARTIFACT_PATH,
+            python_model=str(
+                PACKAGE / "tracking" / "served_model.py"
+            ),  # models from code: a file path, run when loaded
+            code_paths=[str(PACKAGE)],  # copied to the model's code/fastformers, put first on sys.path when loaded
+            artifacts={role: str(path) for role, path in files.items()} | {"tokenizer": tokenizer},
+            pip_requirements=served_requirements(engine),
+            model_config={
+                "task": cfg.task.name,
+                "max_seq_length": cfg.task.max_seq_length,
+                "max_records": cfg.serve.max_records,
+                "engine_conf": OmegaConf.to_container(cfg.engines[engine.name], resolve=True),
+            }
+            | task_spec
+            | choice,
+        )
     mlflow.set_tags({"served.engine": target.engine, "served.precision": target.precision})
     return choice
