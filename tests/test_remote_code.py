@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForSequenceClassification
 
 from fastformers.data.loading import load_examples, texts_of
@@ -76,6 +77,7 @@ def test_the_model_card_says_what_was_pruned_from_what_and_how_to_load_it(cb_tex
     assert "| 0 | 2 of 4 | [0, 2] | 32 of 128 |" in card and "| 1 | 1 of 4 | [3] | 10 of 128 |" in card
     assert f"{before:,} before, {count_parameters(model):,} after" in card
     assert "from_pretrained(folder, trust_remote_code=True)" in card and "load_finetuned" in card
+    assert f"saved with transformers {transformers.__version__} and torch " in card
 
 
 def test_an_unpruned_folder_needs_no_remote_code(cb_texts, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from importlib.metadata import version
 from pathlib import Path
 
 from fastformers.models import modeling_fastformers
@@ -68,7 +69,9 @@ def model_card(model, source: str, parameters_before: int) -> str:
         "layer and the rest removed from the weights (fewer parameters and FLOPs, not masks).\n\n"
         f"- model type: `{layout.model_type}`, {len(rows)} layers, {config.num_labels} labels\n"
         f"- parameters: {parameters_before:,} before, {after:,} after "
-        f"({1 - after / parameters_before:.1%} removed)\n\n"
+        f"({1 - after / parameters_before:.1%} removed)\n"
+        f"- saved with transformers {version('transformers')} and torch {version('torch')} (the modeling file "
+        "overrides transformers' own classes: another major version may need it updated)\n\n"
         "| layer | heads kept | which (original indices) | FFN neurons kept |\n"
         "|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
         "## Load\n\n"
