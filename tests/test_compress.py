@@ -240,6 +240,14 @@ def test_a_stopped_search_resumes_without_repeating_finished_trials(make_cfg, st
     assert Path(cfg.paths.output_dir, file).is_file()
 
 
+def test_a_second_search_from_the_same_folder_is_refused_while_one_runs(make_cfg):
+    cfg = search_cfg(make_cfg, 1)
+    with compress.one_search(cfg), pytest.raises(FastformersError, match="another search is running"):
+        compress.run(cfg)  # the first `with` is what a running search holds
+    with compress.one_search(cfg):  # released with the first: the next one starts
+        pass
+
+
 def test_a_search_past_its_deadline_starts_no_trial(make_cfg):
     calls: list = []
     cfg = search_cfg(make_cfg, 3)

@@ -11,6 +11,7 @@ resumes without repeating finished trials; a trial killed mid-run is failed by i
 from __future__ import annotations
 
 import copy
+import fcntl
 import itertools
 import json
 import logging
@@ -19,7 +20,8 @@ import random
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -477,20 +479,42 @@ def run(cfg: DictConfig) -> dict[str, float]:
     validate(cfg)
     started = time.monotonic()
     deadline = started + 60 * cfg.compress.timeout_minutes
-    cfg, held_out = with_holdout(cfg)
-    uri = tracking.tracking_uri(cfg)
-    parent = start_parent(cfg, uri)
-    status = "FAILED"
-    try:
-        summary = compress(cfg, held_out, deadline, parent)
-        status = "FINISHED"
-        return summary
-    except BaseException as err:
-        status = "KILLED" if stop_signal(err) is not None else "FAILED"
-        raise
-    finally:
-        os.environ.pop(tracking.PARENT_ENV, None)
-        tracking.write_end(uri, parent, status)
+    with one_search(cfg):
+        cfg, held_out = with_holdout(cfg)
+        uri = tracking.tracking_uri(cfg)
+        parent = start_parent(cfg, uri)
+        status = "FAILED"
+        try:
+            summary = compress(cfg, held_out, deadline, parent)
+            status = "FINISHED"
+            return summary
+        except BaseException as err:
+            status = "KILLED" if stop_signal(err) is not None else "FAILED"
+            raise
+        finally:
+            os.environ.pop(tracking.PARENT_ENV, None)
+            tracking.write_end(uri, parent, status)
+
+
+@contextmanager
+def one_search(cfg: DictConfig) -> Iterator[None]:
+    """With the SQLite study, one search at a time per output folder (an flock the kernel drops with the process):
+    two at once beside one SQLite MLflow store left it "malformed" here. Several workers share a study through
+    the journal storage (and an MLflow server), which this does not lock."""
+    if cfg.compress.storage != "sqlite":
+        yield
+        return
+    out = Path(cfg.paths.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "optuna.db.lock").open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FastformersError(
+                f"compress: another search is running from {out} (it holds {out / 'optuna.db.lock'}): wait for it "
+                "to end, or give this one its own paths.output_dir"
+            ) from None
+        yield
 
 
 def compress(cfg: DictConfig, held_out: str, deadline: float, parent: str) -> dict[str, float]:
