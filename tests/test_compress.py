@@ -248,6 +248,14 @@ def test_a_second_search_from_the_same_folder_is_refused_while_one_runs(make_cfg
         pass
 
 
+def test_a_trial_whose_run_the_store_lost_is_warned_about_not_fatal(tmp_path, caplog):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # a store that never held the trial's run
+    trial = made_trial(3, 0.8, 0.3)
+    trial.user_attrs["run_id"] = "0" * 32
+    compress.note_on_trial_run(client, trial, {"compress/latency_p50_ms": 1.0}, {"compress.front": "1"})
+    assert "trial 3's run" in caplog.text and "not updated" in caplog.text
+
+
 def test_a_search_past_its_deadline_starts_no_trial(make_cfg):
     calls: list = []
     cfg = search_cfg(make_cfg, 3)

@@ -645,10 +645,23 @@ def time_models(cfg, client, front: Sequence[FrozenTrial], chosen, teacher_depth
     for trial in [*front, *([chosen] if chosen is not None and chosen not in front else [])]:
         paper = chosen is not None and trial.number == chosen.number and cfg.compress.paper_baseline
         timings[trial.number] = timing = time_model(cfg, trial, teacher_depth, paper)
-        if timing.latency_ms is not None:
-            client.log_metric(trial.user_attrs["run_id"], "compress/latency_p50_ms", timing.latency_ms)
-        client.set_tag(trial.user_attrs["run_id"], "compress.front", "1" if trial in front else "0")
+        latency = {} if timing.latency_ms is None else {"compress/latency_p50_ms": timing.latency_ms}
+        note_on_trial_run(client, trial, latency, {"compress.front": "1" if trial in front else "0"})
     return timings
+
+
+def note_on_trial_run(client: MlflowClient, trial: FrozenTrial, metrics: dict, tags: dict) -> None:
+    """Adds to a finished trial's run; a run the store no longer has (the study outlived its MLflow store: moved,
+    rebuilt) is warned about, not fatal: the study, not the store, is the search's record."""
+    run_id = trial.user_attrs["run_id"]
+    try:
+        for key, value in metrics.items():
+            client.log_metric(run_id, key, value)
+        for key, text in tags.items():
+            client.set_tag(run_id, key, text)
+    except mlflow.exceptions.MlflowException as err:
+        log.warning("compress: trial %d's run %s is not in this MLflow store (%s): not updated", trial.number,
+                    run_id, err.message[:200])  # fmt: skip
 
 
 def time_model(cfg: DictConfig, trial: FrozenTrial | None, teacher_depth: int, paper: bool = False) -> Timing:
