@@ -198,19 +198,24 @@ def trial_cfg(cfg: DictConfig, params: dict, teacher_depth: int) -> DictConfig:
     return cfg
 
 
-def suggest(trial: optuna.Trial, space: DictConfig, teacher_depth: int) -> dict:
-    """A point of the space (depths beyond the teacher's are left out of it)."""
+def axes(space: DictConfig, teacher_depth: int) -> dict[str, list]:
+    """The values of each dimension of the space (depths beyond the teacher's are left out of it)."""
     depths = [n for n in space.layers if n <= teacher_depth]
     if not depths:
         raise FastformersError(
             f"compress.space.layers={list(space.layers)}: none fits the {teacher_depth}-layer teacher"
         )
     return {
-        "layers": trial.suggest_categorical("layers", depths),
-        "seeding": trial.suggest_categorical("seeding", list(space.seeding)),
-        "heads": trial.suggest_categorical("heads", [float(v) for v in space.heads]),
-        "ffn": trial.suggest_categorical("ffn", [float(v) for v in space.ffn]),
+        "layers": depths,
+        "seeding": list(space.seeding),
+        "heads": [float(v) for v in space.heads],
+        "ffn": [float(v) for v in space.ffn],
     }
+
+
+def suggest(trial: optuna.Trial, space: DictConfig, teacher_depth: int) -> dict:
+    """A point of the space, drawn by the study's sampler."""
+    return {name: trial.suggest_categorical(name, values) for name, values in axes(space, teacher_depth).items()}
 
 
 # ---- one point: the stages, then what the budget reads --------------------------------------------------------
@@ -437,14 +442,9 @@ def repeat_of(study: optuna.Study, params: dict) -> int | None:
 def unvisited_point(study: optuna.Study, space: DictConfig, teacher_depth: int, seed: int) -> dict | None:
     """A point of the space no trial has run, runs or waits to run, drawn with `seed`: what a repeat is replaced
     with, so a sampler that keeps proposing its parents (NSGA-II on a small categorical space) still explores."""
-    axes = {
-        "layers": [n for n in space.layers if n <= teacher_depth],
-        "seeding": list(space.seeding),
-        "heads": [float(v) for v in space.heads],
-        "ffn": [float(v) for v in space.ffn],
-    }
+    values = axes(space, teacher_depth)
     taken = [t.params or t.system_attrs.get("fixed_params", {}) for t in study.get_trials(deepcopy=False)]
-    points = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+    points = [dict(zip(values, point)) for point in itertools.product(*values.values())]
     fresh = [p for p in points if p not in taken]
     return random.Random(seed).choice(fresh) if fresh else None
 
