@@ -44,6 +44,7 @@ from fastformers.data.task_config import task_of
 from fastformers.errors import FastformersError, stop_signal
 from fastformers.run import pipeline
 from fastformers.tracking import runs as tracking
+from fastformers.tracking.report import pareto
 
 log = logging.getLogger(__name__)
 
@@ -539,7 +540,9 @@ def compress(cfg: DictConfig, held_out: str, deadline: float, parent: str) -> di
         return point
 
     trials = search(cfg, study, evaluate, budget, deadline, depth)
-    holdout = HoldOut(held_out, labelled_sample(task, source.examples(held_out)), *holdout_point(cfg, held_out, None))
+    holdout = HoldOut(
+        held_out, labelled_sample(task, source.examples(held_out)), *holdout_point(cfg, held_out, None, depth)
+    )
     confirmations: dict[int, Confirmation] = {}
 
     def confirm(trial: FrozenTrial) -> bool:
@@ -576,14 +579,22 @@ class Confirmation:
     passed: bool
 
 
-def holdout_point(cfg: DictConfig, held_out: str, trial: FrozenTrial | None, teacher_depth: int = 0):
-    """(score, predictions) on the held-out slice of the teacher (trial None) or a trial's student: the same
-    stages, all cache hits but an evaluate of the slice alone."""
+def side_run(cfg: DictConfig, trial: FrozenTrial | None, teacher_depth: int) -> DictConfig:
+    """The run of the teacher (trial None) or a trial's student that checks or times it: the same stages (cache
+    hits), without the timing stage, serving nothing (the trial's own run serves its model)."""
     run_cfg = teacher_cfg(cfg) if trial is None else trial_cfg(cfg, trial.params, teacher_depth)
     with open_dict(run_cfg):
-        run_cfg.evaluate.splits = [held_out]
         run_cfg.stages = [s for s in run_cfg.stages if s != TIMING_STAGE]
-        run_cfg.mlflow.serve_model = False  # a check of a trial's model: the trial's run serves it
+        run_cfg.mlflow.serve_model = False
+    return run_cfg
+
+
+def holdout_point(cfg: DictConfig, held_out: str, trial: FrozenTrial | None, teacher_depth: int):
+    """(score, predictions) on the held-out slice of the teacher (trial None) or a trial's student: the same
+    stages, all cache hits but an evaluate of the slice alone."""
+    run_cfg = side_run(cfg, trial, teacher_depth)
+    with open_dict(run_cfg):
+        run_cfg.evaluate.splits = [held_out]
     results = pipeline.run(run_cfg)
     score = results.get(f"evaluate/{split_label(held_out)}/score")
     run = mlflow.last_active_run()
@@ -610,18 +621,20 @@ def confirm_on_holdout(
 
 
 def pareto_front(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    """The finished trials no other beats on both score (up) and multiply-adds (down), fewest multiply-adds first."""
+    """The finished trials no other beats on both score (up) and multiply-adds (down), fewest multiply-adds first
+    (the report's rule, tracking/report.pareto)."""
+    rows = [Ranked(t.user_attrs["score"], t.user_attrs["gmacs"], t) for t in trials]
+    return [row.trial for row in sorted(pareto(rows, "gmacs"), key=lambda row: row.gmacs)]
 
-    def beaten(t: FrozenTrial) -> bool:
-        a = t.user_attrs
-        return any(
-            o.user_attrs["score"] >= a["score"]
-            and o.user_attrs["gmacs"] <= a["gmacs"]
-            and (o.user_attrs["score"], o.user_attrs["gmacs"]) != (a["score"], a["gmacs"])
-            for o in trials
-        )
 
-    return sorted((t for t in trials if not beaten(t)), key=lambda t: t.user_attrs["gmacs"])
+@dataclass
+class Ranked:
+    """A trial as the report's `pareto` reads a row: one task, so every score compares."""
+
+    score: float
+    gmacs: float
+    trial: FrozenTrial
+    task: str = ""
 
 
 @dataclass(frozen=True)
@@ -667,12 +680,10 @@ def note_on_trial_run(client: MlflowClient, trial: FrozenTrial, metrics: dict, t
 def time_model(cfg: DictConfig, trial: FrozenTrial | None, teacher_depth: int, paper: bool = False) -> Timing:
     """One benchmark run of the teacher (trial None) or a trial's student at batch 1 (compress.latency_row and
     compress.torch_row), with the paper's baseline shape beside it when asked."""
-    run_cfg = teacher_cfg(cfg) if trial is None else trial_cfg(cfg, trial.params, teacher_depth)
+    run_cfg = side_run(cfg, trial, teacher_depth)
     with open_dict(run_cfg):
-        if TIMING_STAGE not in run_cfg.stages:
-            run_cfg.stages = [*run_cfg.stages, TIMING_STAGE]
+        run_cfg.stages = [*run_cfg.stages, TIMING_STAGE]
         run_cfg.benchmark.paper_baseline.enabled = paper
-        run_cfg.mlflow.serve_model = False
     results = pipeline.run(run_cfg)
     p50 = "benchmark/{}/latency_p50_ms"
     return Timing(
@@ -693,13 +704,12 @@ def other_seeds(cfg: DictConfig, chosen: FrozenTrial, teacher_depth: int, teache
     its own training seed stays): [(seed, eval score, held-out score)], the spread the chosen score comes with."""
     scores = []
     for seed in cfg.compress.seeds:
-        run_cfg = trial_cfg(cfg, chosen.params, teacher_depth)
+        run_cfg = side_run(cfg, chosen, teacher_depth)
         with open_dict(run_cfg):
             run_cfg.seed = int(seed)
-            run_cfg.stages = [s for s in run_cfg.stages if s not in ("finetune", TIMING_STAGE)]
+            run_cfg.stages = [s for s in run_cfg.stages if s != "finetune"]
             run_cfg.teacher.pretrained = str(teacher_folder)
             run_cfg.evaluate.splits = [cfg.task.eval_split, held_out]
-            run_cfg.mlflow.serve_model = False
         results = pipeline.run(run_cfg)
         label, held = split_label(cfg.task.eval_split), split_label(held_out)
         scores.append((int(seed), results[f"evaluate/{label}/score"], results[f"evaluate/{held}/score"]))

@@ -177,9 +177,8 @@ def log_served_model(onnx_folder: Path, cfg: DictConfig, pick_folder: Path | Non
         tokenizer_files(onnx_folder, Path(tokenizer))
         mlflow.pyfunc.log_model(
             name=ARTIFACT_PATH,
-            python_model=str(
-                PACKAGE / "tracking" / "served_model.py"
-            ),  # models from code: a file path, run when loaded
+            # models from code: a file path, run when loaded
+            python_model=str(PACKAGE / "tracking" / "served_model.py"),
             code_paths=[str(PACKAGE)],  # copied to the model's code/fastformers, put first on sys.path when loaded
             artifacts={role: str(path) for role, path in files.items()} | {"tokenizer": tokenizer},
             pip_requirements=served_requirements(engine),
