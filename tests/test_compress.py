@@ -53,6 +53,23 @@ def test_the_space_composes_into_trial_runs_that_keep_the_teacher_key(make_cfg):
     assert timed.stages[-1] == "benchmark"
 
 
+def test_distillation_settings_are_dimensions_of_the_space_that_leave_the_teacher_alone(make_cfg):
+    cfg = make_cfg("experiment=compress", "compress.space.distill={hidden_weight:[0.0,1.0],augment:[0,4]}")
+    compress.validate(cfg)
+    axes = compress.axes(cfg.compress.space, 6)
+    assert axes["distill.hidden_weight"] == [0.0, 1.0] and axes["distill.augment"] == [0, 4]
+    point = {"layers": 2, "seeding": "bottom", "heads": 1.0, "ffn": 0.5}
+    plain = compress.trial_cfg(cfg, point | {"distill.hidden_weight": 0.0, "distill.augment": 0}, 6)
+    tiny = compress.trial_cfg(cfg, point | {"distill.hidden_weight": 1.0, "distill.augment": 4}, 6)
+    assert (tiny.distill.hidden_weight, tiny.distill.augment) == (1.0, 4)
+    assert stage_key(plain, "finetune") == stage_key(tiny, "finetune")
+    teacher = {"model": (Path("."), stage_key(plain, "finetune"))}
+    assert stage_key(plain, "distill", teacher) != stage_key(tiny, "distill", teacher)
+    for bad, said in (("{hiden_weight:[1.0]}", "not a distill setting"), ("{augment:[]}", "at least one value")):
+        with pytest.raises(FastformersError, match=rf"compress\.space\.distill\..*{said}"):
+            compress.validate(make_cfg("experiment=compress", f"compress.space.distill={bad}"))
+
+
 def test_pruning_search_is_compress_at_the_recipe_depth(make_cfg):
     cfg = make_cfg("experiment=pruning_search")
     compress.validate(cfg)

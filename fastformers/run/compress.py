@@ -49,6 +49,7 @@ from fastformers.tracking.report import pareto
 log = logging.getLogger(__name__)
 
 SEEDINGS = ("bottom", "every_other")  # which teacher layers a student of n layers copies
+DISTILL_AXIS = "distill."  # a space dimension that sets a distill key (compress.space.distill) is named distill.<key>
 DIRECTIONS = {"score": StudyDirection.MAXIMIZE, "gmacs": StudyDirection.MINIMIZE, "latency_ms": StudyDirection.MINIMIZE}
 STUDENT_STAGES = ("distill", "prune")  # what a trial adds to the teacher's stages
 TIMING_STAGE = "benchmark"
@@ -113,6 +114,11 @@ def validate(cfg: DictConfig) -> None:
     for axis in ("heads", "ffn"):
         if not all(isinstance(v, (int, float)) and 0 < v <= 1 for v in space[axis]):
             raise FastformersError(f"compress.space.{axis}={list(space[axis])}: fractions kept, in (0, 1]")
+    for key, values in (space.get("distill") or {}).items():
+        if key not in cfg.distill:
+            raise FastformersError(f"compress.space.distill.{key}: not a distill setting (conf/config.yaml distill:)")
+        if not isinstance(values, Sequence) or isinstance(values, str) or not values:
+            raise FastformersError(f"compress.space.distill.{key}={values!r}: a list of at least one value")
     missing = [stage for stage in STUDENT_STAGES if stage not in cfg.stages]
     if missing:
         raise FastformersError(f"stages={list(cfg.stages)}: compress needs {missing} (each trial distils and prunes)")
@@ -194,6 +200,9 @@ def trial_cfg(cfg: DictConfig, params: dict, teacher_depth: int) -> DictConfig:
         cfg.pruning.name = f"h{params['heads']}_f{params['ffn']}"
         cfg.pruning.heads = float(params["heads"])
         cfg.pruning.ffn = float(params["ffn"])
+        for name, value in params.items():
+            if name.startswith(DISTILL_AXIS):
+                cfg.distill[name.removeprefix(DISTILL_AXIS)] = value
         if measures_latency(cfg) and TIMING_STAGE not in cfg.stages:
             cfg.stages = [*cfg.stages, TIMING_STAGE]
     return cfg
@@ -211,7 +220,7 @@ def axes(space: DictConfig, teacher_depth: int) -> dict[str, list]:
         "seeding": list(space.seeding),
         "heads": [float(v) for v in space.heads],
         "ffn": [float(v) for v in space.ffn],
-    }
+    } | {DISTILL_AXIS + key: list(values) for key, values in (space.get("distill") or {}).items()}
 
 
 def suggest(trial: optuna.Trial, space: DictConfig, teacher_depth: int) -> dict:
