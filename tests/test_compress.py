@@ -208,6 +208,18 @@ def test_a_point_drawn_again_is_pruned_and_not_counted(make_cfg):
     # max_misses repeats in a row instead of spinning until its deadline
 
 
+def test_a_new_study_s_first_trials_cover_every_value_of_every_dimension(make_cfg):
+    calls: list = []
+    cfg = search_cfg(make_cfg, 3, "compress.space.layers=[1,2,3]", "compress.space.heads=[1.0,0.75,0.5]")
+    study = compress.open_study(cfg)
+    compress.search(cfg, study, fake_stages(calls), compress.Budget(0.8, 10.0), time.monotonic() + 600, 6)
+    for name, values in compress.axes(cfg.compress.space, 6).items():
+        assert {c[name] for c in calls} == set(values), name  # 3 trials: each depth and each heads share once
+    again = search_cfg(make_cfg, 4, "compress.space.layers=[1,2,3]", "compress.space.heads=[1.0,0.75,0.5]")
+    compress.search(again, study, fake_stages(calls), compress.Budget(0.8, 10.0), time.monotonic() + 600, 6)
+    assert len(calls) == 4  # a resumed study is not seeded again: one more trial, drawn by the sampler
+
+
 def test_the_front_is_what_no_other_trial_beats_on_both_objectives():
     trials = [made_trial(0, 0.70, 0.1), made_trial(1, 0.80, 0.5), made_trial(2, 0.75, 0.6), made_trial(3, 0.82, 2.0)]
     assert [t.number for t in compress.pareto_front(trials)] == [0, 1, 3]  # 2 is beaten by 1 on both

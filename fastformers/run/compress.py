@@ -409,6 +409,9 @@ def search(
     trial whose stages refuse its point (FastformersError) is recorded FAILED and the search goes on."""
     remaining = cfg.compress.trials - len(completed(study))
     seconds = deadline - time.monotonic()
+    if not study.trials:
+        for point in covering_points(cfg.compress.space, teacher_depth, cfg.compress.seed):
+            study.enqueue_trial(point)
     if remaining > 0 and seconds > 0:
 
         def objective(trial: optuna.Trial) -> tuple[float, ...]:
@@ -442,6 +445,23 @@ def search(
     elif remaining <= 0:
         print(f"compress: the study already has {len(completed(study))} finished trials: none to run", flush=True)
     return completed(study)
+
+
+def covering_points(space: DictConfig, teacher_depth: int, seed: int) -> list[dict]:
+    """A new study's first points: every value of every dimension in at least one of them (a Latin design, as
+    many points as the longest dimension has values). NSGA-II's first generation is drawn at random and later ones
+    mostly recombine it, so a depth the first draws missed was left out of whole searches (CB, seed 0: no 3-layer
+    student in 12 trials)."""
+    values = axes(space, teacher_depth)
+    size = max(len(v) for v in values.values())
+    draw = random.Random(seed)
+    columns = {}
+    for name, options in values.items():
+        column = [options[i % len(options)] for i in range(size)]
+        draw.shuffle(column)
+        columns[name] = column
+    points = [{name: column[i] for name, column in columns.items()} for i in range(size)]
+    return [p for i, p in enumerate(points) if p not in points[:i]]
 
 
 def repeat_of(study: optuna.Study, params: dict) -> int | None:
