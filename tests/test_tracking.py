@@ -2,6 +2,7 @@
 process is gone (killed, crashed) and sweeps stopped half-way, a tracking server that is down, and `report` pointed
 at a file that is not an MLflow store."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -184,6 +185,40 @@ def test_report_refuses_a_file_that_is_not_an_mlflow_store(tmp_path, capsys, con
     assert line.startswith(f"fastformers: error: report: --tracking-uri sqlite:///{store}: {store} {problem}")
     assert store.read_bytes() == content  # MLflow did not write its schema into it
     assert not (tmp_path / "out").exists()
+
+
+def other_process_sql(db: Path, sql: str) -> str:
+    """Runs `sql` on `db` from another process, through one connection it closes (its last: SQLite then checkpoints
+    and deletes the WAL if no other process holds the store); returns the first column of the first row."""
+    code = "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); r = c.execute(sys.argv[2]).fetchone(); c.commit()"
+    code += "; c.close(); print(r[0] if r else '')"
+    return subprocess.run([sys.executable, "-c", code, str(db), sql], check=True, capture_output=True, text=True).stdout
+
+
+def test_checking_a_store_this_process_has_open_loses_none_of_its_writes(tmp_path):
+    """Every job checks its store (`sqlite_problem`) while MLflow's pooled connections to it are open. Had that
+    dropped their locks (a plain open()/close() of the file does), the other process's last close would delete the
+    WAL under them: the write after it would go to the deleted file (a "Run not found", then a malformed store)."""
+    db = tmp_path / "mlflow.db"
+    with contextlib.closing(sqlite3.connect(db)) as con:  # idle between statements, as MLflow's pooled ones are
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("CREATE TABLE runs (id INTEGER)")
+        con.execute("INSERT INTO runs VALUES (1)")
+        con.commit()
+        assert tracking.sqlite_problem(db, empty_ok=False) is None
+        other_process_sql(db, "INSERT INTO runs VALUES (2)")
+        con.execute("INSERT INTO runs VALUES (3)")
+        con.commit()
+        assert other_process_sql(db, "SELECT group_concat(id) FROM runs").split() == ["1,2,3"]
+        assert other_process_sql(db, "PRAGMA integrity_check").split() == ["ok"]
+
+
+def test_the_store_check_refuses_a_folder_and_a_file_with_only_the_magic_of_sqlite(tmp_path):
+    assert tracking.sqlite_problem(tmp_path / "none.db", empty_ok=False) is None
+    assert tracking.sqlite_problem(tmp_path, empty_ok=True) == f"{tmp_path} is a folder, not an SQLite database"
+    fake = tmp_path / "fake.db"
+    fake.write_bytes(b"SQLite format 3\x00" + bytes(84))  # the magic, then a header SQLite rejects (page size 0)
+    assert tracking.sqlite_problem(fake, empty_ok=False) == f"{fake} is not an SQLite database, so not an MLflow store"
 
 
 def test_runs_whose_process_is_gone_are_marked_killed_at_the_next_start(make_cfg, caplog):

@@ -42,7 +42,6 @@ ROLE_TAG = "fastformers.role"  # `sweep` on the parent run, `report` on a standa
 HOST_TAG = "fastformers.host"  # the machine whose process owns a run ...
 PID_TAG = "fastformers.pid"  # ... that process ...
 PID_START_TAG = "fastformers.pid_start"  # ... and when it started (Linux: ticks after boot), against pid reuse
-SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
 # How long the end of a run is retried while the store stays locked; each try itself waits up to MLflow's SQLite
 # busy timeout (`PRAGMA busy_timeout = 20000` on every session), so a writer holding the store for a minute is
 # outlasted.
@@ -80,20 +79,29 @@ def sqlite_path(uri: str) -> Path | None:
 
 def sqlite_problem(db: Path, empty_ok: bool) -> str | None:
     """Why `db` cannot be an MLflow store (None if it can): an existing file that is not an SQLite database. An empty
-    file is one SQLite would quietly turn into a store; `empty_ok` says whether that is wanted."""
+    file is one SQLite would quietly turn into a store; `empty_ok` says whether that is wanted.
+
+    The header is read by SQLite itself, never through open(): closing any other descriptor on the file drops every
+    POSIX lock this process's SQLite connections (MLflow's pool) hold on it, and another process closing its last
+    connection then checkpoints and deletes the WAL under them: their next writes are lost and the store ends
+    "database disk image is malformed" (https://www.sqlite.org/howtocorrupt.html, 2.2)."""
     try:
-        with db.open("rb") as stream:
-            head = stream.read(len(SQLITE_MAGIC))
+        size = db.stat().st_size
     except FileNotFoundError:
         return None
-    except IsADirectoryError:
-        return f"{db} is a folder, not an SQLite database"
     except OSError as err:
         return f"{db} cannot be read ({err.strerror})"
-    if not head:
+    if db.is_dir():
+        return f"{db} is a folder, not an SQLite database"
+    if size == 0:
         return None if empty_ok else f"{db} is an empty file, not an MLflow store (run a job first)"
-    if head != SQLITE_MAGIC:
-        return f"{db} is not an SQLite database, so not an MLflow store"
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as con:
+            con.execute("PRAGMA schema_version").fetchone()  # reads the header: SQLITE_NOTADB without the magic
+    except sqlite3.DatabaseError as err:
+        if err.sqlite_errorname == "SQLITE_NOTADB":
+            return f"{db} is not an SQLite database, so not an MLflow store"
+        return f"{db} cannot be read ({err})"
     return None
 
 
