@@ -269,6 +269,13 @@ def test_a_stopped_search_resumes_without_repeating_finished_trials(make_cfg, st
     assert Path(cfg.paths.output_dir, file).is_file()
 
 
+def test_a_study_resumes_only_with_the_settings_it_started_with(make_cfg):
+    compress.open_study(search_cfg(make_cfg, 2))
+    compress.open_study(search_cfg(make_cfg, 5, "distill.progress_bar=true", "compress.timeout_minutes=90"))
+    with pytest.raises(FastformersError, match=r"^distill\.hidden_weight=0\.0, but study .* started with 1\.0"):
+        compress.open_study(search_cfg(make_cfg, 2, "distill.hidden_weight=0.0"))
+
+
 def test_a_second_search_from_the_same_folder_is_refused_while_one_runs(make_cfg):
     cfg = search_cfg(make_cfg, 1)
     with compress.one_search(cfg), pytest.raises(FastformersError, match="another search is running"):

@@ -53,6 +53,9 @@ DISTILL_AXIS = "distill."  # a space dimension that sets a distill key (compress
 DIRECTIONS = {"score": StudyDirection.MAXIMIZE, "gmacs": StudyDirection.MINIMIZE, "latency_ms": StudyDirection.MINIMIZE}
 STUDENT_STAGES = ("distill", "prune")  # what a trial adds to the teacher's stages
 TIMING_STAGE = "benchmark"
+# what a trial's result depends on beside its point: a study resumes only with the values it started with
+TRIAL_SETTINGS = ("stages", "seed", "data", "task", "teacher", "finetune", "distill", "pruning", "precision", "export",
+                  "evaluate", "engines")  # fmt: skip
 MODEL_STAGES = ("prune", "distill", "finetune", "teacher")  # the last of these a run has holds its model
 ROLE = "compress"
 
@@ -385,10 +388,41 @@ def open_study(cfg: DictConfig, storage=None) -> optuna.Study:
         directions=[DIRECTIONS[name] for name in cfg.compress.objectives],
         load_if_exists=True,
     )
+    check_settings(study, trial_settings(cfg))
     study.sampler = optuna.samplers.NSGAIISampler(
         population_size=cfg.compress.population_size, seed=cfg.compress.seed + len(study.trials)
     )
     return study
+
+
+def trial_settings(cfg: DictConfig) -> dict[str, object]:
+    """What every trial's result depends on beside its point (dotted keys): a study resumed with other values would
+    rank students trained or scored differently against each other."""
+    return flatten({key: pipeline.hashed(cfg[key]) for key in TRIAL_SETTINGS if key in cfg})  # as cache keys see them
+
+
+def flatten(tree: object, prefix: str = "") -> dict[str, object]:
+    """{"a": {"b": 1}} as {"a.b": 1}: a changed setting is then named by its full key."""
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+    return {prefix.removesuffix("."): tree}
+
+
+def check_settings(study: optuna.Study, settings: dict[str, object]) -> None:
+    """Records the settings with a new study; refuses to resume one started with other values (one line, the first
+    key that differs). A study from before the record gets this run's."""
+    recorded = study.user_attrs.get("settings")
+    if recorded is None:
+        study.set_user_attr("settings", json.loads(json.dumps(settings, default=str)))
+        return
+    now = json.loads(json.dumps(settings, default=str))
+    changed = sorted(key for key in recorded.keys() | now.keys() if recorded.get(key) != now.get(key))
+    if changed:
+        key = changed[0]
+        raise FastformersError(
+            f"{key}={now.get(key)!r}, but study {study.study_name!r} was started with {recorded.get(key)!r}"
+            f" ({len(changed)} setting(s) differ): restore it, or start a new study with compress.study_name=..."
+        )
 
 
 def completed(study: optuna.Study) -> list[FrozenTrial]:
@@ -529,8 +563,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
 @contextmanager
 def one_search(cfg: DictConfig) -> Iterator[None]:
     """With the SQLite study, one search at a time per output folder (an flock the kernel drops with the process):
-    two at once beside one SQLite MLflow store left it "malformed" here. Several workers share a study through
-    the journal storage (and an MLflow server), which this does not lock."""
+    a second one here is a kill that missed, and would race the first for the same trials and timings. Several
+    workers share a study on purpose through the journal storage (and an MLflow server), which this does not lock."""
     if cfg.compress.storage != "sqlite":
         yield
         return
