@@ -341,6 +341,7 @@ def test_pruning_search_runs_resumes_and_leaves_a_model_transformers_loads(super
     assert second.stdout.count("stage prune: ran") <= 2  # one new trial and the chosen point's other seed at most
     assert "3 finished trials" in second.stdout and "GMAC x engine gain" in second.stdout
     assert "seeds [42, 43]" in second.stdout and "on the held-out slice" in second.stdout
+    assert "compress: the Pareto figure and the trials' table" in second.stdout
     client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("pruning_search")
     runs = client.search_runs([experiment.experiment_id])
@@ -362,3 +363,6 @@ def test_pruning_search_runs_resumes_and_leaves_a_model_transformers_loads(super
         [sys.executable, "-I", "-c", load, str(folder)], capture_output=True, text=True, cwd=folder, timeout=300
     )
     assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert len(list(folder.parent.glob("compress_pareto_*.png"))) == 1  # the search leaves its figure beside it
+    logged = [a.path for p in parents for a in client.list_artifacts(p.info.run_id, "report")]
+    assert any(path.endswith(".png") for path in logged) and any(path.endswith(".csv") for path in logged)

@@ -43,8 +43,9 @@ from fastformers.data.loading import DataSource, EncodedDataset, holdout_split, 
 from fastformers.data.task_config import task_of
 from fastformers.errors import FastformersError, stop_signal
 from fastformers.run import pipeline
+from fastformers.tracking import compress_report
 from fastformers.tracking import runs as tracking
-from fastformers.tracking.report import pareto
+from fastformers.tracking.report import experiment_runs, pareto
 
 log = logging.getLogger(__name__)
 
@@ -618,7 +619,9 @@ def compress(cfg: DictConfig, held_out: str, deadline: float, parent: str) -> di
     timings = time_models(cfg, client, front, chosen, depth) if cfg.compress.time_front else {}
     seeds = other_seeds(cfg, chosen, depth, teacher.folder, held_out) if chosen is not None else []
     found = Found(teacher, holdout, trials, front, chosen, confirmations, timings, seeds)
-    return report(cfg, client, parent, budget, found)
+    summary = report(cfg, client, parent, budget, found)
+    write_figure(cfg, client, parent)
+    return summary
 
 
 @dataclass(frozen=True)
@@ -946,11 +949,27 @@ def decomposition(teacher_gmacs: float, chosen_gmacs: float, gain: float | None)
     )
 
 
+def write_figure(cfg: DictConfig, client: MlflowClient, parent: str) -> None:
+    """The study's Pareto figure and trial table in this run's folder, logged to its parent run: what
+    `fastformers report --experiment compress` draws for every study of the store, left by the search itself."""
+    _, runs = experiment_runs(client, cfg.mlflow.experiment_name)
+    out = run_folder(cfg) / "compress"
+    files = [path for study in compress_report.studies(runs, cfg.compress.study_name) for path in
+             compress_report.write_study(study, out)]  # fmt: skip
+    for path in files:
+        client.log_artifact(parent, str(path), "report")
+    if files:
+        print(f"compress: the Pareto figure and the trials' table: {', '.join(map(str, files))}", flush=True)
+
+
+def run_folder(cfg: DictConfig) -> Path:
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(cfg.paths.output_dir)
+
+
 def save_chosen(cfg: DictConfig, folder: Path) -> Path:
     """The chosen model as a folder plain transformers loads (a pruned one carries its modeling file and
     `auto_map`: fastformers/models/hub.py), in this run's output folder."""
-    base = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(cfg.paths.output_dir)
-    target = base / "compress" / "chosen_model"
+    target = run_folder(cfg) / "compress" / "chosen_model"
     if target.exists():
         shutil.rmtree(target)
     shutil.copytree(folder, target)
