@@ -412,11 +412,11 @@ def flatten(tree: object, prefix: str = "") -> dict[str, object]:
 def check_settings(study: optuna.Study, settings: dict[str, object]) -> None:
     """Records the settings with a new study; refuses to resume one started with other values (one line, the first
     key that differs). A study from before the record gets this run's."""
+    now = json.loads(json.dumps(settings, default=str))  # as the study stores them: JSON, paths as text
     recorded = study.user_attrs.get("settings")
     if recorded is None:
-        study.set_user_attr("settings", json.loads(json.dumps(settings, default=str)))
+        study.set_user_attr("settings", now)
         return
-    now = json.loads(json.dumps(settings, default=str))
     changed = sorted(key for key in recorded.keys() | now.keys() if recorded.get(key) != now.get(key))
     if changed:
         key = changed[0]
@@ -495,8 +495,8 @@ def covering_points(space: DictConfig, teacher_depth: int, seed: int) -> list[di
         column = [options[i % len(options)] for i in range(size)]
         draw.shuffle(column)
         columns[name] = column
-    points = [{name: column[i] for name, column in columns.items()} for i in range(size)]
-    return [p for i, p in enumerate(points) if p not in points[:i]]
+    # distinct points: the longest dimension's column holds each of its values once
+    return [{name: column[i] for name, column in columns.items()} for i in range(size)]
 
 
 def repeat_of(study: optuna.Study, params: dict) -> int | None:
