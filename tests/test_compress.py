@@ -4,6 +4,7 @@ on the held-out slice). The search logic runs here on a stand-in for the stages;
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 import time
@@ -198,14 +199,66 @@ def search_cfg(make_cfg, trials: int, *more: str):
 
 def test_a_point_drawn_again_is_pruned_and_not_counted(make_cfg):
     calls: list = []
-    cfg = search_cfg(make_cfg, 16, "compress.space.seeding=[bottom]", "compress.max_misses=30")  # 8 points in all
-    study = compress.open_study(cfg)
+    cfg = search_cfg(
+        make_cfg, 16, "compress.space.seeding=[bottom]", "compress.max_misses=30", "compress.monotone=false"
+    )
+    study = compress.open_study(cfg)  # 8 points in all
     done = compress.search(cfg, study, fake_stages(calls), compress.Budget(0.8, 10.0), time.monotonic() + 600, 2)
     pruned = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
     assert len(calls) == len(done) == len({tuple(sorted(c.items())) for c in calls}) == 8  # every shape, once
-    assert pruned and all(t.user_attrs["repeat_of"] in {d.number for d in done} for t in pruned)
+    assert pruned and all(t.user_attrs["settled_by"] in {d.number for d in done} for t in pruned)
     # a repeat is replaced by an unvisited point, so the whole space is run; then the search stops after
     # max_misses repeats in a row instead of spinning until its deadline
+
+
+def point(layers: int, heads: float, ffn: float, seeding: str = "bottom") -> dict:
+    return {"layers": layers, "seeding": seeding, "heads": heads, "ffn": ffn}
+
+
+def finished(number: int, params: dict, score: float, latency_ms: float | None = None):
+    trial = made_trial(number, score, params["layers"] * (params["heads"] + params["ffn"]))
+    trial.params = params
+    trial.user_attrs["latency_ms"] = latency_ms
+    return trial
+
+
+def test_a_finished_trial_settles_the_points_its_verdict_implies():
+    budget = compress.Budget(teacher_score=0.80, max_drop=1.0, latency_ms=5.0)
+    lost = finished(0, point(3, 0.5, 0.5), score=0.70, latency_ms=3.0)  # over the score budget
+    kept = finished(1, point(4, 0.5, 0.5), score=0.80, latency_ms=4.0)  # within every budget
+    slow = finished(2, point(4, 0.25, 1.0), score=0.80, latency_ms=6.0)  # keeps the score, over the latency budget
+    trials = [lost, kept, slow]
+    assert compress.settled_by(trials, point(2, 0.5, 0.25), budget, monotone=True)[0] == 0  # smaller than a loss
+    assert compress.settled_by(trials, point(3, 0.5, 0.5), budget, monotone=True)[0] == 0  # the same point
+    assert compress.settled_by(trials, point(4, 0.75, 0.5), budget, monotone=True)[0] == 1  # cannot be smallest
+    assert compress.settled_by(trials, point(4, 0.5, 1.0), budget, monotone=True)[0] == 1
+    assert compress.settled_by(trials, point(4, 0.25, 1.0), budget, monotone=True)[0] == 2
+    open_points = [
+        point(2, 1.0, 0.25),  # more heads than the loss: it may keep the score
+        point(2, 0.5, 0.25, seeding="every_other"),  # other teacher layers: no trial of its seeding yet
+        point(4, 0.25, 0.5),  # smaller than the one within the budget: it could be chosen
+        point(3, 0.75, 0.75),  # between the loss and the one within the budget
+    ]
+    for params in open_points:
+        assert compress.settled_by(trials, params, budget, monotone=True) is None, params
+    assert compress.settled_by(trials, point(2, 0.5, 0.25), budget, monotone=False) is None  # repeats only
+    assert compress.settled_by(trials, point(4, 0.5, 0.5), budget, monotone=False)[0] == 1
+
+
+def test_a_search_runs_no_point_an_earlier_trial_settled(make_cfg):
+    calls: list = []
+    cfg = search_cfg(make_cfg, 16, "compress.space.layers=[1,2,3,4]", "compress.max_misses=30")
+    budget = compress.Budget(0.8, 1.0)  # fake_stages: 0.5 + 0.1 * layers * (heads + ffn), so 4 layers at 0.75
+    study = compress.open_study(cfg)
+    done = compress.search(cfg, study, fake_stages(calls), budget, time.monotonic() + 600, 4)
+    for i, trial in enumerate(done):
+        assert compress.settled_by(done[:i], trial.params, budget, monotone=True) is None, trial.params
+    assert len(done) < 16  # every point of the 32 was run or settled: the search stopped early
+    values = compress.axes(cfg.compress.space, 4)
+    space = [dict(zip(values, p)) for p in itertools.product(*values.values())]
+    fits = [fake_stages([])(p, 0) for p in space]
+    smallest_fit = min(f.gmacs for f in fits if budget.keeps({"score": f.score}))
+    assert min(t.user_attrs["gmacs"] for t in done if budget.keeps(t.user_attrs)) == smallest_fit  # none missed
 
 
 def test_a_new_study_s_first_trials_cover_every_value_of_every_dimension(make_cfg):

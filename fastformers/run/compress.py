@@ -91,7 +91,7 @@ def validate(cfg: DictConfig) -> None:
     require_number(cfg, "compress.max_mb", 0, lo_open=True, null="no size budget")
     require_number(cfg, "compress.confirm_candidates", 1, integer=True, null="every candidate within the budget")
     require_number(cfg, "compress.max_misses", 1, integer=True)
-    for key in ("time_front", "paper_baseline", "gate"):
+    for key in ("time_front", "paper_baseline", "gate", "monotone"):
         if not isinstance(opts[key], bool):
             raise FastformersError(f"compress.{key}={opts[key]!r} must be true or false")
     if not all(isinstance(seed, int) for seed in opts.seeds):
@@ -439,9 +439,11 @@ def search(
     teacher_depth: int,
 ) -> list[FrozenTrial]:
     """Runs trials until `compress.trials` have finished (counting those of earlier runs of the same study) or the
-    wall-clock deadline passes (Optuna starts no trial after it; the running one ends). A point drawn again (NSGA-II
-    repeats points of a small categorical space) is pruned, not counted: every finished trial is a new shape. A
-    trial whose stages refuse its point (FastformersError) is recorded FAILED and the search goes on."""
+    wall-clock deadline passes (Optuna starts no trial after it; the running one ends). A point a finished trial
+    already settles (the same point, which NSGA-II draws again in a small categorical space, or, with
+    compress.monotone, one its verdict implies: `settled_by`) is pruned, not counted, and an unsettled point is run
+    in its place: every finished trial is a new shape that could move the choice. A trial whose stages refuse its
+    point (FastformersError) is recorded FAILED and the search goes on."""
     remaining = cfg.compress.trials - len(completed(study))
     seconds = deadline - time.monotonic()
     if not study.trials:
@@ -451,13 +453,14 @@ def search(
 
         def objective(trial: optuna.Trial) -> tuple[float, ...]:
             params = suggest(trial, cfg.compress.space, teacher_depth)
-            earlier = repeat_of(study, params)
-            if earlier is not None:
-                trial.set_user_attr("repeat_of", earlier)
-                fresh = unvisited_point(study, cfg.compress.space, teacher_depth, cfg.compress.seed + trial.number)
+            settled = settled_by(completed(study), params, budget, cfg.compress.monotone)
+            if settled is not None:
+                earlier, why = settled
+                trial.set_user_attr("settled_by", earlier)
+                fresh = unvisited_point(study, cfg, teacher_depth, budget, cfg.compress.seed + trial.number)
                 if fresh is not None:
                     study.enqueue_trial(fresh)
-                raise optuna.TrialPruned(f"the point of trial {earlier} again; next: {fresh or 'none left'}")
+                raise optuna.TrialPruned(f"{why}; next: {fresh or 'none left'}")
             point = evaluate(params, trial.number)
             for key in ("score", "gmacs", "latency_ms", "mb", "run_id", "shape"):
                 trial.set_user_attr(key, getattr(point, key))
@@ -499,18 +502,40 @@ def covering_points(space: DictConfig, teacher_depth: int, seed: int) -> list[di
     return [{name: column[i] for name, column in columns.items()} for i in range(size)]
 
 
-def repeat_of(study: optuna.Study, params: dict) -> int | None:
-    """The number of a finished trial at the same point, if any."""
-    return next((t.number for t in completed(study) if t.params == params), None)
+SIZE_AXES = ("layers", "heads", "ffn")  # the dimensions whose larger values keep more of the teacher
 
 
-def unvisited_point(study: optuna.Study, space: DictConfig, teacher_depth: int, seed: int) -> dict | None:
-    """A point of the space no trial has run, runs or waits to run, drawn with `seed`: what a repeat is replaced
-    with, so a sampler that keeps proposing its parents (NSGA-II on a small categorical space) still explores."""
-    values = axes(space, teacher_depth)
+def settled_by(trials: Sequence[FrozenTrial], params: dict, budget: Budget, monotone: bool) -> tuple[int, str] | None:
+    """(trial number, why) when a finished trial's verdict already settles `params`: the same point; or, with
+    `monotone`, a point of the same seeding and distill settings that keeps no more layers, heads and neurons than a
+    trial that lost too much score (it would lose as much: on CB 8 of 12 trials were 1-2-layer students at the
+    majority score), or no fewer than one within the budget (it cannot be the smallest) or over its latency or size
+    budget. Judged by the budget of this run, from each trial's measurements."""
+    for trial in trials:
+        if trial.params == params:
+            return trial.number, f"the point of trial {trial.number} again"
+        if not monotone or any(trial.params.get(k) != v for k, v in params.items() if k not in SIZE_AXES):
+            continue
+        constraints = budget.constraints(trial.user_attrs)
+        loses_score = constraints["score_drop"] > 0 or constraints.get("gate", 0) > 0
+        over_cost = constraints.get("latency_ms", 0) > 0 or constraints.get("mb", 0) > 0
+        if loses_score and all(params[k] <= trial.params[k] for k in SIZE_AXES):
+            return trial.number, f"no larger than trial {trial.number}, which lost more than the budget allows"
+        if not loses_score and all(params[k] >= trial.params[k] for k in SIZE_AXES):
+            verdict = "over the latency or size budget" if over_cost else "within the budget"
+            return trial.number, f"no smaller than trial {trial.number}, which is {verdict}"
+    return None
+
+
+def unvisited_point(study: optuna.Study, cfg: DictConfig, teacher_depth: int, budget: Budget, seed: int):
+    """A point of the space no trial has run, runs or waits to run, and no finished trial settles, drawn with
+    `seed`: what a settled point is replaced with, so a sampler that keeps proposing its parents (NSGA-II on a
+    small categorical space) still explores where the choice can move. None when no such point is left."""
+    values = axes(cfg.compress.space, teacher_depth)
     taken = [t.params or t.system_attrs.get("fixed_params", {}) for t in study.get_trials(deepcopy=False)]
+    finished = completed(study)
     points = [dict(zip(values, point)) for point in itertools.product(*values.values())]
-    fresh = [p for p in points if p not in taken]
+    fresh = [p for p in points if p not in taken and settled_by(finished, p, budget, cfg.compress.monotone) is None]
     return random.Random(seed).choice(fresh) if fresh else None
 
 
