@@ -182,12 +182,16 @@ def test_the_choice_is_the_smallest_within_budget_confirmed_on_the_held_out_slic
     assert chosen is None and [t.number for t in tried] == [2, 1]
 
 
+def fake_cost(params: dict) -> float:
+    return params["layers"] * (params["heads"] + params["ffn"])
+
+
 def fake_stages(calls: list):
     """Stands in for a trial's stages: the score falls and the cost shrinks with what is removed."""
 
     def evaluate(params: dict, number: int) -> compress.Point:
         calls.append(dict(params))
-        kept = params["layers"] * (params["heads"] + params["ffn"])
+        kept = fake_cost(params)
         return compress.Point(score=0.5 + 0.1 * kept, gmacs=kept, shape={}, folder=Path("."), run_id="r")
 
     return evaluate
@@ -203,7 +207,9 @@ def test_a_point_drawn_again_is_pruned_and_not_counted(make_cfg):
         make_cfg, 16, "compress.space.seeding=[bottom]", "compress.max_misses=30", "compress.monotone=false"
     )
     study = compress.open_study(cfg)  # 8 points in all
-    done = compress.search(cfg, study, fake_stages(calls), compress.Budget(0.8, 10.0), time.monotonic() + 600, 2)
+    done = compress.search(
+        cfg, study, fake_stages(calls), compress.Budget(0.8, 10.0), time.monotonic() + 600, 2, fake_cost
+    )
     pruned = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
     assert len(calls) == len(done) == len({tuple(sorted(c.items())) for c in calls}) == 8  # every shape, once
     assert pruned and all(t.user_attrs["settled_by"] in {d.number for d in done} for t in pruned)
@@ -224,25 +230,30 @@ def finished(number: int, params: dict, score: float, latency_ms: float | None =
 
 def test_a_finished_trial_settles_the_points_its_verdict_implies():
     budget = compress.Budget(teacher_score=0.80, max_drop=1.0, latency_ms=5.0)
-    lost = finished(0, point(3, 0.5, 0.5), score=0.70, latency_ms=3.0)  # over the score budget
-    kept = finished(1, point(4, 0.5, 0.5), score=0.80, latency_ms=4.0)  # within every budget
-    slow = finished(2, point(4, 0.25, 1.0), score=0.80, latency_ms=6.0)  # keeps the score, over the latency budget
+    lost = finished(0, point(3, 0.5, 0.5), score=0.70, latency_ms=3.0)  # over the score budget; cost 3
+    kept = finished(1, point(4, 0.5, 0.5), score=0.80, latency_ms=4.0)  # within every budget; cost 4
+    slow = finished(2, point(4, 0.25, 1.0), score=0.80, latency_ms=6.0)  # keeps the score, too slow; cost 5
+
+    def settled(trials, params, cost=fake_cost):
+        found = compress.settled_by(trials, params, budget, cost)
+        return found and found[0]
+
     trials = [lost, kept, slow]
-    assert compress.settled_by(trials, point(2, 0.5, 0.25), budget, monotone=True)[0] == 0  # smaller than a loss
-    assert compress.settled_by(trials, point(3, 0.5, 0.5), budget, monotone=True)[0] == 0  # the same point
-    assert compress.settled_by(trials, point(4, 0.75, 0.5), budget, monotone=True)[0] == 1  # cannot be smallest
-    assert compress.settled_by(trials, point(4, 0.5, 1.0), budget, monotone=True)[0] == 1
-    assert compress.settled_by(trials, point(4, 0.25, 1.0), budget, monotone=True)[0] == 2
+    assert settled(trials, point(2, 0.5, 0.25)) == 0  # no larger than a loss, same seeding
+    assert settled(trials, point(3, 0.5, 0.5)) == 0  # the same point
+    assert settled(trials, point(3, 0.75, 0.75)) == 1  # costs more than one within the budget: never the smallest
+    assert settled(trials, point(3, 1.0, 1.0, seeding="every_other")) == 1  # whatever its seeding
+    assert settled([lost, slow], point(4, 0.5, 1.0)) == 2  # no smaller than one over the latency budget
     open_points = [
         point(2, 1.0, 0.25),  # more heads than the loss: it may keep the score
-        point(2, 0.5, 0.25, seeding="every_other"),  # other teacher layers: no trial of its seeding yet
-        point(4, 0.25, 0.5),  # smaller than the one within the budget: it could be chosen
-        point(3, 0.75, 0.75),  # between the loss and the one within the budget
+        point(2, 0.5, 0.25, seeding="every_other"),  # other teacher layers: no trial of its seeding lost
+        point(4, 0.25, 0.5),  # cheaper than the one within the budget: it could be chosen
+        point(3, 0.75, 0.5),  # between the loss and the one within the budget
     ]
     for params in open_points:
-        assert compress.settled_by(trials, params, budget, monotone=True) is None, params
-    assert compress.settled_by(trials, point(2, 0.5, 0.25), budget, monotone=False) is None  # repeats only
-    assert compress.settled_by(trials, point(4, 0.5, 0.5), budget, monotone=False)[0] == 1
+        assert compress.settled_by(trials, params, budget, fake_cost) is None, params
+    assert settled(trials, point(2, 0.5, 0.25), cost=None) is None  # compress.monotone=false: repeats only
+    assert settled(trials, point(4, 0.5, 0.5), cost=None) == 1
 
 
 def test_a_search_runs_no_point_an_earlier_trial_settled(make_cfg):
@@ -250,9 +261,9 @@ def test_a_search_runs_no_point_an_earlier_trial_settled(make_cfg):
     cfg = search_cfg(make_cfg, 16, "compress.space.layers=[1,2,3,4]", "compress.max_misses=30")
     budget = compress.Budget(0.8, 1.0)  # fake_stages: 0.5 + 0.1 * layers * (heads + ffn), so 4 layers at 0.75
     study = compress.open_study(cfg)
-    done = compress.search(cfg, study, fake_stages(calls), budget, time.monotonic() + 600, 4)
+    done = compress.search(cfg, study, fake_stages(calls), budget, time.monotonic() + 600, 4, fake_cost)
     for i, trial in enumerate(done):
-        assert compress.settled_by(done[:i], trial.params, budget, monotone=True) is None, trial.params
+        assert compress.settled_by(done[:i], trial.params, budget, fake_cost) is None, trial.params
     assert len(done) < 16  # every point of the 32 was run or settled: the search stopped early
     values = compress.axes(cfg.compress.space, 4)
     space = [dict(zip(values, p)) for p in itertools.product(*values.values())]
@@ -265,11 +276,11 @@ def test_a_new_study_s_first_trials_cover_every_value_of_every_dimension(make_cf
     calls: list = []
     cfg = search_cfg(make_cfg, 3, "compress.space.layers=[1,2,3]", "compress.space.heads=[1.0,0.75,0.5]")
     study = compress.open_study(cfg)
-    compress.search(cfg, study, fake_stages(calls), compress.Budget(0.8, 10.0), time.monotonic() + 600, 6)
+    compress.search(cfg, study, fake_stages(calls), compress.Budget(0.8, 10.0), time.monotonic() + 600, 6, fake_cost)
     for name, values in compress.axes(cfg.compress.space, 6).items():
         assert {c[name] for c in calls} == set(values), name  # 3 trials: each depth and each heads share once
     again = search_cfg(make_cfg, 4, "compress.space.layers=[1,2,3]", "compress.space.heads=[1.0,0.75,0.5]")
-    compress.search(again, study, fake_stages(calls), compress.Budget(0.8, 10.0), time.monotonic() + 600, 6)
+    compress.search(again, study, fake_stages(calls), compress.Budget(0.8, 10.0), time.monotonic() + 600, 6, fake_cost)
     assert len(calls) == 4  # a resumed study is not seeded again: one more trial, drawn by the sampler
 
 
@@ -311,11 +322,15 @@ def test_a_stopped_search_resumes_without_repeating_finished_trials(make_cfg, st
     budget = compress.Budget(teacher_score=0.8, max_drop=10.0)
     first: list = []
     cfg = search_cfg(make_cfg, 2, f"compress.storage={storage}")
-    done = compress.search(cfg, compress.open_study(cfg), fake_stages(first), budget, time.monotonic() + 600, 2)
+    done = compress.search(
+        cfg, compress.open_study(cfg), fake_stages(first), budget, time.monotonic() + 600, 2, fake_cost
+    )
     assert len(first) == 2 and len(done) == 2
     again: list = []  # a new process: the study is read back from outputs/optuna.db
     cfg = search_cfg(make_cfg, 3, f"compress.storage={storage}")
-    done = compress.search(cfg, compress.open_study(cfg), fake_stages(again), budget, time.monotonic() + 600, 2)
+    done = compress.search(
+        cfg, compress.open_study(cfg), fake_stages(again), budget, time.monotonic() + 600, 2, fake_cost
+    )
     assert len(again) == 1 and len(done) == 3
     assert again[0] != first[0]  # the resumed sampler does not replay the first run's seeded draws
     assert all(t.constraints for t in done)  # the budget reached the sampler
@@ -349,7 +364,10 @@ def test_a_search_past_its_deadline_starts_no_trial(make_cfg):
     calls: list = []
     cfg = search_cfg(make_cfg, 3)
     budget = compress.Budget(0.8, 10.0)
-    assert compress.search(cfg, compress.open_study(cfg), fake_stages(calls), budget, time.monotonic() - 1, 2) == []
+    assert (
+        compress.search(cfg, compress.open_study(cfg), fake_stages(calls), budget, time.monotonic() - 1, 2, fake_cost)
+        == []
+    )
     assert calls == []
 
 
@@ -365,7 +383,7 @@ def test_a_killed_trial_goes_stale_and_is_retried(make_cfg):
         time.sleep(0.5)
     calls: list = []
     resumed = compress.open_study(cfg, compress.storage_of(cfg))
-    compress.search(cfg, resumed, fake_stages(calls), compress.Budget(0.8, 10.0), time.monotonic() + 600, 2)
+    compress.search(cfg, resumed, fake_stages(calls), compress.Budget(0.8, 10.0), time.monotonic() + 600, 2, fake_cost)
     states = [t.state for t in resumed.get_trials(deepcopy=False)]
     assert calls == [params]  # the retry ran the killed trial's point again
     assert states == [TrialState.FAIL, TrialState.COMPLETE]

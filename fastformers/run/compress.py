@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import functools
 import itertools
 import json
 import logging
@@ -227,6 +228,15 @@ def axes(space: DictConfig, teacher_depth: int) -> dict[str, list]:
     } | {DISTILL_AXIS + key: list(values) for key, values in (space.get("distill") or {}).items()}
 
 
+def point_gmacs(teacher: Shape, token_lengths: Sequence[int], params: dict) -> float:
+    """A point's multiply-adds per example before it is trained: the teacher's shape at the point's depth with its
+    shares of heads and neurons kept (what the search skips points by; a trial's own figure is its model's)."""
+    heads = max(1, round(teacher.heads * params["heads"]))
+    ffn = max(1, round(teacher.ffn * params["ffn"]))
+    shape = Shape(params["layers"], teacher.hidden, heads, teacher.head_size, ffn)
+    return gmacs_per_example(shape, token_lengths)
+
+
 def suggest(trial: optuna.Trial, space: DictConfig, teacher_depth: int) -> dict:
     """A point of the space, drawn by the study's sampler."""
     return {name: trial.suggest_categorical(name, values) for name, values in axes(space, teacher_depth).items()}
@@ -437,13 +447,14 @@ def search(
     budget: Budget,
     deadline: float,
     teacher_depth: int,
+    cost: Callable[[dict], float],
 ) -> list[FrozenTrial]:
     """Runs trials until `compress.trials` have finished (counting those of earlier runs of the same study) or the
     wall-clock deadline passes (Optuna starts no trial after it; the running one ends). A point a finished trial
     already settles (the same point, which NSGA-II draws again in a small categorical space, or, with
-    compress.monotone, one its verdict implies: `settled_by`) is pruned, not counted, and an unsettled point is run
-    in its place: every finished trial is a new shape that could move the choice. A trial whose stages refuse its
-    point (FastformersError) is recorded FAILED and the search goes on."""
+    compress.monotone, one its verdict implies: `settled_by`, with `cost` a point's multiply-adds) is pruned, not
+    counted, and an unsettled point is run in its place: every finished trial is a new shape that could move the
+    choice. A trial whose stages refuse its point (FastformersError) is recorded FAILED and the search goes on."""
     remaining = cfg.compress.trials - len(completed(study))
     seconds = deadline - time.monotonic()
     if not study.trials:
@@ -453,11 +464,11 @@ def search(
 
         def objective(trial: optuna.Trial) -> tuple[float, ...]:
             params = suggest(trial, cfg.compress.space, teacher_depth)
-            settled = settled_by(completed(study), params, budget, cfg.compress.monotone)
+            settled = settled_by(completed(study), params, budget, cost if cfg.compress.monotone else None)
             if settled is not None:
                 earlier, why = settled
                 trial.set_user_attr("settled_by", earlier)
-                fresh = unvisited_point(study, cfg, teacher_depth, budget, cfg.compress.seed + trial.number)
+                fresh = unvisited_point(study, cfg, teacher_depth, budget, cost, cfg.compress.seed + trial.number)
                 if fresh is not None:
                     study.enqueue_trial(fresh)
                 raise optuna.TrialPruned(f"{why}; next: {fresh or 'none left'}")
@@ -505,38 +516,53 @@ def covering_points(space: DictConfig, teacher_depth: int, seed: int) -> list[di
 SIZE_AXES = ("layers", "heads", "ffn")  # the dimensions whose larger values keep more of the teacher
 
 
-def settled_by(trials: Sequence[FrozenTrial], params: dict, budget: Budget, monotone: bool) -> tuple[int, str] | None:
-    """(trial number, why) when a finished trial's verdict already settles `params`: the same point; or, with
-    `monotone`, a point of the same seeding and distill settings that keeps no more layers, heads and neurons than a
-    trial that lost too much score (it would lose as much: on CB 8 of 12 trials were 1-2-layer students at the
-    majority score), or no fewer than one within the budget (it cannot be the smallest) or over its latency or size
-    budget. Judged by the budget of this run, from each trial's measurements."""
+def settled_by(
+    trials: Sequence[FrozenTrial], params: dict, budget: Budget, cost: Callable[[dict], float] | None
+) -> tuple[int, str] | None:
+    """(trial number, why) when a finished trial's verdict already settles `params`: the same point; or, given the
+    points' `cost` (compress.monotone), a point of the same seeding and distill settings that keeps no more layers,
+    heads and neurons than a trial that lost too much score (it would lose as much: on CB 8 of 12 trials were
+    1-2-layer students at the majority score) or no fewer than one over the latency or size budget, or any point
+    that costs more multiply-adds than a trial within the budget (it cannot be the smallest). Judged by the budget
+    of this run, from each trial's measurements."""
     for trial in trials:
         if trial.params == params:
             return trial.number, f"the point of trial {trial.number} again"
-        if not monotone or any(trial.params.get(k) != v for k, v in params.items() if k not in SIZE_AXES):
+        if cost is None:
             continue
         constraints = budget.constraints(trial.user_attrs)
         loses_score = constraints["score_drop"] > 0 or constraints.get("gate", 0) > 0
         over_cost = constraints.get("latency_ms", 0) > 0 or constraints.get("mb", 0) > 0
-        if loses_score and all(params[k] <= trial.params[k] for k in SIZE_AXES):
+        alike = all(trial.params.get(k) == v for k, v in params.items() if k not in SIZE_AXES)
+        if alike and loses_score and all(params[k] <= trial.params[k] for k in SIZE_AXES):
             return trial.number, f"no larger than trial {trial.number}, which lost more than the budget allows"
-        if not loses_score and all(params[k] >= trial.params[k] for k in SIZE_AXES):
-            verdict = "over the latency or size budget" if over_cost else "within the budget"
-            return trial.number, f"no smaller than trial {trial.number}, which is {verdict}"
+        if alike and over_cost and all(params[k] >= trial.params[k] for k in SIZE_AXES):
+            return trial.number, f"no smaller than trial {trial.number}, which is over the latency or size budget"
+        if not (loses_score or over_cost) and cost(params) > cost(trial.params):
+            return trial.number, f"more multiply-adds than trial {trial.number}, which is within the budget"
     return None
 
 
-def unvisited_point(study: optuna.Study, cfg: DictConfig, teacher_depth: int, budget: Budget, seed: int):
-    """A point of the space no trial has run, runs or waits to run, and no finished trial settles, drawn with
-    `seed`: what a settled point is replaced with, so a sampler that keeps proposing its parents (NSGA-II on a
-    small categorical space) still explores where the choice can move. None when no such point is left."""
+def unvisited_point(
+    study: optuna.Study, cfg: DictConfig, teacher_depth: int, budget: Budget, cost: Callable[[dict], float], seed: int
+) -> dict | None:
+    """A point of the space no trial has run, runs or waits to run, and no finished trial settles: what a settled
+    point is replaced with, so a sampler that keeps proposing its parents (NSGA-II on a small categorical space)
+    still explores where the choice can move. With compress.monotone, the median cost of those points (a bisection
+    of what is left: either verdict settles about half of it); without, one drawn with `seed`. None when none is
+    left."""
     values = axes(cfg.compress.space, teacher_depth)
     taken = [t.params or t.system_attrs.get("fixed_params", {}) for t in study.get_trials(deepcopy=False)]
     finished = completed(study)
+    monotone = cost if cfg.compress.monotone else None
     points = [dict(zip(values, point)) for point in itertools.product(*values.values())]
-    fresh = [p for p in points if p not in taken and settled_by(finished, p, budget, cfg.compress.monotone) is None]
-    return random.Random(seed).choice(fresh) if fresh else None
+    fresh = [p for p in points if p not in taken and settled_by(finished, p, budget, monotone) is None]
+    if not fresh:
+        return None
+    if monotone is None:
+        return random.Random(seed).choice(fresh)
+    random.Random(seed).shuffle(fresh)  # points of equal cost: the seed picks
+    return sorted(fresh, key=cost)[len(fresh) // 2]
 
 
 class StopAfterMisses:
@@ -621,6 +647,7 @@ def compress(cfg: DictConfig, held_out: str, deadline: float, parent: str) -> di
     source = DataSource.of(cfg, task)
     sample = labelled_sample(task, source.examples(cfg.task.eval_split))
     study = open_study(cfg)
+    cost = functools.partial(point_gmacs, Shape(**teacher.shape), lengths)
 
     def evaluate(params: dict, number: int) -> Point:
         point = run_point(trial_cfg(cfg, params, depth), lengths)
@@ -628,7 +655,7 @@ def compress(cfg: DictConfig, held_out: str, deadline: float, parent: str) -> di
         log_trial(client, point, params, budget, number)
         return point
 
-    trials = search(cfg, study, evaluate, budget, deadline, depth)
+    trials = search(cfg, study, evaluate, budget, deadline, depth, cost)
     holdout = HoldOut(
         held_out, labelled_sample(task, source.examples(held_out)), *holdout_point(cfg, held_out, None, depth)
     )
