@@ -548,9 +548,9 @@ def unvisited_point(
 ) -> dict | None:
     """A point of the space no trial has run, runs or waits to run, and no finished trial settles: what a settled
     point is replaced with, so a sampler that keeps proposing its parents (NSGA-II on a small categorical space)
-    still explores where the choice can move. With compress.monotone, the median cost of those points (a bisection
-    of what is left: either verdict settles about half of it); without, one drawn with `seed`. None when none is
-    left."""
+    still explores where the choice can move. With compress.monotone, the one of median cost among them (when it
+    fits the budget, every costlier point is settled; when it loses, the smaller ones of its seeding); without, one
+    drawn with `seed`. None when none is left."""
     values = axes(cfg.compress.space, teacher_depth)
     taken = [t.params or t.system_attrs.get("fixed_params", {}) for t in study.get_trials(deepcopy=False)]
     finished = completed(study)
