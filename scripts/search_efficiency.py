@@ -13,7 +13,7 @@ measures is the search's use of its trials, not any model's accuracy.
 from __future__ import annotations
 
 import argparse
-import itertools
+import functools
 import tempfile
 import time
 import warnings
@@ -37,10 +37,7 @@ def keeps_score(p: dict) -> bool:
     return p["layers"] == 3 and p["seeding"] == "every_other" and p["heads"] >= 0.5 and p["ffn"] >= 0.5
 
 
-def gmacs(p: dict) -> float:
-    shape = Shape(p["layers"], TEACHER.hidden, round(TEACHER.heads * p["heads"]), TEACHER.head_size,
-                  round(TEACHER.ffn * p["ffn"]))  # fmt: skip
-    return gmacs_per_example(shape, TOKENS)
+gmacs = functools.partial(compress.point_gmacs, TEACHER, TOKENS)  # what the search itself costs points by
 
 
 def scripted(params: dict, number: int) -> compress.Point:
@@ -55,8 +52,7 @@ def search_cfg(*overrides: str):
 
 def best_in_space() -> float:
     """The reduction of the smallest student of the default space that keeps the score: what a search can find."""
-    values = compress.axes(search_cfg().compress.space, TEACHER.layers)
-    points = [dict(zip(values, point)) for point in itertools.product(*values.values())]
+    points = compress.space_points(search_cfg().compress.space, TEACHER.layers)
     return gmacs_per_example(TEACHER, TOKENS) / min(gmacs(p) for p in points if keeps_score(p))
 
 

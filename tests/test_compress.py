@@ -4,7 +4,6 @@ on the held-out slice). The search logic runs here on a stand-in for the stages;
 
 from __future__ import annotations
 
-import itertools
 import subprocess
 import sys
 import time
@@ -265,9 +264,7 @@ def test_a_search_runs_no_point_an_earlier_trial_settled(make_cfg):
     for i, trial in enumerate(done):
         assert compress.settled_by(done[:i], trial.params, budget, fake_cost) is None, trial.params
     assert len(done) < 16  # every point of the 32 was run or settled: the search stopped early
-    values = compress.axes(cfg.compress.space, 4)
-    space = [dict(zip(values, p)) for p in itertools.product(*values.values())]
-    fits = [fake_stages([])(p, 0) for p in space]
+    fits = [fake_stages([])(p, 0) for p in compress.space_points(cfg.compress.space, 4)]
     smallest_fit = min(f.gmacs for f in fits if budget.keeps({"score": f.score}))
     assert min(t.user_attrs["gmacs"] for t in done if budget.keeps(t.user_attrs)) == smallest_fit  # none missed
 

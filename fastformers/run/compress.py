@@ -228,6 +228,12 @@ def axes(space: DictConfig, teacher_depth: int) -> dict[str, list]:
     } | {DISTILL_AXIS + key: list(values) for key, values in (space.get("distill") or {}).items()}
 
 
+def space_points(space: DictConfig, teacher_depth: int) -> list[dict]:
+    """Every point of the space (each dimension's values crossed)."""
+    values = axes(space, teacher_depth)
+    return [dict(zip(values, point)) for point in itertools.product(*values.values())]
+
+
 def point_gmacs(teacher: Shape, token_lengths: Sequence[int], params: dict) -> float:
     """A point's multiply-adds per example before it is trained: the teacher's shape at the point's depth with its
     shares of heads and neurons kept (what the search skips points by; a trial's own figure is its model's)."""
@@ -461,14 +467,16 @@ def search(
         for point in covering_points(cfg.compress.space, teacher_depth, cfg.compress.seed):
             study.enqueue_trial(point)
     if remaining > 0 and seconds > 0:
+        points = space_points(cfg.compress.space, teacher_depth)
+        implied = cost if cfg.compress.monotone else None  # settled_by: without a cost, repeats only
 
         def objective(trial: optuna.Trial) -> tuple[float, ...]:
             params = suggest(trial, cfg.compress.space, teacher_depth)
-            settled = settled_by(completed(study), params, budget, cost if cfg.compress.monotone else None)
+            settled = settled_by(completed(study), params, budget, implied)
             if settled is not None:
                 earlier, why = settled
                 trial.set_user_attr("settled_by", earlier)
-                fresh = unvisited_point(study, cfg, teacher_depth, budget, cost, cfg.compress.seed + trial.number)
+                fresh = unvisited_point(study, points, budget, implied, cfg.compress.seed + trial.number)
                 if fresh is not None:
                     study.enqueue_trial(fresh)
                 raise optuna.TrialPruned(f"{why}; next: {fresh or 'none left'}")
@@ -544,22 +552,19 @@ def settled_by(
 
 
 def unvisited_point(
-    study: optuna.Study, cfg: DictConfig, teacher_depth: int, budget: Budget, cost: Callable[[dict], float], seed: int
+    study: optuna.Study, points: list[dict], budget: Budget, cost: Callable[[dict], float] | None, seed: int
 ) -> dict | None:
-    """A point of the space no trial has run, runs or waits to run, and no finished trial settles: what a settled
-    point is replaced with, so a sampler that keeps proposing its parents (NSGA-II on a small categorical space)
-    still explores where the choice can move. With compress.monotone, the one of median cost among them (when it
-    fits the budget, every costlier point is settled; when it loses, the smaller ones of its seeding); without, one
-    drawn with `seed`. None when none is left."""
-    values = axes(cfg.compress.space, teacher_depth)
+    """One of `points` no trial has run, runs or waits to run, and no finished trial settles (`settled_by` with
+    `cost`): what a settled point is replaced with, so a sampler that keeps proposing its parents (NSGA-II on a
+    small categorical space) still explores where the choice can move. With a cost (compress.monotone), the one of
+    median cost (when it fits the budget, every costlier point is settled; when it loses, the smaller ones of its
+    seeding); without, one drawn with `seed`. None when none is left."""
     taken = [t.params or t.system_attrs.get("fixed_params", {}) for t in study.get_trials(deepcopy=False)]
     finished = completed(study)
-    monotone = cost if cfg.compress.monotone else None
-    points = [dict(zip(values, point)) for point in itertools.product(*values.values())]
-    fresh = [p for p in points if p not in taken and settled_by(finished, p, budget, monotone) is None]
+    fresh = [p for p in points if p not in taken and settled_by(finished, p, budget, cost) is None]
     if not fresh:
         return None
-    if monotone is None:
+    if cost is None:
         return random.Random(seed).choice(fresh)
     random.Random(seed).shuffle(fresh)  # points of equal cost: the seed picks
     return sorted(fresh, key=cost)[len(fresh) // 2]
